@@ -1,0 +1,61 @@
+"""Time and peak memory of one benchmark step, measured inside a fresh worker process.
+
+Peak memory is measured for real: on CUDA ``torch.cuda.max_memory_allocated`` above what was
+allocated before the step; on CPU the process's peak resident set size (``VmHWM``, reset
+through ``/proc/self/clear_refs``) above its resident size before the step. The worker runs
+with a fixed glibc mmap threshold so freed buffers leave the resident set at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+MIB = 2**20
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[], object], device: torch.device, repeats: int) -> dict:
+    """Run ``step`` once to warm up, once for peak memory, then ``repeats`` times for time.
+
+    Returns:
+        ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``.
+    """
+    step()
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident size
+        before = _proc_status_kib("VmRSS") * 1024
+        step()
+        peak = _proc_status_kib("VmHWM") * 1024 - before
+    gc.collect()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}

@@ -1,0 +1,144 @@
+"""quietstar's benchmark: every op per backend against the dense reference, side by side.
+
+    python bench/run.py                      # every case at the issues' target sizes
+    python bench/run.py --quick              # tiny sizes, seconds (a smoke run)
+    python bench/run.py --case tree_attention --repeats 5 --json out.json
+
+Each (case, variant) runs in a fresh worker process so that peak memory is its own
+(``bench/measure.py`` says how it is measured). The table reports median time, the speed-up
+``reference time / time`` and the memory ratio ``reference peak / peak``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+from cases import CASES  # noqa: E402
+from measure import measure  # noqa: E402
+
+DEFAULT_JSON = HERE / "out" / "results.json"
+# A fixed mmap threshold stops glibc from keeping freed large buffers resident, so the
+# resident-set peak of one step is the step's own.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_worker(spec: dict) -> dict:
+    """Body of a worker process: build one variant, measure it, return the record."""
+    device = torch.device(spec["device"])
+    case = CASES[spec["case"]]
+    step, info = case.build(spec["variant"], spec["size"], device)
+    return {**info, **measure(step, device, spec["repeats"])}
+
+
+def spawn_worker(spec: dict) -> dict:
+    env = {**os.environ, **WORKER_ENV}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return env
+
+
+def format_table(results: list[dict]) -> str:
+    rows = [("case", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "note")]
+    for r in results:
+        if "error" in r:
+            rows.append((r["case"], r["variant"], "-", "-", "-", "-", r["error"]))
+            continue
+        rows.append(
+            (
+                r["case"],
+                r["variant"],
+                f"{1000 * r['time_s']:.1f}",
+                f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+                f"{r['peak_mib']:.1f}",
+                f"{r['memory_ratio']:.2f}x" if r.get("memory_ratio") else "-",
+                r.get("note", ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_ratios(results: list[dict], baseline: dict) -> None:
+    for r in results:
+        if "error" in r or "error" in baseline:
+            continue
+        r["speedup"] = baseline["time_s"] / r["time_s"]
+        r["memory_ratio"] = baseline["peak_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+
+    device = torch.device(args.device)
+    all_results = []
+    for name in args.case:
+        case = CASES[name]
+        size = case.size(device, args.quick)
+        print(f"{name}: {size}", flush=True)
+        results = []
+        for variant in case.variants(device):
+            spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
+            record = {"case": name, "variant": variant, "size": size, **spawn_worker(spec)}
+            results.append(record)
+            print(f"  {variant}: {record.get('time_s', record.get('error'))}", flush=True)
+        baseline = next(r for r in results if r["variant"] == case.BASELINE)
+        add_ratios(results, baseline)
+        all_results.extend(results)
+
+    print()
+    print(format_table(all_results))
+    report = {"environment": environment(device), "quick": args.quick, "results": all_results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {args.json}")
+    failed = [r for r in all_results if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""quietstar: fast Quiet-STaR (language models that think before each token)."""
+
+from quietstar.ops import tree_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["tree_attention"]

@@ -1,0 +1,66 @@
+"""Backend selection shared by every op.
+
+Each op has three implementations with one signature:
+
+* ``reference``: dense and obviously correct; the ground truth in tests.
+* ``torch``: composed from PyTorch ops without the dense intermediates; the CPU fast path.
+* ``triton``: fused Triton kernels; the CUDA fast path (CPU tensors only under the Triton
+  interpreter, ``TRITON_INTERPRET=1``).
+
+``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
+``triton`` for CUDA tensors and ``torch`` for everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton")
+BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return the backend to run on ``device``.
+
+    Args:
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (environment variable,
+            then the best one for the device).
+        device: device of the op's inputs.
+
+    Raises:
+        ValueError: unknown name, or ``triton`` where it cannot run.
+    """
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV_VAR) or None
+        source = BACKEND_ENV_VAR
+    if backend is None:
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError(f"{source}='triton' needs the triton package; install it or use 'torch'")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(
+                f"{source}='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                "before importing quietstar to run the kernels in the Triton interpreter"
+            )
+    return backend

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="quietstar",
+    version="0.1.0",
+    description="Fast Quiet-STaR: fused tree attention and linear cross-entropy for models that think before each token",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder ships as quietstar.kernels: a top-level module named
+    # `kernels` would shadow the Hugging Face `kernels` package that transformers probes for.
+    packages=["quietstar", "quietstar.ops", "quietstar.kernels"],
+    package_dir={"quietstar": "quietstar", "quietstar.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "psutil",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2"],
+        "flash": ["flash-attn>=2.6"],
+    },
+)

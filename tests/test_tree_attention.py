@@ -1,0 +1,272 @@
+"""tree_attention: every backend against the dense reference, and the reference against an
+independent per-query implementation of SPEC's tree rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from helpers import DEVICE, relative_error, requires_triton
+
+from quietstar import tree_attention
+from quietstar.backends import BACKEND_ENV_VAR, resolve_backend
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+
+
+def make_inputs(batch, q_heads, kv_heads, slot_len, n_q, n_k, head_dim, dtype, padded=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(DEVICE, dtype).requires_grad_()
+
+    q = randn(batch, q_heads, n_q * slot_len, head_dim)
+    k = randn(batch, kv_heads, n_k * slot_len, head_dim)
+    v = randn(batch, kv_heads, n_k * slot_len, head_dim)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, slot_len, dtype=torch.bool, device=DEVICE)
+        mask[0, : slot_len // 2] = False  # left padding on the first row
+        if batch > 1:
+            mask[-1, slot_len - slot_len // 3 :] = False  # right padding on the last
+    return q, k, v, mask
+
+
+def run(backend, q, k, v, slot_len, grad_out, **options):
+    out = tree_attention(q, k, v, slot_len, backend=backend, **options)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+def assert_matches_reference(backend, q, k, v, slot_len, **options):
+    tol = TOLERANCE[q.dtype]
+    # The ground truth runs in float32 on the same (possibly half-precision) inputs.
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = tree_attention(q32, k32, v32, slot_len, backend="reference", **options)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out)
+    out, grads = run(backend, q, k, v, slot_len, grad_out.to(q.dtype), **options)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, ref) <= tol, ("out", relative_error(out, ref))
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(grad).all(), f"d{name} has non-finite values"
+        assert relative_error(grad, ref_grad) <= tol, (f"d{name}", relative_error(grad, ref_grad))
+
+
+# (batch, q_heads, kv_heads, slot_len, n_q_slots, n_k_slots, n_thoughts, head_dim, padded, window)
+CASES = {
+    "L1-one-slot": (2, 2, 2, 1, 1, 1, 1, 16, False, None),
+    "L7-Sq-eq-Sk-gqa4": (2, 4, 1, 7, 4, 4, 1, 16, False, None),
+    "L7-two-branches-padded": (2, 4, 2, 7, 5, 5, 2, 32, True, None),
+    "L64-Sq1-gqa3": (1, 3, 1, 64, 1, 5, 1, 16, False, None),
+    "L64-Sq-lt-Sk-two-branches": (1, 6, 2, 64, 2, 7, 2, 16, True, None),
+    "L100-window-gqa3": (1, 3, 1, 100, 3, 3, 1, 16, False, 9),
+    "L100-window-padded-two-branches": (2, 2, 1, 100, 4, 5, 2, 64, True, 33),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference_float32(backend, case, poisoned_allocations):
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.float32, padded)
+    assert_matches_reference(
+        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
+
+
+HALF_CASES = ["L7-two-branches-padded", "L64-Sq-lt-Sk-two-branches", "L100-window-gqa3"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_matches_reference_float16(backend, case, poisoned_allocations):
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.float16, padded)
+    assert_matches_reference(
+        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_bfloat16(backend, poisoned_allocations):
+    q, k, v, mask = make_inputs(2, 4, 2, 7, 5, 5, 32, torch.bfloat16, padded=True)
+    assert_matches_reference(backend, q, k, v, 7, n_thoughts=2, key_padding_mask=mask)
+
+
+@requires_triton
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_triton_supports_every_head_dim(head_dim, poisoned_allocations):
+    q, k, v, mask = make_inputs(1, 2, 1, 5, 2, 3, head_dim, torch.float32, padded=True)
+    assert_matches_reference("triton", q, k, v, 5, n_thoughts=2, key_padding_mask=mask)
+
+
+def tree_attention_per_query(q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
+    """SPEC section 1 written out query by query, independently of quietstar.layout."""
+    batch, q_heads, q_len, _ = q.shape
+    group = q_heads // k.shape[1]
+    n_q, n_k = q_len // slot_len, k.shape[2] // slot_len
+    out = torch.zeros_like(q, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            for j in range(n_q):
+                s = n_k - n_q + j
+                for i in range(slot_len):
+                    keys = []
+                    for kk in range(i + 1):
+                        if sliding_window is not None and i - kk >= sliding_window:
+                            continue
+                        if key_padding_mask is not None and not key_padding_mask[b, kk]:
+                            continue
+                        keys.append(kk)
+                    if s >= 1:
+                        step, branch = (s - 1) // n_thoughts + 1, (s - 1) % n_thoughts
+                        for c in range(1, step + 1):
+                            keys.append(((c - 1) * n_thoughts + branch + 1) * slot_len + i)
+                    if not keys:
+                        continue
+                    query = q[b, h, j * slot_len + i].double()
+                    kv = torch.tensor(keys)
+                    scores = k[b, h // group, kv].double() @ query * scale
+                    out[b, h, j * slot_len + i] = torch.softmax(scores, 0) @ v[b, h // group, kv].double()
+    return out
+
+
+@pytest.mark.parametrize("n_thoughts,n_q,n_k,window", [(1, 3, 3, None), (2, 2, 5, None), (3, 4, 7, 2)])
+def test_reference_follows_spec_tree_rule(n_thoughts, n_q, n_k, window):
+    q, k, v, mask = make_inputs(2, 2, 1, 5, n_q, n_k, 8, torch.float64, padded=True)
+    options = dict(n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window)
+    out = tree_attention(q, k, v, 5, backend="reference", **options)
+    expected = tree_attention_per_query(q, k, v, 5, n_thoughts, mask, window, 8**-0.5)
+    assert relative_error(out, expected) < 1e-12
+
+
+def test_base_slot_is_causal_attention():
+    q, k, v, _ = make_inputs(2, 4, 2, 9, 1, 1, 16, torch.float32)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    )
+    for backend in ("reference", "torch"):
+        assert relative_error(tree_attention(q, k, v, 9, backend=backend), expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+def test_query_without_visible_key_returns_zeros(backend):
+    q, k, v, _ = make_inputs(1, 2, 1, 6, 3, 3, 16, torch.float32)
+    mask = torch.tensor([[False, False, False, True, True, True]], device=DEVICE)
+    out = tree_attention(q, k, v, 6, key_padding_mask=mask, backend=backend)
+    out.sum().backward()
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))  # base slot, padded
+    assert (out[:, :, 6:9].abs() > 0).all()  # chain slots still see themselves
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_torch_backend_passes_gradcheck():
+    q, k, v, mask = make_inputs(1, 2, 1, 3, 2, 3, 4, torch.float64, padded=True)
+    mask = torch.tensor([[False, True, True]], device=DEVICE)
+
+    def fn(q, k, v):
+        return tree_attention(q, k, v, 3, n_thoughts=2, key_padding_mask=mask, sliding_window=2, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    slot_len=st.integers(1, 12),
+    n_k=st.integers(1, 6),
+    q_fraction=st.floats(0, 1),
+    n_thoughts=st.integers(1, 3),
+    window=st.one_of(st.none(), st.integers(1, 6)),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_backend_matches_reference_on_random_shapes(
+    batch, kv_heads, group, slot_len, n_k, q_fraction, n_thoughts, window, padded, seed
+):
+    n_q = max(1, math.ceil(q_fraction * n_k))
+    q, k, v, mask = make_inputs(batch, kv_heads * group, kv_heads, slot_len, n_q, n_k, 8, torch.float32, padded, seed)
+    assert_matches_reference(
+        "torch", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
+
+
+@requires_triton
+@settings(max_examples=6, deadline=None)
+@given(
+    group=st.integers(1, 3),
+    slot_len=st.integers(1, 40),
+    n_k=st.integers(1, 5),
+    q_fraction=st.floats(0, 1),
+    n_thoughts=st.integers(1, 3),
+    window=st.one_of(st.none(), st.integers(1, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_backend_matches_reference_on_random_shapes(group, slot_len, n_k, q_fraction, n_thoughts, window, seed):
+    n_q = max(1, math.ceil(q_fraction * n_k))
+    q, k, v, mask = make_inputs(2, group, 1, slot_len, n_q, n_k, 16, torch.float32, True, seed)
+    assert_matches_reference(
+        "triton", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
+
+
+# --- argument checking and backend selection -------------------------------------------
+
+
+def good_inputs():
+    q, k, v, _ = make_inputs(1, 2, 1, 4, 2, 3, 16, torch.float32)
+    return q.detach(), k.detach(), v.detach()
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (lambda q, k, v, kw: (q[0], k, v, kw), "q"),
+        (lambda q, k, v, kw: (q, k.double(), v, kw), "k"),
+        (lambda q, k, v, kw: (q, k, v[:, :, :4], kw), "v"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "slot_len": 3}), "slot_len"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "slot_len": 0}), "slot_len"),
+        (lambda q, k, v, kw: (torch.cat([q, q], 2), k[:, :, :4], v[:, :, :4], kw), "Sq <= Sk"),
+        (lambda q, k, v, kw: (q[:, :1].expand(1, 3, 8, 16), k.expand(1, 2, 12, 16), v.expand(1, 2, 12, 16), kw), "multiple"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "n_thoughts": 0}), "n_thoughts"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}), "key_padding_mask"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "key_padding_mask": torch.ones(1, 4)}), "key_padding_mask"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "sliding_window": 0}), "sliding_window"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}), "scale"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "backend": "cuda"}), "backend"),
+        (lambda q, k, v, kw: (q, k.to("meta"), v, kw), "k must be on"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(change, argument):
+    q, k, v = good_inputs()
+    q, k, v, kwargs = change(q, k, v, {"slot_len": 4})
+    with pytest.raises(ValueError, match=argument):
+        tree_attention(q, k, v, **kwargs)
+
+
+@requires_triton
+def test_triton_rejects_unsupported_head_dim():
+    q, k, v, _ = make_inputs(1, 1, 1, 4, 1, 1, 24, torch.float32)
+    with pytest.raises(ValueError, match="head dim"):
+        tree_attention(q, k, v, 4, backend="triton")
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "reference")
+    assert resolve_backend(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=BACKEND_ENV_VAR):
+        resolve_backend(None, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("triton", torch.device("cpu"))
