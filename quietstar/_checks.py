@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def check_tensor(
@@ -30,11 +31,11 @@ def check_tensor(
     return value
 
 
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """Raise ``ValueError`` unless ``value`` is an int (not bool) at least ``minimum``."""
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """Raise ``ValueError`` unless ``value`` is an int (not bool), at least ``minimum`` if given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
