@@ -1,0 +1,154 @@
+"""``linear_cross_entropy``: the mixing head, lm_head and cross-entropy as one op, every backend.
+
+Quiet-STaR scores hidden states against the whole vocabulary many times per step (SPEC
+sections 2 and 3). The mixing weight only enters through a convex combination of two hidden
+states in front of the lm_head, so mixing, projection and the log-softmax fuse into one op
+whose fast backends never hold the ``N x V`` logits.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from quietstar._checks import FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
+from quietstar.backends import resolve_backend
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lm_bias: torch.Tensor | None = None,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    masked_vocab: Sequence[int] | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-row negative log-likelihood of ``targets`` under ``softmax((h @ lm_weight.T + lm_bias) / T)``.
+
+    ``h`` is ``hidden``, or with ``mix=(base_hidden, w)`` the mixed state
+    ``(1 - w) * base_hidden + w * hidden`` (SPEC section 2). Ids in ``masked_vocab`` get
+    logit ``-inf`` (the meta tokens are never predicted). Differentiable in ``hidden``,
+    ``lm_weight``, ``lm_bias``, ``base_hidden`` and ``w``; gradients come back in each input's
+    dtype, accumulation is in float32.
+
+    Args:
+        hidden: ``[N, d]`` float16, bfloat16, float32 or float64.
+        lm_weight: ``[V, d]``, dtype of ``hidden``.
+        targets: ``[N]`` integer ids in ``[0, V)``, or ``ignore_index``.
+        lm_bias: ``[V]``, dtype of ``hidden``.
+        mix: ``(base_hidden [N, d] in the dtype of hidden, w [N] floating)``.
+        temperature: logits are divided by it before the softmax; finite and > 0.
+        masked_vocab: ids that get ``-inf`` logits: a sequence of ints or a 1-D integer tensor.
+        ignore_index: target value of rows that contribute 0 (and no gradient).
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.backends``).
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 inputs); 0 where ``targets == ignore_index``.
+
+    Raises:
+        ValueError: a shape, dtype, device, option or target id that does not fit, naming the
+            argument; also a target that is a masked id (its NLL would be infinite).
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    rows, width = hidden.shape
+    if rows == 0 or width == 0:
+        raise ValueError(f"hidden must be [N, d] with N, d >= 1, got {tuple(hidden.shape)}")
+    device = hidden.device
+    check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=device)
+    vocab = lm_weight.shape[0]
+    if vocab == 0 or lm_weight.shape[1] != width:
+        raise ValueError(f"lm_weight must be [V, d={width}] with V >= 1, got {tuple(lm_weight.shape)}")
+    check_tensor("targets", targets, ndim=1, dtypes=INT_DTYPES, device=device)
+    if targets.shape[0] != rows:
+        raise ValueError(f"targets must be [N={rows}], got {tuple(targets.shape)}")
+    if lm_bias is not None:
+        check_tensor("lm_bias", lm_bias, ndim=1, dtypes=(hidden.dtype,), device=device)
+        if lm_bias.shape[0] != vocab:
+            raise ValueError(f"lm_bias must be [V={vocab}], got {tuple(lm_bias.shape)}")
+    base_hidden, mix_weight = _check_mix(mix, hidden)
+    temperature = check_positive_float("temperature", temperature)
+    check_int("ignore_index", ignore_index)
+    masked_ids = _masked_ids(masked_vocab, vocab, device)
+    targets = targets.long()
+    _check_target_values(targets, vocab, ignore_index, masked_ids)
+
+    backend = resolve_backend(backend, device)
+    args = (hidden, lm_weight, targets, lm_bias, base_hidden, mix_weight, temperature, masked_ids, ignore_index)
+    if backend == "reference":
+        from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
+
+        return linear_cross_entropy_reference(*args)
+    if backend == "torch":
+        from quietstar.ops.linear_cross_entropy_torch import linear_cross_entropy_torch
+
+        return linear_cross_entropy_torch(*args)
+    if hidden.dtype not in TRITON_DTYPES:
+        raise ValueError(f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}")
+    from quietstar.ops.linear_cross_entropy_triton import linear_cross_entropy_triton
+
+    return linear_cross_entropy_triton(*args)
+
+
+def _check_mix(mix: object, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Unpack ``mix`` into ``(base_hidden, w)``, or ``(None, None)`` without mixing."""
+    if mix is None:
+        return None, None
+    if not isinstance(mix, (tuple, list)) or len(mix) != 2:
+        raise ValueError(f"mix must be a pair (base_hidden, w), got {type(mix).__name__}")
+    base_hidden, weight = mix
+    check_tensor("base_hidden", base_hidden, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+    if base_hidden.shape != hidden.shape:
+        raise ValueError(f"base_hidden must have the shape of hidden {tuple(hidden.shape)}, got {tuple(base_hidden.shape)}")
+    check_tensor("w", weight, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+    if weight.shape[0] != hidden.shape[0]:
+        raise ValueError(f"w must be [N={hidden.shape[0]}], got {tuple(weight.shape)}")
+    return base_hidden, weight
+
+
+def _masked_ids(masked_vocab: object, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """``masked_vocab`` as sorted unique int64 ids on ``device``, or None when there are none."""
+    if masked_vocab is None:
+        return None
+    if isinstance(masked_vocab, torch.Tensor):
+        check_tensor("masked_vocab", masked_vocab, ndim=1, dtypes=INT_DTYPES)
+        ids = masked_vocab.to(device=device, dtype=torch.long)
+    else:
+        if isinstance(masked_vocab, (str, bytes)) or not isinstance(masked_vocab, Sequence):
+            raise ValueError(f"masked_vocab must be a sequence of ints or a 1-D integer tensor, got {type(masked_vocab).__name__}")
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in masked_vocab):
+            raise ValueError("masked_vocab must hold only ints")
+        ids = torch.tensor([int(i) for i in masked_vocab], dtype=torch.long, device=device)
+    if ids.numel() == 0:
+        return None
+    if ((ids < 0) | (ids >= vocab)).any():
+        raise ValueError(f"masked_vocab ids must be in [0, V={vocab}), got {ids.min().item()}..{ids.max().item()}")
+    ids = torch.unique(ids)
+    if ids.numel() == vocab:
+        raise ValueError(f"masked_vocab masks all {vocab} ids; at least one must stay unmasked")
+    return ids
+
+
+def _check_target_values(targets: torch.Tensor, vocab: int, ignore_index: int, masked_ids: torch.Tensor | None) -> None:
+    """Every target is ``ignore_index`` or an unmasked id in ``[0, vocab)``."""
+    real = targets != ignore_index
+    out_of_range = real & ((targets < 0) | (targets >= vocab))
+    if out_of_range.any():
+        bad = targets[out_of_range][0].item()
+        raise ValueError(f"targets must be in [0, V={vocab}) or ignore_index={ignore_index}, got {bad}")
+    if masked_ids is not None:
+        hits = real & torch.isin(targets, masked_ids)
+        if hits.any():
+            bad = targets[hits][0].item()
+            raise ValueError(
+                f"targets include id {bad}, which is in masked_vocab: a masked id has probability 0, "
+                "so its NLL would be infinite"
+            )

@@ -1,0 +1,338 @@
+"""linear_cross_entropy: every backend against the dense reference (loss and every gradient),
+and the reference against a plain float64 formula of SPEC sections 2 and 3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, relative_error, requires_triton
+
+import quietstar.ops.linear_cross_entropy_torch as torch_backend
+from quietstar import linear_cross_entropy
+from quietstar.backends import BACKEND_ENV_VAR
+
+IGNORE = -100
+TOLERANCE = {
+    "torch": {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2},
+    "triton": {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2},
+}
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+GRAD_NAMES = ("hidden", "lm_weight", "lm_bias", "base_hidden", "w")
+
+
+def make_inputs(rows, width, vocab, dtype, *, mix=True, bias=False, masked=False, ignored=False, seed=0):
+    """Keyword arguments for ``linear_cross_entropy``; every float input requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype).requires_grad_()
+
+    masked_ids = [0, vocab // 2, vocab - 1] if masked else []
+    allowed = torch.tensor([i for i in range(vocab) if i not in masked_ids])
+    targets = allowed[torch.randint(0, len(allowed), (rows,), generator=gen)]
+    if ignored:
+        targets[1::3] = IGNORE
+    kwargs = {
+        "hidden": randn(rows, width),
+        "lm_weight": randn(vocab, width, scale=2 * width**-0.5),
+        "targets": targets.to(DEVICE),
+        "lm_bias": randn(vocab) if bias else None,
+        "masked_vocab": masked_ids or None,
+    }
+    if mix:
+        # Raw mixing weights are unconstrained (no sigmoid): include some outside [0, 1].
+        w = (torch.rand(rows, generator=gen) * 1.5 - 0.25).to(DEVICE).requires_grad_()
+        kwargs["mix"] = (randn(rows, width), w)
+    return kwargs
+
+
+def differentiable(kwargs):
+    """``{name: tensor}`` of the inputs a gradient is taken for."""
+    tensors = {"hidden": kwargs["hidden"], "lm_weight": kwargs["lm_weight"], "lm_bias": kwargs["lm_bias"]}
+    if kwargs.get("mix") is not None:
+        tensors["base_hidden"], tensors["w"] = kwargs["mix"]
+    return {name: t for name, t in tensors.items() if t is not None}
+
+
+def as_float32_leaves(kwargs):
+    """The same inputs as fresh float32 leaves (the ground truth for half-precision inputs)."""
+    def leaf(t):
+        return None if t is None else t.detach().float().requires_grad_()
+
+    out = {**kwargs, "hidden": leaf(kwargs["hidden"]), "lm_weight": leaf(kwargs["lm_weight"])}
+    out["lm_bias"] = leaf(kwargs["lm_bias"])
+    if kwargs.get("mix") is not None:
+        out["mix"] = tuple(leaf(t) for t in kwargs["mix"])
+    return out
+
+
+def loss_and_grads(kwargs, backend, grad_nll, **options):
+    nll = linear_cross_entropy(backend=backend, **kwargs, **options)
+    inputs = differentiable(kwargs)
+    grads = torch.autograd.grad(nll, list(inputs.values()), grad_nll)
+    return nll, dict(zip(inputs, grads))
+
+
+def assert_matches_reference(backend, kwargs, **options):
+    tol = TOLERANCE[backend][kwargs["hidden"].dtype]
+    reference_inputs = as_float32_leaves(kwargs)
+    rows = kwargs["hidden"].shape[0]
+    # Non-uniform upstream weights (as REINFORCE gives), negative ones included.
+    grad_nll = torch.randn(rows, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref, ref_grads = loss_and_grads(reference_inputs, "reference", grad_nll, **options)
+    nll, grads = loss_and_grads(kwargs, backend, grad_nll, **options)
+    assert nll.shape == (rows,) and nll.dtype == torch.float32
+    assert relative_error(nll, ref) <= tol, ("nll", relative_error(nll, ref))
+    for name, tensor in differentiable(kwargs).items():
+        grad = grads[name]
+        assert grad.dtype == tensor.dtype, f"d{name} comes back as {grad.dtype}, input is {tensor.dtype}"
+        assert torch.isfinite(grad).all(), f"d{name} has non-finite values"
+        assert relative_error(grad, ref_grads[name]) <= tol, (f"d{name}", relative_error(grad, ref_grads[name]))
+
+
+# (rows, width, vocab, mix, bias, temperature, masked, ignored); no size is a multiple of a
+# Triton block size, and vocab 101 spans a partial last vocabulary tile.
+CASES = {
+    "plain": (9, 16, 50, False, False, 1.0, False, False),
+    "mix": (13, 24, 70, True, False, 1.0, False, False),
+    "mix-masked-ignored": (13, 24, 70, True, False, 1.0, True, True),
+    "mix-bias-T3-masked-ignored": (21, 40, 101, True, True, 3.0, True, True),
+    "bias-T3-ignored": (10, 16, 64, False, True, 3.0, False, True),
+    "N1-mix-bias-T3-masked": (1, 16, 37, True, True, 3.0, True, False),
+    "N50-d72-V150-mix-bias-masked-ignored": (50, 72, 150, True, True, 1.0, True, True),
+}
+
+
+def case_inputs(case, dtype, seed=0):
+    rows, width, vocab, mix, bias, temperature, masked, ignored = CASES[case]
+    kwargs = make_inputs(rows, width, vocab, dtype, mix=mix, bias=bias, masked=masked, ignored=ignored, seed=seed)
+    return kwargs, temperature
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_float32(backend, case, poisoned_allocations):
+    kwargs, temperature = case_inputs(case, torch.float32)
+    assert_matches_reference(backend, kwargs, temperature=temperature)
+
+
+HALF_CASES = ["mix-bias-T3-masked-ignored", "bias-T3-ignored"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_matches_float32_reference_in_half_precision(backend, dtype, case, poisoned_allocations):
+    kwargs, temperature = case_inputs(case, dtype)
+    assert_matches_reference(backend, kwargs, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fully_masked_vocabulary_tile_is_harmless(backend, poisoned_allocations):
+    """The first 70 ids (a whole vocabulary tile for every block size used) are masked."""
+    kwargs = make_inputs(20, 16, 101, torch.float32, bias=True)
+    kwargs["masked_vocab"] = list(range(70))
+    kwargs["targets"] = kwargs["targets"] % 31 + 70
+    assert_matches_reference(backend, kwargs, temperature=3.0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 100], ids=["1-row", "4-rows", "rounded-to-64"])
+def test_torch_backend_is_exact_across_chunk_boundaries(chunk_rows, monkeypatch, poisoned_allocations):
+    """Several chunks and a partial last one (100 rows of budget round down to 64)."""
+    kwargs = make_inputs(150, 8, 29, torch.float32, bias=True, masked=True, ignored=True)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_rows * 29 * 4)
+    assert_matches_reference("torch", kwargs, temperature=3.0)
+
+
+def test_torch_backend_keeps_no_logits_for_backward():
+    rows, vocab = 64, 200
+    kwargs = make_inputs(rows, 8, vocab, torch.float32, bias=True, masked=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_cross_entropy(backend="torch", **kwargs)
+    assert saved and max(saved) < rows * vocab
+
+
+def test_torch_backend_passes_gradcheck():
+    kwargs = make_inputs(5, 3, 7, torch.float64, bias=True, masked=True, ignored=True)
+    names = list(differentiable(kwargs))
+    targets, masked = kwargs["targets"], kwargs["masked_vocab"]
+
+    def fn(hidden, lm_weight, lm_bias, base_hidden, w):
+        return linear_cross_entropy(
+            hidden, lm_weight, targets, lm_bias=lm_bias, mix=(base_hidden, w), temperature=3.0,
+            masked_vocab=masked, backend="torch",
+        )
+
+    inputs = differentiable(kwargs)
+    inputs["w"] = inputs["w"].detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(fn, [inputs[name] for name in names])
+
+
+# --- the reference against SPEC written out in float64 --------------------------------------
+
+
+def nll_and_grads_float64(hidden, weight, targets, bias, base, w, temperature, masked, grad_nll):
+    """Per-row NLL of the mixed state and its analytic gradients, row by row in float64."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    keep = torch.tensor([v not in masked for v in range(vocab)])
+    nll = torch.zeros(rows, dtype=torch.float64)
+    d_hidden, d_base, d_w = torch.zeros_like(hidden), torch.zeros_like(base), torch.zeros_like(w)
+    d_weight, d_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+    for r in range(rows):
+        if targets[r] == IGNORE:
+            continue
+        h = (1 - w[r]) * base[r] + w[r] * hidden[r]
+        logits = torch.stack([(weight[v] @ h + bias[v]) / temperature for v in range(vocab)])
+        kept = logits[keep]
+        lse = kept.max() + torch.log(torch.exp(kept - kept.max()).sum())
+        nll[r] = lse - logits[targets[r]]
+        probs = torch.where(keep, torch.exp(logits - lse), 0.0)
+        d_logits = grad_nll[r] * (probs - torch.nn.functional.one_hot(targets[r], vocab)) / temperature
+        d_h = d_logits @ weight
+        d_weight += torch.outer(d_logits, h)
+        d_bias += d_logits
+        d_hidden[r], d_base[r] = w[r] * d_h, (1 - w[r]) * d_h
+        d_w[r] = d_h @ (hidden[r] - base[r])
+    return nll, {"hidden": d_hidden, "lm_weight": d_weight, "lm_bias": d_bias, "base_hidden": d_base, "w": d_w}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_reference_follows_spec_formula(temperature):
+    kwargs = make_inputs(7, 5, 11, torch.float64, bias=True, masked=True, ignored=True)
+    kwargs["mix"] = (kwargs["mix"][0], kwargs["mix"][1].detach().double().requires_grad_())
+    grad_nll = torch.randn(7, dtype=torch.float64)
+    nll, grads = loss_and_grads(kwargs, "reference", grad_nll, temperature=temperature)
+    plain = {name: t.detach() for name, t in differentiable(kwargs).items()}
+    expected, expected_grads = nll_and_grads_float64(
+        plain["hidden"], plain["lm_weight"], kwargs["targets"], plain["lm_bias"], plain["base_hidden"], plain["w"],
+        temperature, kwargs["masked_vocab"], grad_nll,
+    )
+    assert relative_error(nll, expected) < 1e-12
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) < 1e-12, name
+
+
+# --- behaviour every backend shares ----------------------------------------------------------
+
+ALL_BACKENDS = ["reference", "torch", pytest.param("triton", marks=requires_triton)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ignored_rows_give_zero_loss_and_zero_gradient(backend):
+    kwargs = make_inputs(12, 16, 40, torch.float32, bias=True, masked=True, ignored=True)
+    ignored = kwargs["targets"] == IGNORE
+    nll, grads = loss_and_grads(kwargs, backend, torch.ones(12, device=DEVICE))
+    assert torch.equal(nll[ignored], torch.zeros_like(nll[ignored]))
+    assert (nll[~ignored] > 0).all()
+    for name in ("hidden", "base_hidden", "w"):
+        assert torch.equal(grads[name][ignored], torch.zeros_like(grads[name][ignored])), name
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_masked_ids_get_no_probability_and_no_gradient(backend):
+    kwargs = make_inputs(12, 16, 40, torch.float32, bias=True, masked=True)
+    masked = kwargs["masked_vocab"]
+    nll, grads = loss_and_grads(kwargs, backend, torch.ones(12, device=DEVICE))
+    assert torch.equal(grads["lm_weight"][masked], torch.zeros_like(grads["lm_weight"][masked]))
+    assert torch.equal(grads["lm_bias"][masked], torch.zeros_like(grads["lm_bias"][masked]))
+    unmasked = linear_cross_entropy(backend=backend, **{**kwargs, "masked_vocab": None})
+    assert (nll < unmasked).all()  # the probability mass of the masked ids moved to the rest
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_masked_vocab_accepts_a_list_or_an_integer_tensor(backend):
+    kwargs = make_inputs(6, 8, 20, torch.float32, masked=True)
+    as_list = linear_cross_entropy(backend=backend, **kwargs)
+    as_tensor = linear_cross_entropy(backend=backend, **{**kwargs, "masked_vocab": torch.tensor(kwargs["masked_vocab"])})
+    assert torch.equal(as_list, as_tensor)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_temperature_divides_the_logits(backend):
+    kwargs = make_inputs(6, 8, 20, torch.float32, mix=False, bias=True)
+    hot = linear_cross_entropy(backend=backend, temperature=3.0, **kwargs)
+    scaled = {**kwargs, "hidden": kwargs["hidden"] / 3, "lm_bias": kwargs["lm_bias"] / 3}
+    assert relative_error(hot, linear_cross_entropy(backend=backend, **scaled)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_mix_weight_zero_scores_base_and_one_scores_hidden(backend):
+    kwargs = make_inputs(6, 8, 20, torch.float32)
+    hidden, (base, _) = kwargs["hidden"], kwargs["mix"]
+    for value, expected_rows in ((0.0, base), (1.0, hidden)):
+        mixed = linear_cross_entropy(backend=backend, **{**kwargs, "mix": (base, torch.full((6,), value))})
+        plain = linear_cross_entropy(backend=backend, **{**kwargs, "mix": None, "hidden": expected_rows})
+        assert relative_error(mixed, plain) < 1e-6
+
+
+def test_default_backend_is_torch_on_cpu_and_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    kwargs = make_inputs(4, 8, 20, torch.float32, bias=True)
+    expected = "LinearCrossEntropyTriton" if DEVICE.type == "cuda" else "LinearCrossEntropyTorch"
+    assert linear_cross_entropy(**kwargs).grad_fn.name().startswith(expected)
+
+
+# --- argument checking -----------------------------------------------------------------------
+
+
+def good_arguments():
+    kwargs = make_inputs(4, 8, 20, torch.float32, bias=True)
+    return {k: (tuple(t.detach() for t in v) if k == "mix" else v.detach() if isinstance(v, torch.Tensor) else v)
+            for k, v in kwargs.items()}
+
+
+def replace_mix(kw, base=None, w=None):
+    old_base, old_w = kw["mix"]
+    return {**kw, "mix": (old_base if base is None else base, old_w if w is None else w)}
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (lambda kw: {**kw, "hidden": kw["hidden"][0]}, "hidden"),
+        (lambda kw: {**kw, "hidden": kw["hidden"].long()}, "hidden"),
+        (lambda kw: {**kw, "hidden": kw["hidden"][:0]}, "hidden"),
+        (lambda kw: {**kw, "lm_weight": kw["lm_weight"][:, :5]}, "lm_weight"),
+        (lambda kw: {**kw, "lm_weight": kw["lm_weight"].double()}, "lm_weight"),
+        (lambda kw: {**kw, "lm_weight": kw["lm_weight"].to("meta")}, "lm_weight must be on"),
+        (lambda kw: {**kw, "targets": kw["targets"].float()}, "targets"),
+        (lambda kw: {**kw, "targets": kw["targets"][:3]}, "targets"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 20, 2])}, "targets"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, -1, 2])}, "targets"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 7, 2]), "masked_vocab": [7]}, "targets.*masked_vocab"),
+        (lambda kw: {**kw, "lm_bias": kw["lm_bias"][:5]}, "lm_bias"),
+        (lambda kw: {**kw, "mix": kw["mix"][0]}, "mix"),
+        (lambda kw: replace_mix(kw, base=kw["hidden"][:3]), "base_hidden"),
+        (lambda kw: replace_mix(kw, base=kw["hidden"].double()), "base_hidden"),
+        (lambda kw: replace_mix(kw, w=torch.rand(3)), "^w must"),
+        (lambda kw: replace_mix(kw, w=torch.ones(4, dtype=torch.long)), "^w must"),
+        (lambda kw: {**kw, "temperature": 0.0}, "temperature"),
+        (lambda kw: {**kw, "temperature": float("inf")}, "temperature"),
+        (lambda kw: {**kw, "temperature": float("nan")}, "temperature"),
+        (lambda kw: {**kw, "temperature": "3"}, "temperature"),
+        (lambda kw: {**kw, "masked_vocab": [20]}, "masked_vocab"),
+        (lambda kw: {**kw, "masked_vocab": [1.5]}, "masked_vocab"),
+        (lambda kw: {**kw, "masked_vocab": "12"}, "masked_vocab"),
+        (lambda kw: {**kw, "masked_vocab": torch.tensor([1.0])}, "masked_vocab"),
+        (lambda kw: {**kw, "masked_vocab": list(range(20)), "targets": torch.full((4,), IGNORE)}, "masked_vocab"),
+        (lambda kw: {**kw, "ignore_index": -100.0}, "ignore_index"),
+        (lambda kw: {**kw, "backend": "cuda"}, "backend"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(change, argument):
+    kwargs = change(good_arguments())
+    with pytest.raises(ValueError, match=argument):
+        linear_cross_entropy(**kwargs)
+
+
+@requires_triton
+def test_triton_rejects_float64():
+    kwargs = make_inputs(4, 8, 20, torch.float64, mix=False)
+    with pytest.raises(ValueError, match="triton"):
+        linear_cross_entropy(backend="triton", **kwargs)
