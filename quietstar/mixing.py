@@ -1,0 +1,67 @@
+"""The mixing head (SPEC section 2): how much of the post-thought state to trust, per token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quietstar._checks import check_int, check_tensor
+
+
+class MixingHead(nn.Module):
+    """A small MLP mapping ``(h_base, h_talk)`` to one mixing weight per token.
+
+    ``Linear(2d, d) -> ReLU -> Linear(d, d) -> ReLU -> Linear(d, 1)`` on the concatenation
+    ``[base_hidden ; talk_hidden]``. The last layer starts at zero, so the raw weight starts
+    at exactly 0 and ``(1 - w) * h_base + w * h_talk`` starts as the base model. Feed ``w`` to
+    ``quietstar.linear_cross_entropy(talk_hidden, ..., mix=(base_hidden, w))``.
+
+    Args:
+        hidden_size: ``d``, the width of both hidden states.
+        sigmoid: squash ``w`` into ``(0, 1)`` (the paper's variant; it then starts at 0.5).
+            Off by default: the authors' code uses the raw output.
+        device, dtype: of the parameters.
+
+    Shapes:
+        ``forward(base_hidden [..., d], talk_hidden [..., d]) -> w [...]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        sigmoid: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_int("hidden_size", hidden_size, minimum=1)
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.sigmoid = bool(sigmoid)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size, **factory),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size, **factory),
+            nn.ReLU(),
+            nn.Linear(hidden_size, 1, **factory),
+        )
+        # The raw weight is 0 for every input: training starts at the base model.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, base_hidden: torch.Tensor, talk_hidden: torch.Tensor) -> torch.Tensor:
+        """Mixing weight ``w [...]`` of ``base_hidden [..., d]`` and ``talk_hidden [..., d]``."""
+        check_tensor("base_hidden", base_hidden)
+        check_tensor("talk_hidden", talk_hidden, device=base_hidden.device)
+        if base_hidden.dim() == 0 or base_hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"base_hidden must be [..., {self.hidden_size}], got {tuple(base_hidden.shape)}")
+        if talk_hidden.shape != base_hidden.shape:
+            raise ValueError(
+                f"talk_hidden must have the shape of base_hidden {tuple(base_hidden.shape)}, got {tuple(talk_hidden.shape)}"
+            )
+        w = self.mlp(torch.cat([base_hidden, talk_hidden], dim=-1)).squeeze(-1)
+        return torch.sigmoid(w) if self.sigmoid else w
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, sigmoid={self.sigmoid}"

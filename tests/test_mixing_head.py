@@ -1,0 +1,94 @@
+"""MixingHead (SPEC section 2): starts at the base model, shapes, the sigmoid variant, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE
+
+from quietstar import MixingHead, linear_cross_entropy
+
+WIDTH = 16
+
+
+def states(*batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(*batch, WIDTH, generator=gen).to(DEVICE).requires_grad_()
+    talk = torch.randn(*batch, WIDTH, generator=gen).to(DEVICE).requires_grad_()
+    return base, talk
+
+
+def test_raw_weight_starts_at_exactly_zero():
+    torch.manual_seed(0)
+    head = MixingHead(WIDTH).to(DEVICE)
+    w = head(*states(3, 5))
+    assert torch.equal(w, torch.zeros(3, 5, device=DEVICE))
+
+
+def test_zero_weight_scores_exactly_the_base_state():
+    torch.manual_seed(0)
+    head = MixingHead(WIDTH).to(DEVICE)
+    base, talk = states(10)
+    weight = torch.randn(30, WIDTH, device=DEVICE)
+    targets = torch.randint(0, 30, (10,), device=DEVICE)
+    mixed = linear_cross_entropy(talk, weight, targets, mix=(base, head(base, talk)))
+    assert torch.equal(mixed, linear_cross_entropy(base, weight, targets))
+
+
+@pytest.mark.parametrize("batch", [(), (7,), (2, 3, 4)], ids=["no-batch", "rows", "three-batch-dims"])
+def test_weight_has_the_input_shape_without_the_hidden_dimension(batch):
+    head = MixingHead(WIDTH).to(DEVICE)
+    assert head(*states(*batch)).shape == batch
+
+
+def test_sigmoid_variant_starts_at_one_half_and_stays_in_the_open_unit_interval():
+    torch.manual_seed(0)
+    head = MixingHead(WIDTH, sigmoid=True).to(DEVICE)
+    base, talk = states(64)
+    assert torch.equal(head(base, talk), torch.full((64,), 0.5, device=DEVICE))
+    torch.nn.init.normal_(head.mlp[-1].weight, std=3.0)
+    w = head(base, talk)
+    assert ((w > 0) & (w < 1)).all() and w.std() > 0.05
+
+
+def test_gradient_reaches_every_parameter_and_both_states_through_the_loss():
+    torch.manual_seed(0)
+    head = MixingHead(WIDTH).to(DEVICE)
+    base, talk = states(10)
+    weight = torch.randn(30, WIDTH, device=DEVICE)
+    targets = torch.randint(0, 30, (10,), device=DEVICE)
+
+    def loss():
+        return linear_cross_entropy(talk, weight, targets, mix=(base, head(base, talk))).mean()
+
+    loss().backward()
+    # At the start only the zero-initialised last layer can move (everything before it is
+    # multiplied by its zero weight) ...
+    last = head.mlp[-1]
+    assert last.weight.grad.abs().sum() > 0 and last.bias.grad.abs().sum() > 0
+    assert head.mlp[0].weight.grad.abs().sum() == 0
+    # ... and after one step the gradient flows through the whole MLP into both states.
+    with torch.no_grad():
+        for p in head.parameters():
+            p -= 0.5 * p.grad
+    head.zero_grad()
+    base.grad = talk.grad = None
+    loss().backward()
+    for name, p in head.named_parameters():
+        assert p.grad.abs().sum() > 0, name
+    assert base.grad.abs().sum() > 0 and talk.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "base_shape,talk_shape,argument",
+    [((4, WIDTH + 1), (4, WIDTH + 1), "base_hidden"), ((4, WIDTH), (5, WIDTH), "talk_hidden"), ((), (), "base_hidden")],
+)
+def test_mismatched_states_raise_value_error_naming_them(base_shape, talk_shape, argument):
+    head = MixingHead(WIDTH)
+    with pytest.raises(ValueError, match=argument):
+        head(torch.zeros(base_shape), torch.zeros(talk_shape))
+
+
+def test_hidden_size_must_be_positive():
+    with pytest.raises(ValueError, match="hidden_size"):
+        MixingHead(0)
