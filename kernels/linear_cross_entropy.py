@@ -46,7 +46,8 @@ def _mixed_rows(
 @triton.jit
 def _weight_rows(W, offs_v, col_ok, offs_d, d_ok, D, UPCAST: tl.constexpr):
     """lm_weight rows ``[BLOCK_V, BLOCK_D]``."""
-    wt = tl.load(W + offs_v.to(tl.int64)[:, None] * D + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    ptrs = offs_v.to(tl.int64)[:, None] * D + offs_d[None, :]
+    wt = tl.load(W + ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         wt = wt.to(tl.float32)
     return wt
@@ -71,6 +72,15 @@ def _score_tile(
     if HAS_OFFSET:
         z += tl.load(OFFSET + offs_v, mask=col_ok, other=0.0)[None, :]
     return tl.where(col_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _zero_rows(PTR, offs_r, r_ok, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero rows ``offs_r`` of a float32 ``[*, D]`` accumulator."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ptrs = offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.store(PTR + ptrs, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), mask=r_ok[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
@@ -130,10 +140,7 @@ def _lce_bwd_dh(
     target = tl.load(TARGET + offs_m, mask=row_ok, other=-1)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     scale = tl.load(SCALE + offs_m, mask=row_ok, other=0.0)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        ptrs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-        tl.store(DH + ptrs, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None] & (offs_d < D)[None, :])
+    _zero_rows(DH, offs_m, row_ok, D, BLOCK_M, BLOCK_D)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
@@ -166,10 +173,7 @@ def _lce_bwd_dw(
     """``dW`` and ``db`` of one vocabulary tile: sums over row blocks of ``ds.T @ h`` and ``ds``."""
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = offs_v < V
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        ptrs = offs_v.to(tl.int64)[:, None] * D + offs_d[None, :]
-        tl.store(DW + ptrs, tl.zeros([BLOCK_V, BLOCK_D], tl.float32), mask=col_ok[:, None] & (offs_d < D)[None, :])
+    _zero_rows(DW, offs_v, col_ok, D, BLOCK_V, BLOCK_D)
     db = tl.zeros([BLOCK_V], tl.float32)
     for m0 in range(0, N, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -212,7 +216,9 @@ def _config(dtype: torch.dtype, interpret: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 2}
 
 
-def _common(hidden: torch.Tensor, mix_weight: torch.Tensor | None, offset: torch.Tensor | None, interpret: bool) -> dict:
+def _common(
+    hidden: torch.Tensor, mix_weight: torch.Tensor | None, offset: torch.Tensor | None, interpret: bool
+) -> dict:
     upcast = interpret and hidden.dtype == torch.bfloat16
     return {
         "HAS_MIX": mix_weight is not None,

@@ -58,7 +58,8 @@ class MixingHead(nn.Module):
             raise ValueError(f"base_hidden must be [..., {self.hidden_size}], got {tuple(base_hidden.shape)}")
         if talk_hidden.shape != base_hidden.shape:
             raise ValueError(
-                f"talk_hidden must have the shape of base_hidden {tuple(base_hidden.shape)}, got {tuple(talk_hidden.shape)}"
+                f"talk_hidden must have the shape of base_hidden {tuple(base_hidden.shape)}, "
+                f"got {tuple(talk_hidden.shape)}"
             )
         w = self.mlp(torch.cat([base_hidden, talk_hidden], dim=-1)).squeeze(-1)
         return torch.sigmoid(w) if self.sigmoid else w

@@ -235,6 +235,17 @@ def test_ignored_rows_give_zero_loss_and_zero_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ignore_index_can_be_a_vocabulary_id(backend):
+    kwargs = make_inputs(12, 16, 40, torch.float32, bias=True)
+    kwargs["targets"][::2] = 3
+    nll = linear_cross_entropy(backend=backend, ignore_index=3, **kwargs)
+    as_default = kwargs["targets"].masked_fill(kwargs["targets"] == 3, IGNORE)
+    expected = linear_cross_entropy(backend="reference", **{**kwargs, "targets": as_default})
+    assert torch.equal(nll[::2], torch.zeros(6, device=DEVICE))
+    assert relative_error(nll, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_masked_ids_get_no_probability_and_no_gradient(backend):
     kwargs = make_inputs(12, 16, 40, torch.float32, bias=True, masked=True)
     masked = kwargs["masked_vocab"]
@@ -249,7 +260,8 @@ def test_masked_ids_get_no_probability_and_no_gradient(backend):
 def test_masked_vocab_accepts_a_list_or_an_integer_tensor(backend):
     kwargs = make_inputs(6, 8, 20, torch.float32, masked=True)
     as_list = linear_cross_entropy(backend=backend, **kwargs)
-    as_tensor = linear_cross_entropy(backend=backend, **{**kwargs, "masked_vocab": torch.tensor(kwargs["masked_vocab"])})
+    ids = torch.tensor(kwargs["masked_vocab"])
+    as_tensor = linear_cross_entropy(backend=backend, **{**kwargs, "masked_vocab": ids})
     assert torch.equal(as_list, as_tensor)
 
 

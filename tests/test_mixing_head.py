@@ -18,6 +18,16 @@ def states(*batch, seed=0):
     return base, talk
 
 
+def scoring_problem(rows=10, vocab=30):
+    """A fresh head, base and talk states ``[rows, WIDTH]``, an lm_head weight and targets."""
+    torch.manual_seed(0)
+    head = MixingHead(WIDTH).to(DEVICE)
+    base, talk = states(rows)
+    weight = torch.randn(vocab, WIDTH, device=DEVICE)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    return head, base, talk, weight, targets
+
+
 def test_raw_weight_starts_at_exactly_zero():
     torch.manual_seed(0)
     head = MixingHead(WIDTH).to(DEVICE)
@@ -26,11 +36,7 @@ def test_raw_weight_starts_at_exactly_zero():
 
 
 def test_zero_weight_scores_exactly_the_base_state():
-    torch.manual_seed(0)
-    head = MixingHead(WIDTH).to(DEVICE)
-    base, talk = states(10)
-    weight = torch.randn(30, WIDTH, device=DEVICE)
-    targets = torch.randint(0, 30, (10,), device=DEVICE)
+    head, base, talk, weight, targets = scoring_problem()
     mixed = linear_cross_entropy(talk, weight, targets, mix=(base, head(base, talk)))
     assert torch.equal(mixed, linear_cross_entropy(base, weight, targets))
 
@@ -52,11 +58,7 @@ def test_sigmoid_variant_starts_at_one_half_and_stays_in_the_open_unit_interval(
 
 
 def test_gradient_reaches_every_parameter_and_both_states_through_the_loss():
-    torch.manual_seed(0)
-    head = MixingHead(WIDTH).to(DEVICE)
-    base, talk = states(10)
-    weight = torch.randn(30, WIDTH, device=DEVICE)
-    targets = torch.randint(0, 30, (10,), device=DEVICE)
+    head, base, talk, weight, targets = scoring_problem()
 
     def loss():
         return linear_cross_entropy(talk, weight, targets, mix=(base, head(base, talk))).mean()

@@ -92,7 +92,9 @@ def linear_cross_entropy(
 
         return linear_cross_entropy_torch(*args)
     if hidden.dtype not in TRITON_DTYPES:
-        raise ValueError(f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}")
+        raise ValueError(
+            f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}"
+        )
     from quietstar.ops.linear_cross_entropy_triton import linear_cross_entropy_triton
 
     return linear_cross_entropy_triton(*args)
@@ -107,7 +109,9 @@ def _check_mix(mix: object, hidden: torch.Tensor) -> tuple[torch.Tensor | None, 
     base_hidden, weight = mix
     check_tensor("base_hidden", base_hidden, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     if base_hidden.shape != hidden.shape:
-        raise ValueError(f"base_hidden must have the shape of hidden {tuple(hidden.shape)}, got {tuple(base_hidden.shape)}")
+        raise ValueError(
+            f"base_hidden must have the shape of hidden {tuple(hidden.shape)}, got {tuple(base_hidden.shape)}"
+        )
     check_tensor("w", weight, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
     if weight.shape[0] != hidden.shape[0]:
         raise ValueError(f"w must be [N={hidden.shape[0]}], got {tuple(weight.shape)}")
@@ -123,7 +127,9 @@ def _masked_ids(masked_vocab: object, vocab: int, device: torch.device) -> torch
         ids = masked_vocab.to(device=device, dtype=torch.long)
     else:
         if isinstance(masked_vocab, (str, bytes)) or not isinstance(masked_vocab, Sequence):
-            raise ValueError(f"masked_vocab must be a sequence of ints or a 1-D integer tensor, got {type(masked_vocab).__name__}")
+            raise ValueError(
+                f"masked_vocab must be a sequence of ints or a 1-D integer tensor, got {type(masked_vocab).__name__}"
+            )
         if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in masked_vocab):
             raise ValueError("masked_vocab must hold only ints")
         ids = torch.tensor([int(i) for i in masked_vocab], dtype=torch.long, device=device)

@@ -3,8 +3,8 @@
 Both work on raw scores ``h @ lm_weight.T / T + offset`` with a per-column ``offset`` (bias
 over temperature, ``-inf`` at masked ids), store one log-sum-exp per row in the forward, and
 in the backward form ``d(raw logits) = scale * (softmax - onehot(target))`` with the per-row
-``scale = grad / T``. The gradient ``dh`` of the mixed state is then split over the mixing
-inputs here.
+``scale = grad / T``; the gradients of the mixed state, the weight and the bias are then
+turned into the inputs' gradients here.
 """
 
 from __future__ import annotations
@@ -49,25 +49,47 @@ def safe_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return targets.masked_fill(targets == ignore_index, 0)
 
 
-def mixing_backward(
-    grad_h: torch.Tensor,
+def gradients_needed(needs: tuple[bool, ...]) -> tuple[bool, bool, bool]:
+    """Whether the backward must form the gradient of the mixed state, the weight and the bias,
+    from ``ctx.needs_input_grad`` (ordered as the backends' arguments)."""
+    need_hidden, need_weight, _, need_bias, need_base, need_w = needs[:6]
+    return need_hidden or need_base or need_w, need_weight, need_bias
+
+
+def input_gradients(
+    needs: tuple[bool, ...],
+    grad_h: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
     hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    lm_bias: torch.Tensor | None,
     base_hidden: torch.Tensor | None,
     w: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Split ``grad_h`` (``[N, d]``, float32/64) of ``h = (1 - w) * base_hidden + w * hidden``.
+) -> tuple[torch.Tensor | None, ...]:
+    """What a backend's ``backward`` returns, from the gradients of the raw logits' inputs.
 
-    Returns ``(d hidden, d base_hidden, d w)``, each in its input's dtype, None where
-    ``needs`` (for hidden, base_hidden, w) is False or there is no mixing.
+    Args:
+        needs: ``ctx.needs_input_grad`` of ``(hidden, lm_weight, targets, lm_bias,
+            base_hidden, w, temperature, masked_ids, ignore_index)``.
+        grad_h: ``[N, d]`` float32/64 gradient of the mixed state
+            ``h = (1 - w) * base_hidden + w * hidden`` (None if no input of it needs one).
+        grad_weight, grad_bias: ``[V, d]`` and ``[V]`` float32/64, or None.
+
+    Returns:
+        One gradient per forward argument, each in its input's dtype, None where not needed.
     """
-    need_hidden, need_base, need_w = needs
-    if w is None:
-        return (grad_h.to(hidden.dtype) if need_hidden else None), None, None
-    mix = w.to(grad_h.dtype)[:, None]
-    d_hidden = (grad_h * mix).to(hidden.dtype) if need_hidden else None
-    d_base = (grad_h * (1 - mix)).to(base_hidden.dtype) if need_base else None
-    d_w = None
-    if need_w:
-        d_w = (grad_h * (hidden.to(grad_h.dtype) - base_hidden.to(grad_h.dtype))).sum(1).to(w.dtype)
-    return d_hidden, d_base, d_w
+    need_hidden, need_weight, _, need_bias, need_base, need_w = needs[:6]
+    d_hidden = d_base = d_w = None
+    if grad_h is not None:
+        if w is None:
+            d_hidden = grad_h.to(hidden.dtype) if need_hidden else None
+        else:
+            mix = w.to(grad_h.dtype)[:, None]
+            d_hidden = (grad_h * mix).to(hidden.dtype) if need_hidden else None
+            d_base = (grad_h * (1 - mix)).to(base_hidden.dtype) if need_base else None
+            if need_w:
+                d_w = (grad_h * (hidden.to(grad_h.dtype) - base_hidden.to(grad_h.dtype))).sum(1).to(w.dtype)
+    d_weight = grad_weight.to(lm_weight.dtype) if need_weight else None
+    d_bias = grad_bias.to(lm_bias.dtype) if need_bias else None
+    return d_hidden, d_weight, None, d_bias, d_base, d_w, None, None, None

@@ -17,7 +17,8 @@ import torch
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     compute_dtype,
-    mixing_backward,
+    gradients_needed,
+    input_gradients,
     row_scale,
     safe_targets,
 )
@@ -105,12 +106,11 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
     def backward(ctx, grad_nll):
         hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse = ctx.saved_tensors
         temperature, ignore_index = ctx.options
-        need_hidden, need_weight, _, need_bias, need_base, need_w = ctx.needs_input_grad[:6]
+        need_h, need_weight, need_bias = gradients_needed(ctx.needs_input_grad)
         problem = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
         dtype, device = problem.dtype, hidden.device
         scale = row_scale(grad_nll, targets, ignore_index, temperature, dtype)
         picked_ids = safe_targets(targets, ignore_index)
-        need_h = need_hidden or need_base or need_w
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
         grad_weight = torch.zeros(lm_weight.shape, dtype=dtype, device=device) if need_weight else None
         grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if need_bias else None
@@ -128,12 +128,9 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
                 grad_weight.addmm_(z, h)
             if grad_bias is not None:
                 grad_bias += z.sum(1)
-        d_hidden = d_base = d_w = None
-        if need_h:
-            d_hidden, d_base, d_w = mixing_backward(grad_h, hidden, base_hidden, w, (need_hidden, need_base, need_w))
-        d_weight = None if grad_weight is None else grad_weight.to(lm_weight.dtype)
-        d_bias = None if grad_bias is None else grad_bias.to(lm_bias.dtype)
-        return d_hidden, d_weight, None, d_bias, d_base, d_w, None, None, None
+        return input_gradients(
+            ctx.needs_input_grad, grad_h, grad_weight, grad_bias, hidden, lm_weight, lm_bias, base_hidden, w
+        )
 
 
 def linear_cross_entropy_torch(

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from quietstar.backends import triton_interpreter_enabled
-from quietstar.ops.linear_cross_entropy_common import column_offset, mixing_backward, row_scale
+from quietstar.ops.linear_cross_entropy_common import (
+    column_offset,
+    gradients_needed,
+    input_gradients,
+    row_scale,
+)
 
 
 class LinearCrossEntropyTriton(torch.autograd.Function):
@@ -28,19 +33,15 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
 
         hidden, lm_weight, targets, lm_bias, base_hidden, w, offset, lse = ctx.saved_tensors
         temperature, ignore_index, interpret = ctx.options
-        need_hidden, need_weight, _, need_bias, need_base, need_w = ctx.needs_input_grad[:6]
-        need_h = need_hidden or need_base or need_w
+        need_h, need_weight, need_bias = gradients_needed(ctx.needs_input_grad)
         scale = row_scale(grad_nll, targets, ignore_index, temperature, torch.float32).contiguous()
         grad_h, grad_weight, grad_bias = linear_cross_entropy_backward(
             scale, hidden, lm_weight, targets, base_hidden, w, offset, lse, temperature,
             need_h, need_weight, need_bias, interpret,
         )
-        d_hidden = d_base = d_w = None
-        if need_h:
-            d_hidden, d_base, d_w = mixing_backward(grad_h, hidden, base_hidden, w, (need_hidden, need_base, need_w))
-        d_weight = None if grad_weight is None else grad_weight.to(lm_weight.dtype)
-        d_bias = None if grad_bias is None else grad_bias.to(lm_bias.dtype)
-        return d_hidden, d_weight, None, d_bias, d_base, d_w, None, None, None
+        return input_gradients(
+            ctx.needs_input_grad, grad_h, grad_weight, grad_bias, hidden, lm_weight, lm_bias, base_hidden, w
+        )
 
 
 def linear_cross_entropy_triton(
