@@ -7,8 +7,9 @@
   (forward + backward unless the variant says otherwise).
 """
 
-from cases import tree_attention
+from cases import linear_cross_entropy, tree_attention
 
 CASES = {
     "tree_attention": tree_attention,
+    "linear_cross_entropy": linear_cross_entropy,
 }

@@ -1,0 +1,78 @@
+"""linear_cross_entropy with the mixing prologue, forward + backward per backend, against the
+dense reference.
+
+The step scores ``h = (1 - w) * base_hidden + w * hidden`` against the whole vocabulary with
+the two meta tokens masked, and takes the gradient of ``nll.sum()`` with respect to
+``hidden``, ``base_hidden``, ``w`` and ``lm_weight``. Public alternative on CUDA: Liger
+Kernel's fused linear cross-entropy (when installed), fed the mixed rows that torch computes
+first; it has no vocabulary mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from quietstar import linear_cross_entropy
+
+BASELINE = "reference"
+DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+META_TOKENS = 2  # <|startthought|> and <|endthought|>, the last two ids
+
+
+def variants(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["reference", "torch"]
+    liger = ["liger"] if importlib.util.find_spec("liger_kernel") is not None else []
+    return ["reference", "torch", "triton"] + liger
+
+
+def size(device: torch.device, quick: bool) -> dict:
+    if quick:
+        return dict(rows=256, width=64, vocab=2048)
+    if device.type == "cpu":
+        return dict(rows=4096, width=576, vocab=49152)  # SmolLM2-135M's width and vocabulary
+    # Llama-3-8B's width and vocabulary; 8192 rows keep the reference's float32 logits and
+    # their gradients near 17 GB (16384 rows would need about 30 GB).
+    return dict(rows=8192, width=4096, vocab=128256)
+
+
+def _inputs(s: dict, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = DTYPE[device.type]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype).requires_grad_()
+
+    hidden = randn(s["rows"], s["width"])
+    base_hidden = randn(s["rows"], s["width"])
+    w = torch.rand(s["rows"], generator=gen, device=device).to(dtype).requires_grad_()
+    lm_weight = randn(s["vocab"], s["width"], scale=s["width"] ** -0.5)
+    targets = torch.randint(0, s["vocab"] - META_TOKENS, (s["rows"],), generator=gen, device=device)
+    return hidden, base_hidden, w, lm_weight, targets
+
+
+def build(variant: str, s: dict, device: torch.device):
+    hidden, base_hidden, w, lm_weight, targets = _inputs(s, device)
+    inputs = (hidden, base_hidden, w, lm_weight)
+    if variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def step():
+            mixed = torch.lerp(base_hidden, hidden, w[:, None])
+            torch.autograd.grad(loss_fn(lm_weight, mixed, targets), inputs)
+
+        return step, {"note": "mixing in torch, no vocabulary mask"}
+
+    masked = list(range(s["vocab"] - META_TOKENS, s["vocab"]))
+
+    def step():
+        nll = linear_cross_entropy(
+            hidden, lm_weight, targets, mix=(base_hidden, w), masked_vocab=masked, backend=variant
+        )
+        torch.autograd.grad(nll.sum(), inputs)
+
+    return step, {}
