@@ -44,8 +44,8 @@ class _Scores:
     """One call's inputs in the accumulation dtype: mixed rows and their scores, chunk by chunk.
 
     Scores are kept vocabulary-major (``[V, c]``, one column per row): ``W @ h.T`` runs
-    markedly faster on CPU than ``h @ W.T``, and the per-row reductions then run along
-    contiguous rows.
+    markedly faster on CPU than ``h @ W.T``, and the reductions over the vocabulary then
+    vectorise along the buffer's contiguous rows.
     """
 
     def __init__(self, hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids):
@@ -84,14 +84,14 @@ class _Scores:
 class LinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, lm_weight, targets, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
-        problem = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
+        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
         rows = hidden.shape[0]
-        lse = torch.empty(rows, dtype=problem.dtype, device=hidden.device)
-        nll = torch.empty(rows, dtype=problem.dtype, device=hidden.device)
+        lse = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
+        nll = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
         picked_ids = safe_targets(targets, ignore_index)
-        buffer = problem.buffer()
-        for chunk in problem.chunks():
-            z = problem.scores(problem.mixed(chunk), buffer)
+        buffer = scorer.buffer()
+        for chunk in scorer.chunks():
+            z = scorer.scores(scorer.mixed(chunk), buffer)
             picked = z.gather(0, picked_ids[None, chunk])[0]
             top = z.amax(0, keepdim=True)
             chunk_lse = z.sub_(top).exp_().sum(0).log_().add_(top[0])
@@ -107,23 +107,23 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
         hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse = ctx.saved_tensors
         temperature, ignore_index = ctx.options
         need_h, need_weight, need_bias = gradients_needed(ctx.needs_input_grad)
-        problem = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
-        dtype, device = problem.dtype, hidden.device
+        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
+        dtype, device = scorer.dtype, hidden.device
         scale = row_scale(grad_nll, targets, ignore_index, temperature, dtype)
         picked_ids = safe_targets(targets, ignore_index)
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
         grad_weight = torch.zeros(lm_weight.shape, dtype=dtype, device=device) if need_weight else None
         grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if need_bias else None
-        buffer = problem.buffer()
-        for chunk in problem.chunks():
-            h = problem.mixed(chunk)
-            z = problem.scores(h, buffer)
+        buffer = scorer.buffer()
+        for chunk in scorer.chunks():
+            h = scorer.mixed(chunk)
+            z = scorer.scores(h, buffer)
             chunk_scale = scale[None, chunk]
             # d(raw logits) = scale * (softmax - onehot(target)), formed in place.
             z.sub_(lse[None, chunk]).exp_().mul_(chunk_scale)
             z[picked_ids[chunk], torch.arange(z.shape[1], device=device)] -= chunk_scale[0]
             if grad_h is not None:
-                torch.mm(z.T, problem.weight, out=grad_h[chunk])
+                torch.mm(z.T, scorer.weight, out=grad_h[chunk])
             if grad_weight is not None:
                 grad_weight.addmm_(z, h)
             if grad_bias is not None:
