@@ -12,6 +12,8 @@ The tree rule (SPEC section 1): query ``(s, i)`` sees key ``(s', k)`` iff
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -26,12 +28,19 @@ def chain_steps(n_slots: int, n_thoughts: int, device: torch.device | str | None
     return torch.where(slots == 0, 0, torch.div(slots - 1, n_thoughts, rounding_mode="floor") + 1)
 
 
-def position_ids(
-    slot_len: int, n_slots: int, n_thoughts: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Position id of every token of the flat layout: ``[n_slots * slot_len]`` int64."""
-    positions = torch.arange(slot_len, device=device)
-    return (chain_steps(n_slots, n_thoughts, device)[:, None] + positions[None, :]).reshape(-1)
+def base_positions(attention_mask: torch.Tensor | None, batch: int, slot_len: int, device) -> torch.Tensor:
+    """Position ids of the base text ``[B, L]``: counted over real tokens only, so a
+    left-padded row starts at 0 like an unpadded one (padding gets 0)."""
+    if attention_mask is None:
+        return torch.arange(slot_len, device=device).expand(batch, slot_len)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def tree_position_ids(base: torch.Tensor, n_slots: int, n_thoughts: int) -> torch.Tensor:
+    """Position ids of the flat layout ``[B, n_slots * L]``: token ``(s, i)`` gets
+    ``base[:, i] + c(s)``."""
+    steps = chain_steps(n_slots, n_thoughts, base.device)
+    return (base[:, None, :] + steps[None, :, None]).flatten(1)
 
 
 def chain_visibility(
@@ -100,3 +109,23 @@ def tree_visibility(
     diagonal = torch.eye(slot_len, dtype=torch.bool, device=device)
     mask |= chain[None, :, None, :, None] & diagonal[None, None, :, None, :]
     return mask.reshape(n_batch, n_query_slots * slot_len, n_key_slots * slot_len)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """What an attention call needs to know that its input holds the tree layout.
+
+    Passed to the attention layers as the keyword ``tree_layout``; queries are the last
+    ``Sq`` slots of the ``Sk`` key slots (a KV cache holding earlier slots is fine).
+
+    Attributes:
+        slot_len: tokens per slot ``L``.
+        n_thoughts: branches per position (chain slots are step-major).
+        key_padding_mask: ``[B, L]`` bool, True for real tokens of the base text.
+        backend: ``tree_attention`` backend to force (None: the default choice).
+    """
+
+    slot_len: int
+    n_thoughts: int = 1
+    key_padding_mask: torch.Tensor | None = None
+    backend: str | None = None

@@ -1,0 +1,201 @@
+"""Tree attention inside Hugging Face Llama-family models.
+
+* ``quietstar_attention_forward``: an attention function with transformers' interface. With a
+  ``tree_layout`` keyword it runs ``tree_attention``; without one it is ordinary attention
+  (transformers' SDPA function) with the mask the model built.
+* ``QuietStarAttention``: a drop-in attention module built from a model's own attention layer
+  (the same projection modules, so the same weights and state-dict keys; RoPE, GQA, the
+  Qwen3 query/key norms and the sliding window carried over).
+* ``patch(model)``: swaps every decoder layer's attention for ``QuietStarAttention`` in place
+  and registers ``"quietstar"`` with transformers' ``AttentionInterface`` and
+  ``AttentionMaskInterface`` (so ``attn_implementation="quietstar"`` also works).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from quietstar.layout import TreeLayout
+from quietstar.ops.tree_attention import tree_attention
+
+ATTENTION_NAME = "quietstar"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def quietstar_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    tree_layout: TreeLayout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with transformers' calling convention.
+
+    Args:
+        module: the attention layer (for ``is_causal`` and GQA bookkeeping on ordinary input).
+        query: ``[B, Hq, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (the cache included).
+        attention_mask: the model's mask for ordinary input; unused with ``tree_layout``.
+        tree_layout: the queries and keys hold the tree layout: run ``tree_attention``.
+
+    Returns:
+        ``([B, Tq, Hq, D], None)``.
+    """
+    if tree_layout is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
+            **kwargs,
+        )
+    out = tree_attention(
+        query,
+        key,
+        value,
+        tree_layout.slot_len,
+        n_thoughts=tree_layout.n_thoughts,
+        key_padding_mask=tree_layout.key_padding_mask,
+        sliding_window=sliding_window,
+        scale=scaling,
+        backend=tree_layout.backend,
+    )
+    return out.transpose(1, 2), None
+
+
+def register_attention() -> None:
+    """Register ``"quietstar"`` with transformers' attention and mask interfaces (idempotent).
+
+    Both are needed: a function known to ``AttentionInterface`` alone gets no padding mask.
+    """
+    AttentionInterface.register(ATTENTION_NAME, quietstar_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class QuietStarAttention(nn.Module):
+    """A Llama-family attention layer that also understands the tree layout.
+
+    Built from an existing ``LlamaAttention``/``MistralAttention``/``Qwen2Attention``/
+    ``Qwen3Attention``: it shares that layer's projection (and Qwen3 norm) modules, so its
+    weights and state-dict keys are the original's. Called like the original (the decoder
+    layer's keywords, ``cache=`` or ``past_key_values=``), it returns the same output on
+    ordinary input; with ``tree_layout=TreeLayout(...)`` it applies the tree rule.
+
+    Shapes:
+        ``forward(hidden_states [B, T, d], position_embeddings (cos, sin) [B, T, D], ...)
+        -> (out [B, T, d], None)``.
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "config", "layer_idx") if not hasattr(attention, n)]
+        if missing:
+            raise ValueError(
+                f"attention must be a Llama-family attention layer ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                f"{type(attention).__name__} lacks {missing}"
+            )
+        config = attention.config
+        self.config = config
+        self.layer_idx = attention.layer_idx
+        self.head_dim = getattr(attention, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)
+        self.attention_dropout = getattr(attention, "attention_dropout", 0.0)
+        self.is_causal = True
+        # Qwen2/Qwen3 keep the window per layer; Mistral reads it from the config.
+        self.sliding_window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+        )
+        self.q_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        tree_layout: TreeLayout | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out, _ = quietstar_attention_forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            tree_layout=tree_layout,
+        )
+        return self.o_proj(out.reshape(batch, length, -1)), None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers``) or of its inner model."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"model must be a Llama-family causal LM with .model.layers, got {type(model).__name__}")
+    return layers
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` listing the supported architectures unless ``model`` is one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Switch a loaded Llama-family model to ``QuietStarAttention`` in place; returns it.
+
+    The model's config is deep-copied first (models built from one config share it), and
+    its attention implementation set to ``"quietstar"``, whose mask function is SDPA's: on
+    ordinary input the patched model's logits equal the unpatched model's. Patching twice
+    is a no-op.
+
+    Raises:
+        ValueError: the architecture is not one of ``SUPPORTED_MODEL_TYPES``.
+    """
+    check_supported(model)
+    register_attention()
+    old_config = model.config
+    if old_config._attn_implementation != ATTENTION_NAME:
+        new_config = copy.deepcopy(old_config)
+        new_config._attn_implementation = ATTENTION_NAME
+        for module in model.modules():
+            if getattr(module, "config", None) is old_config:
+                module.config = new_config
+    for layer in decoder_layers(model):
+        if not isinstance(layer.self_attn, QuietStarAttention):
+            layer.self_attn = QuietStarAttention(layer.self_attn)
+    return model

@@ -1,0 +1,63 @@
+"""Run a Llama-family model's decoder stack on given embeddings and positions.
+
+The tree passes need position ids ``i + c`` and no dense mask, so they bypass the Hugging
+Face model's forward (whose mask creation would read the restarting position ids as packed
+sequences and build a ``T x T`` mask) and call its own embedding-free parts directly:
+rotary embedding, decoder layers, final norm. Every layer's attention must be
+``QuietStarAttention`` (``quietstar.patch``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from quietstar.layout import TreeLayout
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(layer_type: type) -> str:
+    """The cache argument's name: ``cache`` in transformers >= 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(layer_type.forward).parameters else "past_key_values"
+
+
+def run_backbone(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    cache=None,
+    tree_layout: TreeLayout | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states (after the last norm) of ``model``'s decoder.
+
+    Args:
+        model: a patched Llama-family causal LM (``model.model`` holds the decoder).
+        inputs_embeds: ``[B, T, d]``.
+        position_ids: ``[B, T]`` or ``[1, T]``.
+        cache: a ``KVCache`` (or transformers cache) that the layers append to.
+        tree_layout: the tokens (and cache) hold the tree layout.
+        attention_mask: for ordinary input, a ``[B, 1, T, T_total]`` bool mask (True = attend).
+
+    Returns:
+        ``[B, T, d]``.
+    """
+    inner = model.model
+    position_embeddings = inner.rotary_emb(inputs_embeds, position_ids)
+    hidden = inputs_embeds
+    for layer in inner.layers[: inner.config.num_hidden_layers]:
+        out = layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            use_cache=cache is not None,
+            tree_layout=tree_layout,
+            **{cache_keyword(type(layer)): cache},
+        )
+        hidden = out[0] if isinstance(out, tuple) else out
+    return inner.norm(hidden)

@@ -1,0 +1,402 @@
+"""``QuietStarModel``: think, talk and learn (SPEC sections 1-3) over a Hugging Face causal LM.
+
+The fast training step:
+
+1. **Think** without gradients: a base pass, then ``T`` chain steps through a KV cache in the
+   tree layout, each sampling one thought token per position and branch.
+2. **One tree pass with gradients** over the base slot and every chain slot (start, thought
+   tokens, end, teacher-forced talk inputs): sampled tokens are detached, so this gives the
+   gradients of the step-by-step algorithm (SPEC section 6). The base slot is computed once
+   for all branches, attention is ``tree_attention`` (no dense mask).
+3. **Talk and learn**: every head (base NLL, mixed talk NLL, REINFORCE log-probabilities) is
+   one ``linear_cross_entropy`` call; the logits are never held.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quietstar._checks import INT_DTYPES, check_tensor
+from quietstar.attention import check_supported, patch
+from quietstar.backbone import run_backbone
+from quietstar.cache import KVCache
+from quietstar.config import QuietStarConfig
+from quietstar.layout import TreeLayout, base_positions, tree_position_ids
+from quietstar.mixing import MixingHead
+from quietstar.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from quietstar.sampling import sample_tokens
+
+logger = logging.getLogger(__name__)
+
+START_THOUGHT = "<|startthought|>"
+END_THOUGHT = "<|endthought|>"
+META_TOKEN_INIT_TEXT = "---"
+
+
+@dataclass
+class QuietStarOutput:
+    """What one Quiet-STaR forward returns (``B`` rows, ``L`` positions, ``N`` thoughts,
+    ``T`` thought tokens, ``K`` talk tokens). Per-token terms are 0 where ignored.
+
+    Attributes:
+        loss: ``L_nll + policy_weight * L_policy``, scalar.
+        nll_loss: ``L_nll``, scalar.
+        policy_loss: ``L_policy``, scalar.
+        nll_base: ``[B, L]``, ``-log p_base(x[i+1])``.
+        nll_talk: ``[B, N, L, K]``, ``-log p_mix(x[i+1+k])`` after thought ``t`` at ``i``.
+        rewards: ``[B, N, L]``, detached, after the baseline and clamping.
+        mixing_weight: ``[B, N, L, K]``, the mixing head's ``w``.
+        thoughts: ``[B, N, L, T]``, the thought tokens (sampled or given).
+    """
+
+    loss: torch.Tensor
+    nll_loss: torch.Tensor
+    policy_loss: torch.Tensor
+    nll_base: torch.Tensor
+    nll_talk: torch.Tensor
+    rewards: torch.Tensor
+    mixing_weight: torch.Tensor
+    thoughts: torch.Tensor
+
+
+@dataclass
+class Targets:
+    """Shifted targets of one batch: base ``[B, L]`` (``x[i+1]``) and talk ``[B, L, K]``
+    (``x[i+1+k]``); ignored entries hold ``IGNORE_INDEX``."""
+
+    base: torch.Tensor
+    talk: torch.Tensor
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor, talk_tokens: int) -> Targets:
+        batch, length = labels.shape
+        padded = torch.full((batch, length + talk_tokens), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+        padded[:, :length] = labels
+        talk = torch.stack([padded[:, 1 + k : 1 + k + length] for k in range(talk_tokens)], dim=-1)
+        return cls(base=talk[..., 0], talk=talk)
+
+
+def shift_positions(values: torch.Tensor, talk_tokens: int) -> torch.Tensor:
+    """``out[:, i, k] = values[:, i + k]`` (zeros past the end): ``[B, L, ...] -> [B, L, K, ...]``."""
+    length = values.shape[1]
+    padded = torch.cat([values, values.new_zeros(values.shape[0], talk_tokens, *values.shape[2:])], dim=1)
+    return torch.stack([padded[:, k : k + length] for k in range(talk_tokens)], dim=2)
+
+
+class QuietStarModel(nn.Module):
+    """A causal LM that thinks before each token.
+
+    Wraps a Llama-family Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3 and their
+    fine-tunes; switched in place to ``QuietStarAttention``) and adds the start/end meta-token
+    embeddings and the ``MixingHead``. The meta tokens are not in the model's vocabulary
+    (their logits are -inf everywhere); if the tokenizer gives them ids inside the lm_head's
+    rows (a padded vocabulary), those ids are masked.
+
+    Args:
+        model: the causal LM (its weights are used and trained as they are).
+        tokenizer: its tokenizer; gets ``<|startthought|>`` and ``<|endthought|>`` added, and
+            the meta embeddings start at the embedding of ``"---"``. Without one they start at
+            the mean input embedding.
+        config: ``QuietStarConfig`` (defaults from SPEC section 3).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, config: QuietStarConfig | None = None) -> None:
+        super().__init__()
+        check_supported(model)
+        if config is not None and not isinstance(config, QuietStarConfig):
+            raise ValueError(f"config must be a QuietStarConfig, got {type(config).__name__}")
+        self.config = config or QuietStarConfig()
+        self.model = patch(model)
+        self.tokenizer = tokenizer
+        embedding = model.get_input_embeddings().weight
+        hidden_size = embedding.shape[1]
+        self.mixing_head = MixingHead(
+            hidden_size, sigmoid=self.config.mix == "logprobs", device=embedding.device, dtype=embedding.dtype
+        )
+        self.meta_token_ids = self._add_meta_tokens(tokenizer)
+        with torch.no_grad():
+            init = self._meta_token_init(tokenizer, embedding)
+        # Stored divided by the scale and used times it: their gradient steps are s times larger.
+        self.meta_embeddings = nn.Parameter(init.expand(2, hidden_size) / self.config.meta_token_scale)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        in_vocab = [i for i in self.meta_token_ids if i is not None and i < vocab]
+        self.register_buffer(
+            "masked_vocab", torch.tensor(in_vocab, dtype=torch.long, device=embedding.device), persistent=False
+        )
+
+    # --- construction ---------------------------------------------------------------
+
+    @staticmethod
+    def _add_meta_tokens(tokenizer) -> tuple[int | None, int | None]:
+        if tokenizer is None:
+            return (None, None)
+        new = [t for t in (START_THOUGHT, END_THOUGHT) if t not in tokenizer.get_vocab()]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+        return tuple(tokenizer.convert_tokens_to_ids(t) for t in (START_THOUGHT, END_THOUGHT))
+
+    @staticmethod
+    def _meta_token_init(tokenizer, embedding: torch.Tensor) -> torch.Tensor:
+        if tokenizer is None:
+            logger.info("no tokenizer: meta-token embeddings start at the mean input embedding")
+            return embedding.mean(0)
+        ids = tokenizer.encode(META_TOKEN_INIT_TEXT, add_special_tokens=False)
+        return embedding[torch.tensor(ids, device=embedding.device)].mean(0)
+
+    # --- parts ----------------------------------------------------------------------
+
+    @property
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def meta_embedding(self, which: int) -> torch.Tensor:
+        """``[d]`` embedding of the start (0) or end (1) meta token, as the model reads it."""
+        return self.meta_embeddings[which] * self.config.meta_token_scale
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[..., d]`` of token ids ``[...]``."""
+        return self.model.get_input_embeddings()(ids)
+
+    def head_nll(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """``linear_cross_entropy`` of ``hidden [..., d]`` (mixed with ``(base [..., d], w [...])``)
+        against ``targets [...]`` with the model's lm_head and masked meta ids; returns ``[...]``."""
+        weight, bias = self.lm_head
+        width = hidden.shape[-1]
+        if mix is not None:
+            mix = (mix[0].reshape(-1, width), mix[1].reshape(-1))
+        nll = linear_cross_entropy(
+            hidden.reshape(-1, width),
+            weight,
+            targets.reshape(-1),
+            lm_bias=bias,
+            mix=mix,
+            temperature=temperature,
+            masked_vocab=self.masked_vocab,
+        )
+        return nll.view(targets.shape)
+
+    def sample(self, hidden: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False):
+        """Thought/next tokens ``[...]`` drawn from the lm_head on ``hidden [..., d]``."""
+        weight, bias = self.lm_head
+        return sample_tokens(
+            hidden,
+            weight,
+            bias,
+            temperature=self.config.sampling_temperature,
+            masked_vocab=self.masked_vocab,
+            greedy=greedy,
+            generator=generator,
+        )
+
+    # --- think ----------------------------------------------------------------------
+
+    def chain_embeddings(self, input_ids: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+        """Inputs of every chain step ``[B, C, N, L, d]``: start, the thought tokens, end, and
+        the talk inputs ``x[i+1..i+K-1]`` (past the end: token 0; its targets are ignored)."""
+        cfg = self.config
+        batch, n_thoughts, length, _ = thoughts.shape
+        d = self.meta_embeddings.shape[1]
+        start = self.meta_embedding(0).expand(batch, 1, n_thoughts, length, d)
+        end = self.meta_embedding(1).expand(batch, 1, n_thoughts, length, d)
+        thought = self.embed(thoughts).permute(0, 3, 1, 2, 4)  # [B, T, N, L, d]
+        parts = [start, thought, end]
+        if cfg.talk_tokens > 1:
+            ahead = shift_positions(input_ids, cfg.talk_tokens)[:, :, 1:]  # [B, L, K-1]
+            talk = self.embed(ahead).permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, n_thoughts, -1, -1)
+            parts.append(talk)
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def sample_thoughts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``[B, N, L, T]`` thought tokens: a base pass, then ``T`` chain steps through
+        a KV cache in the tree layout (each step appends ``N * L`` tokens)."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        n = cfg.n_thoughts
+        layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
+        positions = base_positions(attention_mask, batch, length, input_ids.device)
+        cache = KVCache()
+        run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
+        step_input = self.meta_embedding(0).expand(batch, n * length, -1)
+        step_positions = positions.repeat(1, n)
+        thoughts = []
+        for _ in range(cfg.thought_tokens):
+            step_positions = step_positions + 1
+            hidden = run_backbone(self.model, step_input, step_positions, cache=cache, tree_layout=layout)
+            tokens = self.sample(hidden, generator)  # [B, N * L]
+            thoughts.append(tokens.view(batch, n, length))
+            step_input = self.embed(tokens)
+        return torch.stack(thoughts, dim=-1)
+
+    # --- forward --------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        thoughts: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> QuietStarOutput:
+        """One Quiet-STaR training forward.
+
+        Args:
+            input_ids: ``[B, L]`` token ids.
+            attention_mask: ``[B, L]``, 1/True for real tokens (left or right padding).
+            labels: ``[B, L]`` aligned with ``input_ids`` (shifted inside), ``-100`` ignored;
+                default: ``input_ids`` with padding ignored.
+            thoughts: ``[B, N, L, T]`` thought tokens to use instead of sampling.
+            generator: random generator for the thought sampling.
+        """
+        input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
+        cfg = self.config
+        batch, length = input_ids.shape
+        if thoughts is None:
+            thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
+        else:
+            self._check_thoughts(thoughts, batch, length)
+        n = cfg.n_thoughts
+        targets = Targets.from_labels(labels, cfg.talk_tokens)
+
+        # One tree pass with gradients over base + every chain slot (step-major).
+        chain = self.chain_embeddings(input_ids, thoughts)  # [B, C, N, L, d]
+        n_slots = 1 + cfg.chain_steps * n
+        embeds = torch.cat([self.embed(input_ids)[:, None], chain.flatten(1, 2)], dim=1).flatten(1, 2)
+        positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), n_slots, n)
+        layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
+        hidden = run_backbone(self.model, embeds, positions, tree_layout=layout)
+        h_base = hidden[:, :length]  # [B, L, d]
+        h_chain = hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))  # [B, C, N, L, d]
+        return self.losses(h_base, h_chain, targets, thoughts)
+
+    def losses(
+        self, h_base: torch.Tensor, h_chain: torch.Tensor, targets: Targets, thoughts: torch.Tensor
+    ) -> QuietStarOutput:
+        """Talk and learn from the final hidden states of the base slot ``[B, L, d]`` and the
+        chain steps ``[B, C, N, L, d]`` (SPEC sections 2 and 3)."""
+        cfg = self.config
+        n, t_len, k_len = cfg.n_thoughts, cfg.thought_tokens, cfg.talk_tokens
+        nll_base = self.head_nll(h_base, targets.base)  # [B, L]
+
+        # Talk: chain step T+2+k predicts x[i+1+k]; the base state is shifted to that target.
+        h_talk = h_chain[:, t_len + 1 :].permute(0, 2, 3, 1, 4)  # [B, N, L, K, d]
+        h_base_shifted = shift_positions(h_base, k_len)[:, None].expand_as(h_talk)
+        talk_targets = targets.talk[:, None].expand(-1, n, -1, -1)
+        w = self.mixing_head(h_base_shifted, h_talk)  # [B, N, L, K]
+        if cfg.mix == "hidden":
+            nll_talk = self.head_nll(h_talk, talk_targets, mix=(h_base_shifted, w))
+        else:  # the paper: interpolate log-probabilities with a sigmoid weight
+            nll_base_shifted = shift_positions(nll_base, k_len)[:, None]
+            nll_talk = (1 - w) * nll_base_shifted + w * self.head_nll(h_talk, talk_targets)
+            nll_talk = nll_talk * (talk_targets != IGNORE_INDEX)
+
+        valid_base = targets.base != IGNORE_INDEX
+        valid_talk = targets.talk != IGNORE_INDEX  # [B, L, K]
+        base_term = nll_base.sum() / valid_base.sum().clamp(min=1)
+        per_k_counts = valid_talk.sum(dim=(0, 1)) * n  # [K]
+        per_k = nll_talk.sum(dim=(0, 1, 2)) / per_k_counts.clamp(min=1)
+        talk_term = per_k[per_k_counts > 0].mean() if bool((per_k_counts > 0).any()) else per_k.sum() * 0
+        nll_loss = cfg.base_loss_weight * base_term + (1 - cfg.base_loss_weight) * talk_term
+
+        # Learn: REINFORCE with the extended-teacher-forcing reward.
+        with torch.no_grad():
+            gain = (shift_positions(nll_base, k_len)[:, None] - nll_talk) * valid_talk[:, None]
+            rewards = gain.sum(-1)  # [B, N, L]
+            if n > 1:
+                rewards = rewards - rewards.mean(dim=1, keepdim=True)
+            if cfg.clamp_negative_rewards:
+                rewards = rewards.clamp(min=0)
+        acting = valid_talk.any(-1)  # [B, L]: positions whose thought is judged
+        h_policy = h_chain[:, :t_len].permute(0, 2, 3, 1, 4)  # step t produced thought token t
+        policy_targets = thoughts.masked_fill(~acting[:, None, :, None], IGNORE_INDEX)
+        nll_policy = self.head_nll(h_policy, policy_targets, temperature=cfg.policy_temperature)  # -log p_tau
+        n_actions = acting.sum() * n * t_len
+        policy_loss = (rewards[..., None] * nll_policy).sum() / n_actions.clamp(min=1)
+        return QuietStarOutput(
+            loss=nll_loss + cfg.policy_weight * policy_loss,
+            nll_loss=nll_loss,
+            policy_loss=policy_loss,
+            nll_base=nll_base,
+            nll_talk=nll_talk,
+            rewards=rewards,
+            mixing_weight=w,
+            thoughts=thoughts,
+        )
+
+    # --- generate, save, load ----------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options):
+        """Generate with a thought before every token; see ``quietstar.generation.generate``."""
+        from quietstar.generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    def save_pretrained(self, directory) -> None:
+        """Save to ``directory``; see ``quietstar.checkpoint.save_pretrained``."""
+        from quietstar.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, **model_kwargs) -> QuietStarModel:
+        """Load what ``save_pretrained`` wrote; see ``quietstar.checkpoint.load_pretrained``."""
+        from quietstar.checkpoint import load_pretrained
+
+        return load_pretrained(directory, **model_kwargs)
+
+    # --- argument checks ------------------------------------------------------------
+
+    def _check_inputs(self, input_ids, attention_mask, labels):
+        check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got {tuple(input_ids.shape)}")
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
+        else:
+            check_tensor("labels", labels, ndim=2, dtypes=INT_DTYPES, device=input_ids.device)
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+        return input_ids, attention_mask, labels.long()
+
+    def _check_thoughts(self, thoughts: torch.Tensor, batch: int, length: int) -> None:
+        cfg = self.config
+        check_tensor("thoughts", thoughts, ndim=4, dtypes=INT_DTYPES)
+        expected = (batch, cfg.n_thoughts, length, cfg.thought_tokens)
+        if tuple(thoughts.shape) != expected:
+            raise ValueError(f"thoughts must be [B, n_thoughts, L, thought_tokens] = {expected}, got {tuple(thoughts.shape)}")
+        vocab = self.lm_head[0].shape[0]
+        if bool(((thoughts < 0) | (thoughts >= vocab)).any()):
+            raise ValueError(f"thoughts must be token ids in [0, {vocab})")
+        if self.masked_vocab.numel() and bool(torch.isin(thoughts, self.masked_vocab).any()):
+            raise ValueError("thoughts must not contain the meta tokens (<|startthought|>, <|endthought|>)")
