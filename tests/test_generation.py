@@ -1,0 +1,138 @@
+"""QuietStarModel.generate against a slow per-token, per-row, cache-free reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_causal_lm
+
+from quietstar import QuietStarConfig, QuietStarModel
+from quietstar.sampling import head_logits
+
+
+def make_model(mix="hidden", tokenizer=None):
+    config = QuietStarConfig(thought_tokens=3, talk_tokens=2, n_thoughts=1, mix=mix)
+    qs = QuietStarModel(tiny_causal_lm("llama"), tokenizer, config)
+    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
+    return qs
+
+
+def left_padded_prompts():
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :5] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_slowly(qs, prompt: torch.Tensor, max_new_tokens: int):
+    """One row, no padding, no cache: recompute the whole sequence for every token."""
+    weight, bias = qs.lm_head
+
+    def last_hidden(embeds):
+        positions = torch.arange(embeds.shape[0])[None]
+        return qs.model.model(inputs_embeds=embeds[None], position_ids=positions).last_hidden_state[0, -1]
+
+    def greedy(hidden):
+        return head_logits(hidden[None], weight, bias, qs.masked_vocab).argmax(-1)[0]
+
+    text = prompt.clone()
+    thoughts = []
+    for _ in range(max_new_tokens):
+        h_base = last_hidden(qs.embed(text))
+        chain = [qs.meta_embedding(0)]
+        thought = []
+        for _ in range(qs.config.thought_tokens):
+            token = greedy(last_hidden(torch.cat([qs.embed(text), torch.stack(chain)])))
+            thought.append(token)
+            chain.append(qs.embed(token))
+        chain.append(qs.meta_embedding(1))
+        h_talk = last_hidden(torch.cat([qs.embed(text), torch.stack(chain)]))
+        w = qs.mixing_head(h_base, h_talk)
+        if qs.config.mix == "hidden":
+            token = greedy((1 - w) * h_base + w * h_talk)
+        else:
+            logp = (1 - w) * torch.log_softmax(head_logits(h_base[None], weight, bias, qs.masked_vocab), -1)
+            logp = logp + w * torch.log_softmax(head_logits(h_talk[None], weight, bias, qs.masked_vocab), -1)
+            token = logp.argmax(-1)[0]
+        text = torch.cat([text, token[None]])
+        thoughts.append(torch.stack(thought))
+    return text[len(prompt) :], torch.stack(thoughts)
+
+
+@pytest.mark.parametrize("mix", ["hidden", "logprobs"])
+def test_batched_generation_equals_slow_per_token_reference(mix):
+    qs = make_model(mix)
+    ids, mask = left_padded_prompts()
+    out = qs.generate(ids, mask, max_new_tokens=4, do_sample=False, sample_thoughts=False, return_thoughts=True)
+    assert out.sequences.shape == (3, 10) and out.thoughts.shape == (3, 4, 3)
+    assert torch.equal(out.sequences[:, :6], ids)
+    for row in range(3):
+        tokens, thoughts = generate_slowly(qs, ids[row][mask[row].bool()], 4)
+        assert torch.equal(out.sequences[row, 6:], tokens), row
+        assert torch.equal(out.thoughts[row], thoughts), row
+
+
+def test_sampled_generation_is_reproducible():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    runs = [qs.generate(ids, mask, max_new_tokens=3, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].thoughts is None
+
+
+class TokenizerWithPaddedVocabulary:
+    """A stand-in tokenizer whose new special tokens land inside the model's (padded) vocabulary,
+    as with Qwen's tokenizers, so the meta tokens are real lm_head rows that must be masked."""
+
+    def __init__(self, first_free_id: int):
+        self.vocab = {"---": 5}
+        self.next_id = first_free_id
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def add_tokens(self, tokens, special_tokens=False):
+        for token in tokens:
+            self.vocab[token] = self.next_id
+            self.next_id += 1
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab[token]
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab[text]]
+
+
+def test_meta_tokens_inside_the_vocabulary_are_never_emitted_or_thought():
+    qs = make_model(tokenizer=TokenizerWithPaddedVocabulary(first_free_id=95))
+    assert qs.meta_token_ids == (95, 96) and qs.masked_vocab.tolist() == [95, 96]
+    with torch.no_grad():  # make the meta tokens the most likely tokens everywhere
+        qs.lm_head[0][95:] = 10 * qs.model.model.norm.weight.sign()
+    ids, mask = left_padded_prompts()
+    out = qs.generate(ids, mask, max_new_tokens=3, return_thoughts=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.isin(out.sequences[:, 6:], qs.masked_vocab).any()
+    assert not torch.isin(out.thoughts, qs.masked_vocab).any()
+    train = qs(ids, mask)
+    assert not torch.isin(train.thoughts, qs.masked_vocab).any()
+    torch.testing.assert_close(qs.meta_embedding(0), qs.model.get_input_embeddings().weight[5])
+
+
+def test_generate_rejects_right_padding():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match="left padding"):
+        qs.generate(ids, mask.flip(-1), max_new_tokens=1)
+
+
+def test_eos_ends_a_row():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    first = qs.generate(ids, mask, max_new_tokens=1, do_sample=False, sample_thoughts=False).sequences[:, -1]
+    pad = (int(first[0]) + 1) % 97
+    options = dict(do_sample=False, sample_thoughts=False, eos_token_id=int(first[0]), pad_token_id=pad)
+    out = qs.generate(ids, mask, max_new_tokens=3, **options)
+    assert out.sequences[0, 6] == first[0] and (out.sequences[0, 7:] == pad).all()
+    with pytest.raises(ValueError, match="pad_token_id"):
+        qs.generate(ids, mask, max_new_tokens=1, pad_token_id=-1)

@@ -1,0 +1,174 @@
+"""QuietStarModel's fast training step against the step-by-step dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ARCHITECTURES, relative_error, tiny_causal_lm
+
+from quietstar import QuietStarConfig, QuietStarModel
+from quietstar.reference import reference_forward
+
+LOSS_FIELDS = ["loss", "nll_loss", "policy_loss", "nll_base", "nll_talk", "mixing_weight"]
+
+
+def make_model(architecture="llama", mix="hidden", n_thoughts=2, **config):
+    options = dict(thought_tokens=3, talk_tokens=3, n_thoughts=n_thoughts, policy_weight=1.0, mix=mix)
+    qs = QuietStarModel(tiny_causal_lm(architecture), config=QuietStarConfig(**{**options, **config}))
+    # A trained-looking mixing head: the fresh one outputs exactly 0 and would hide mixing bugs.
+    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
+    return qs
+
+
+def batch(padding="both", length=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padding in ("left", "both"):
+        mask[0, :3] = 0
+    if padding in ("right", "both"):
+        mask[1, -2:] = 0
+    return ids, mask
+
+
+def parameter_grads(qs, loss):
+    qs.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in qs.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("n_thoughts", [1, 2])
+def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):
+    qs = make_model(architecture, n_thoughts=n_thoughts)
+    ids, mask = batch()
+    fast = qs(ids, mask, generator=torch.Generator().manual_seed(0))
+    fast_grads = parameter_grads(qs, fast.loss)
+    ref = reference_forward(qs, ids, mask, thoughts=fast.thoughts)
+    ref_grads = parameter_grads(qs, ref.loss)
+    for field in LOSS_FIELDS:
+        assert relative_error(getattr(fast, field), getattr(ref, field)) <= 1e-4, field
+    # Rewards are differences of NLLs: compare on the scale of the NLLs.
+    assert (fast.rewards - ref.rewards).abs().max() <= 1e-4 * ref.nll_talk.abs().max()
+    assert set(fast_grads) == set(ref_grads) == {n for n, p in qs.named_parameters() if p.requires_grad}
+    for name, grad in ref_grads.items():
+        assert relative_error(fast_grads[name], grad) <= 1e-3, name
+
+
+@pytest.mark.parametrize("mix", ["hidden", "logprobs"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_fast_step_equals_reference_for_each_mix_mode(mix, padding):
+    qs = make_model(mix=mix, clamp_negative_rewards=False)
+    ids, mask = batch(padding)
+    fast = qs(ids, mask, generator=torch.Generator().manual_seed(1))
+    fast_grads = parameter_grads(qs, fast.loss)
+    ref = reference_forward(qs, ids, mask, thoughts=fast.thoughts)
+    ref_grads = parameter_grads(qs, ref.loss)
+    for field in LOSS_FIELDS:
+        assert relative_error(getattr(fast, field), getattr(ref, field)) <= 1e-4, field
+    for name, grad in ref_grads.items():
+        assert relative_error(fast_grads[name], grad) <= 1e-3, name
+
+
+def test_fresh_mixing_head_makes_talk_equal_base():
+    qs = QuietStarModel(tiny_causal_lm(), config=QuietStarConfig(thought_tokens=2, talk_tokens=3, n_thoughts=2))
+    ids, mask = batch("right")
+    out = qs(ids, mask)
+    assert torch.equal(out.mixing_weight, torch.zeros_like(out.mixing_weight))
+    length, k_len = ids.shape[1], 3
+    for k in range(k_len):
+        expected = torch.zeros_like(out.nll_base)
+        expected[:, : length - k] = out.nll_base[:, k:]
+        for t in range(2):
+            torch.testing.assert_close(out.nll_talk[:, t, :, k], expected, rtol=1e-5, atol=1e-6)
+    assert out.rewards.abs().max() <= 1e-5  # no gain (up to float32 rounding)
+    assert out.policy_loss.abs() <= 1e-5 * out.nll_loss
+
+
+def test_output_shapes_and_ignored_positions():
+    qs = make_model(n_thoughts=2)
+    ids, mask = batch("right", length=8)
+    out = qs(ids, mask)
+    assert out.nll_base.shape == (2, 8)
+    assert out.nll_talk.shape == out.mixing_weight.shape == (2, 2, 8, 3)
+    assert out.rewards.shape == (2, 2, 8)
+    assert out.thoughts.shape == (2, 2, 8, 3) and out.thoughts.dtype == torch.long
+    assert out.nll_base[:, -1].eq(0).all()  # last position has no target
+    assert out.nll_talk[1, :, -3:].eq(0).all()  # targets in the right padding are ignored
+    assert torch.isfinite(out.loss) and out.loss.dim() == 0
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    qs = make_model()
+    ids, mask = batch()
+    first = qs.sample_thoughts(ids, mask, torch.Generator().manual_seed(5))
+    second = qs.sample_thoughts(ids, mask, torch.Generator().manual_seed(5))
+    assert torch.equal(first, second)
+
+
+def test_training_step_lowers_the_loss_on_a_repeated_batch():
+    qs = make_model(n_thoughts=1, policy_weight=0.0)
+    ids, mask = batch("none")
+    thoughts = qs.sample_thoughts(ids, mask, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(qs.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        out = qs(ids, mask, thoughts=thoughts)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "values,field",
+    [
+        (dict(thought_tokens=0), "thought_tokens"),
+        (dict(talk_tokens=1.5), "talk_tokens"),
+        (dict(n_thoughts=True), "n_thoughts"),
+        (dict(policy_temperature=0), "policy_temperature"),
+        (dict(sampling_temperature=float("inf")), "sampling_temperature"),
+        (dict(policy_weight=-1), "policy_weight"),
+        (dict(base_loss_weight=2), "base_loss_weight"),
+        (dict(meta_token_scale=float("nan")), "meta_token_scale"),
+        (dict(mix="logits"), "mix"),
+        (dict(clamp_negative_rewards="yes"), "clamp_negative_rewards"),
+    ],
+)
+def test_config_rejects_bad_values(values, field):
+    with pytest.raises(ValueError, match=field):
+        QuietStarConfig(**values)
+
+
+def test_config_defaults_follow_the_reference_code():
+    cfg = QuietStarConfig()
+    assert (cfg.thought_tokens, cfg.talk_tokens, cfg.n_thoughts) == (9, 4, 2)
+    assert cfg.chain_steps == 14
+    assert (cfg.sampling_temperature, cfg.policy_temperature, cfg.base_loss_weight) == (1.0, 3.0, 0.5)
+    assert cfg.clamp_negative_rewards and cfg.meta_token_scale == 100 and cfg.mix == "hidden"
+
+
+@pytest.mark.parametrize(
+    "call,argument",
+    [
+        (lambda qs, ids, mask: qs(ids[0]), "input_ids"),
+        (lambda qs, ids, mask: qs(ids + 1000), "input_ids"),
+        (lambda qs, ids, mask: qs(ids, mask[:, :3]), "attention_mask"),
+        (lambda qs, ids, mask: qs(ids, mask, labels=ids[:, :4]), "labels"),
+        (lambda qs, ids, mask: qs(ids, mask, thoughts=torch.zeros(2, 2, 10, 2, dtype=torch.long)), "thoughts"),
+        (lambda qs, ids, mask: qs(ids, mask, thoughts=torch.full((2, 2, 10, 3), 500)), "thoughts"),
+    ],
+)
+def test_forward_rejects_bad_inputs(call, argument):
+    qs = make_model()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match=argument):
+        call(qs, ids, mask)
+
+
+def test_meta_tokens_start_from_the_scaled_init_text_embedding():
+    qs = make_model()
+    embedding = qs.model.get_input_embeddings().weight
+    torch.testing.assert_close(qs.meta_embedding(0), embedding.mean(0))
+    torch.testing.assert_close(qs.meta_embeddings[1] * 100, embedding.mean(0))
