@@ -59,3 +59,24 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int) -> d
         _sync(device)
         times.append(time.perf_counter() - start)
     return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+
+
+def probe_fits(step: Callable[[], object], device: torch.device, budget_bytes: int) -> dict:
+    """Run ``step`` once under a memory budget for the whole process.
+
+    On CPU the process's data segment is capped at the budget (an allocation past it fails
+    instead of swapping) and its total peak resident size must stay within it; on CUDA the
+    peak allocated memory must.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
+        step()
+        peak = _proc_status_kib("VmHWM") * 1024
+    return {"fits": peak <= budget_bytes, "peak_gib": peak / 2**30}

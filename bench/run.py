@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from cases import CASES  # noqa: E402
-from measure import measure  # noqa: E402
+from measure import measure, probe_fits  # noqa: E402
 
 DEFAULT_JSON = HERE / "out" / "results.json"
 # A fixed mmap threshold stops glibc from keeping freed large buffers resident, so the
@@ -37,6 +37,8 @@ def run_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     case = CASES[spec["case"]]
     step, info = case.build(spec["variant"], spec["size"], device)
+    if "budget_gib" in spec:
+        return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
     return {**info, **measure(step, device, spec["repeats"])}
 
 
@@ -52,6 +54,38 @@ def spawn_worker(spec: dict) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {proc.returncode}: {tail[0]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe(name: str, variant: str, size: dict, device: str, budget_gib: float) -> dict:
+    """Whether one step of ``variant`` at ``size`` fits in ``budget_gib``; a worker that dies
+    (out of memory) does not fit."""
+    spec = {"case": name, "variant": variant, "size": size, "device": device, "budget_gib": budget_gib}
+    record = spawn_worker(spec)
+    return record if "fits" in record else {"fits": False, "peak_gib": None, "error": record.get("error")}
+
+
+def longest_length(name: str, variant: str, size: dict, device: str, budget_gib: float, limit: int) -> dict:
+    """The longest sequence length whose training step fits in the budget: doubling from 64,
+    then bisection to 1/8 of the last length that fitted. Lengths above ``limit`` are not tried."""
+    key = CASES[name].LENGTH_KEY
+    tried = {}
+
+    def fits(length: int) -> bool:
+        tried[length] = probe(name, variant, {**size, key: length}, device, budget_gib)
+        print(f"  {variant} L={length}: {tried[length]}", flush=True)
+        return tried[length]["fits"]
+
+    good, bad = 0, None
+    length = 64
+    while length <= limit and fits(length):
+        good, length = length, 2 * length
+    if length <= limit:
+        bad = length
+        step = max(good // 8, 16)
+        while good and bad - good > step:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return {"variant": variant, "longest": good, "first_failing": bad, "limit": limit, "probes": tried}
 
 
 def environment(device: torch.device) -> dict:
@@ -105,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the memory run")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up and memory runs")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument(
+        "--max-length",
+        action="store_true",
+        help="instead of timing: the longest sequence length whose training step fits in --memory-gib",
+    )
+    parser.add_argument("--memory-gib", type=float, default=24.0, help="memory budget of --max-length")
+    parser.add_argument("--length-limit", type=int, default=2048, help="longest length --max-length tries")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -115,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(args.device)
+    if args.max_length:
+        return report_max_length(args, device)
     all_results = []
     for name in args.case:
         case = CASES[name]
@@ -138,6 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults written to {args.json}")
     failed = [r for r in all_results if "error" in r]
     return 1 if failed else 0
+
+
+def report_max_length(args, device: torch.device) -> int:
+    results = []
+    for name in args.case:
+        case = CASES[name]
+        if not hasattr(case, "LENGTH_KEY"):
+            continue
+        size = case.size(device, args.quick)
+        for variant in case.LENGTH_VARIANTS:
+            results.append({"case": name, **longest_length(name, variant, size, args.device, args.memory_gib, args.length_limit)})
+    for r in results:
+        beyond = "not reached" if r["first_failing"] is None else f"fails at {r['first_failing']}"
+        print(f"{r['case']} {r['variant']}: longest L fitting in {args.memory_gib} GiB = {r['longest']} ({beyond}; tried up to {r['limit']})")
+    report = {"environment": environment(device), "memory_gib": args.memory_gib, "max_length": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {args.json}")
+    return 0
 
 
 if __name__ == "__main__":

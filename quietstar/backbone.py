@@ -14,6 +14,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from quietstar.layout import TreeLayout
 
@@ -32,6 +33,7 @@ def run_backbone(
     cache=None,
     tree_layout: TreeLayout | None = None,
     attention_mask: torch.Tensor | None = None,
+    checkpoint_layers: bool = False,
 ) -> torch.Tensor:
     """Final hidden states (after the last norm) of ``model``'s decoder.
 
@@ -42,16 +44,20 @@ def run_backbone(
         cache: a ``KVCache`` (or transformers cache) that the layers append to.
         tree_layout: the tokens (and cache) hold the tree layout.
         attention_mask: for ordinary input, a ``[B, 1, T, T_total]`` bool mask (True = attend).
+        checkpoint_layers: keep only each decoder layer's input for the backward and recompute
+            the rest there (activation checkpointing; only with gradients and no cache).
 
     Returns:
         ``[B, T, d]``.
     """
+    if checkpoint_layers and cache is not None:
+        raise ValueError("checkpoint_layers needs cache=None: a recomputed layer would append to the cache twice")
     inner = model.model
     position_embeddings = inner.rotary_emb(inputs_embeds, position_ids)
     hidden = inputs_embeds
+    recompute = checkpoint_layers and torch.is_grad_enabled()
     for layer in inner.layers[: inner.config.num_hidden_layers]:
-        out = layer(
-            hidden,
+        options = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
@@ -59,5 +65,6 @@ def run_backbone(
             tree_layout=tree_layout,
             **{cache_keyword(type(layer)): cache},
         )
+        out = checkpoint(layer, hidden, use_reentrant=False, **options) if recompute else layer(hidden, **options)
         hidden = out[0] if isinstance(out, tuple) else out
     return inner.norm(hidden)

@@ -102,10 +102,21 @@ class QuietStarModel(nn.Module):
             the meta embeddings start at the embedding of ``"---"``. Without one they start at
             the mean input embedding.
         config: ``QuietStarConfig`` (defaults from SPEC section 3).
+        gradient_checkpointing: recompute each decoder layer of the tree pass in the backward
+            instead of keeping its activations (the tree pass holds ``1 + C * N`` times the
+            tokens of the text, so this is most of the memory; it costs one more forward).
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, config: QuietStarConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        config: QuietStarConfig | None = None,
+        *,
+        gradient_checkpointing: bool = True,
+    ) -> None:
         super().__init__()
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         check_supported(model)
         if config is not None and not isinstance(config, QuietStarConfig):
             raise ValueError(f"config must be a QuietStarConfig, got {type(config).__name__}")
@@ -280,7 +291,9 @@ class QuietStarModel(nn.Module):
         embeds = torch.cat([self.embed(input_ids)[:, None], chain.flatten(1, 2)], dim=1).flatten(1, 2)
         positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), n_slots, n)
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
-        hidden = run_backbone(self.model, embeds, positions, tree_layout=layout)
+        hidden = run_backbone(
+            self.model, embeds, positions, tree_layout=layout, checkpoint_layers=self.gradient_checkpointing
+        )
         h_base = hidden[:, :length]  # [B, L, d]
         h_chain = hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))  # [B, C, N, L, d]
         return self.losses(h_base, h_chain, targets, thoughts)

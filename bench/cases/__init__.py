@@ -7,9 +7,10 @@
   (forward + backward unless the variant says otherwise).
 """
 
-from cases import linear_cross_entropy, tree_attention
+from cases import linear_cross_entropy, training_step, tree_attention
 
 CASES = {
     "tree_attention": tree_attention,
     "linear_cross_entropy": linear_cross_entropy,
+    "training_step": training_step,
 }
