@@ -37,12 +37,8 @@ def parameter_grads(qs, loss):
     return {name: p.grad.clone() for name, p in qs.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("n_thoughts", [1, 2])
-def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):
-    qs = make_model(architecture, n_thoughts=n_thoughts)
-    ids, mask = batch()
-    fast = qs(ids, mask, generator=torch.Generator().manual_seed(0))
+def assert_fast_step_equals_reference(qs, ids, mask, seed):
+    fast = qs(ids, mask, generator=torch.Generator().manual_seed(seed))
     fast_grads = parameter_grads(qs, fast.loss)
     ref = reference_forward(qs, ids, mask, thoughts=fast.thoughts)
     ref_grads = parameter_grads(qs, ref.loss)
@@ -55,19 +51,22 @@ def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):
         assert relative_error(fast_grads[name], grad) <= 1e-3, name
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("n_thoughts", [1, 2])
+def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):
+    assert_fast_step_equals_reference(make_model(architecture, n_thoughts=n_thoughts), *batch(), seed=0)
+
+
 @pytest.mark.parametrize("mix", ["hidden", "logprobs"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_fast_step_equals_reference_for_each_mix_mode(mix, padding):
-    qs = make_model(mix=mix, clamp_negative_rewards=False)
-    ids, mask = batch(padding)
-    fast = qs(ids, mask, generator=torch.Generator().manual_seed(1))
-    fast_grads = parameter_grads(qs, fast.loss)
-    ref = reference_forward(qs, ids, mask, thoughts=fast.thoughts)
-    ref_grads = parameter_grads(qs, ref.loss)
-    for field in LOSS_FIELDS:
-        assert relative_error(getattr(fast, field), getattr(ref, field)) <= 1e-4, field
-    for name, grad in ref_grads.items():
-        assert relative_error(fast_grads[name], grad) <= 1e-3, name
+    assert_fast_step_equals_reference(make_model(mix=mix, clamp_negative_rewards=False), *batch(padding), seed=1)
+
+
+def test_fast_step_without_checkpointing_equals_reference():
+    qs = make_model()
+    qs.gradient_checkpointing = False
+    assert_fast_step_equals_reference(qs, *batch(), seed=2)
 
 
 def test_fresh_mixing_head_makes_talk_equal_base():
