@@ -49,7 +49,9 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int) -> d
             clear_refs.write("5")  # resets VmHWM to the current resident size
         before = _proc_status_kib("VmRSS") * 1024
         step()
-        peak = _proc_status_kib("VmHWM") * 1024 - before
+        # The kernel's RSS counters are batched per thread: a step that allocates nothing
+        # new can read a few pages below ``before``.
+        peak = max(0, _proc_status_kib("VmHWM") * 1024 - before)
     gc.collect()
     times = []
     for _ in range(repeats):

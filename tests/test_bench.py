@@ -1,0 +1,27 @@
+"""The benchmark's cases build and run at their quick sizes (so bench/run.py does not rot)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from cases import CASES  # noqa: E402
+from measure import measure  # noqa: E402
+
+CPU = torch.device("cpu")
+# FlexAttention is compiled (tens of seconds on CPU); bench/run.py --quick covers it.
+RUNS = [(name, variant) for name, case in CASES.items() for variant in case.variants(CPU) if variant != "flex"]
+
+
+@pytest.mark.parametrize("name,variant", RUNS, ids=[f"{n}-{v}" for n, v in RUNS])
+def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
+    case = CASES[name]
+    step, info = case.build(variant, case.size(CPU, quick=True), CPU)
+    record = measure(step, CPU, repeats=1)
+    assert record["time_s"] > 0 and record["peak_mib"] >= 0
+    assert isinstance(info, dict)
