@@ -27,6 +27,7 @@ from cases import CASES  # noqa: E402
 from measure import measure, probe_fits  # noqa: E402
 
 DEFAULT_JSON = HERE / "out" / "results.json"
+MAX_LENGTH_JSON = HERE / "out" / "max_length.json"
 # A fixed mmap threshold stops glibc from keeping freed large buffers resident, so the
 # resident-set peak of one step is the step's own.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -64,9 +65,10 @@ def probe(name: str, variant: str, size: dict, device: str, budget_gib: float) -
     return record if "fits" in record else {"fits": False, "peak_gib": None, "error": record.get("error")}
 
 
-def longest_length(name: str, variant: str, size: dict, device: str, budget_gib: float, limit: int) -> dict:
-    """The longest sequence length whose training step fits in the budget: doubling from 64,
-    then bisection to 1/8 of the last length that fitted. Lengths above ``limit`` are not tried."""
+def longest_length(name: str, variant: str, size: dict, device: str, budget_gib: float, start: int, limit: int) -> dict:
+    """The longest sequence length whose training step fits in the budget: doubling from
+    ``start``, then bisection to 1/8 of the last length that fitted. Lengths above ``limit``
+    are not tried; ``longest`` is 0 when ``start`` does not fit."""
     key = CASES[name].LENGTH_KEY
     tried = {}
 
@@ -76,7 +78,7 @@ def longest_length(name: str, variant: str, size: dict, device: str, budget_gib:
         return tried[length]["fits"]
 
     good, bad = 0, None
-    length = 64
+    length = start
     while length <= limit and fits(length):
         good, length = length, 2 * length
     if length <= limit:
@@ -88,8 +90,22 @@ def longest_length(name: str, variant: str, size: dict, device: str, budget_gib:
     return {"variant": variant, "longest": good, "first_failing": bad, "limit": limit, "probes": tried}
 
 
+def selected(variants: list[str], wanted: list[str] | None, baseline: str | None = None) -> list[str]:
+    """``variants`` restricted to ``wanted`` (all when None), keeping ``baseline``."""
+    if wanted is None:
+        return variants
+    return [v for v in variants if v in wanted or v == baseline]
+
+
 def environment(device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+    }
     try:
         import triton
 
@@ -104,6 +120,7 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
+    """The results as a markdown table (printed, and written next to the JSON)."""
     rows = [("case", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "note")]
     for r in results:
         if "error" in r:
@@ -121,9 +138,17 @@ def format_table(results: list[dict]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
+
+
+def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
+    """Markdown page of one run: where it ran, the sizes, the table."""
+    versions = ", ".join(f"{name} {env[name]}" for name in ("python", "torch", "triton", "transformers"))
+    lines = [f"# {title}", "", f"Device: {env['device']}; {versions}.", "", "Sizes:", ""]
+    lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
+    return "\n".join(lines + ["", table, ""])
 
 
 def add_ratios(results: list[dict], baseline: dict) -> None:
@@ -137,16 +162,20 @@ def add_ratios(results: list[dict], baseline: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--variant", nargs="+", help="run only these variants (the baseline always runs for ratios)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up and memory runs")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument(
+        "--json", type=Path, help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE)} or, with --max-length, {MAX_LENGTH_JSON.relative_to(HERE)}); a .md table is written beside it"
+    )
     parser.add_argument(
         "--max-length",
         action="store_true",
         help="instead of timing: the longest sequence length whose training step fits in --memory-gib",
     )
     parser.add_argument("--memory-gib", type=float, default=24.0, help="memory budget of --max-length")
+    parser.add_argument("--start-length", type=int, default=64, help="first length --max-length tries")
     parser.add_argument("--length-limit", type=int, default=2048, help="longest length --max-length tries")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -156,15 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(args.device)
+    known = {v for name in args.case for v in CASES[name].variants(device)}
+    if args.variant and not set(args.variant) <= known:
+        parser.error(f"--variant: unknown {sorted(set(args.variant) - known)}; the cases have {sorted(known)}")
     if args.max_length:
         return report_max_length(args, device)
-    all_results = []
+    all_results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
-        size = case.size(device, args.quick)
+        size = sizes[name] = case.size(device, args.quick)
         print(f"{name}: {size}", flush=True)
         results = []
-        for variant in case.variants(device):
+        for variant in selected(case.variants(device), args.variant, case.BASELINE):
             spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
             record = {"case": name, "variant": variant, "size": size, **spawn_worker(spec)}
             results.append(record)
@@ -173,33 +205,47 @@ def main(argv: list[str] | None = None) -> int:
         add_ratios(results, baseline)
         all_results.extend(results)
 
+    table = format_table(all_results)
     print()
-    print(format_table(all_results))
-    report = {"environment": environment(device), "quick": args.quick, "results": all_results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"\nresults written to {args.json}")
+    print(table)
+    env = environment(device)
+    report = {"environment": env, "quick": args.quick, "results": all_results}
+    write_report(args.json or DEFAULT_JSON, report, format_report("bench/run.py", env, sizes, table))
     failed = [r for r in all_results if "error" in r]
     return 1 if failed else 0
 
 
 def report_max_length(args, device: torch.device) -> int:
-    results = []
+    results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
         if not hasattr(case, "LENGTH_KEY"):
             continue
         size = case.size(device, args.quick)
-        for variant in case.LENGTH_VARIANTS:
-            results.append({"case": name, **longest_length(name, variant, size, args.device, args.memory_gib, args.length_limit)})
+        sizes[name] = {**size, case.LENGTH_KEY: "varied"}
+        for variant in selected(case.LENGTH_VARIANTS, args.variant):
+            search = longest_length(name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit)
+            results.append({"case": name, **search})
+    lines = ["| case | variant | longest L | first L that failed | peak at longest (GiB) |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         beyond = "not reached" if r["first_failing"] is None else f"fails at {r['first_failing']}"
         print(f"{r['case']} {r['variant']}: longest L fitting in {args.memory_gib} GiB = {r['longest']} ({beyond}; tried up to {r['limit']})")
-    report = {"environment": environment(device), "memory_gib": args.memory_gib, "max_length": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"\nresults written to {args.json}")
+        failed = r["first_failing"] or f"none up to {r['limit']}"
+        peak = r["probes"][r["longest"]]["peak_gib"] if r["longest"] else None
+        lines.append(f"| {r['case']} | {r['variant']} | {r['longest']} | {failed} | {peak:.2f} |" if peak else f"| {r['case']} | {r['variant']} | none | {failed} | - |")
+    env = environment(device)
+    report = {"environment": env, "memory_gib": args.memory_gib, "max_length": results}
+    title = f"bench/run.py --max-length (budget {args.memory_gib} GiB)"
+    write_report(args.json or MAX_LENGTH_JSON, report, format_report(title, env, sizes, "\n".join(lines)))
     return 0
+
+
+def write_report(path: Path, report: dict, markdown: str) -> None:
+    """Write ``report`` as JSON at ``path`` and ``markdown`` beside it (same name, ``.md``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    path.with_suffix(".md").write_text(markdown)
+    print(f"\nresults written to {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

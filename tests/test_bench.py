@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,3 +28,20 @@ def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
     record = measure(step, CPU, repeats=1)
     assert record["time_s"] > 0 and record["peak_mib"] >= 0
     assert isinstance(info, dict)
+
+
+def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):
+    out = tmp_path / "results.json"
+    run = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    command = [sys.executable, str(run), "--quick", "--case", "linear_cross_entropy", "--json", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    records = {r["variant"]: r for r in report["results"]}
+    assert set(records) == {"reference", "torch"}
+    assert records["reference"]["speedup"] == 1.0
+    torch_record = records["torch"]
+    assert torch_record["speedup"] == pytest.approx(records["reference"]["time_s"] / torch_record["time_s"])
+    assert report["environment"]["torch"] == torch.__version__
+    table = out.with_suffix(".md").read_text()
+    assert f"torch {torch.__version__}" in table
+    assert re.search(r"^\|\s*linear_cross_entropy\s*\|\s*torch\s*\|", table, re.MULTILINE)
