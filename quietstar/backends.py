@@ -13,6 +13,7 @@ Each op has three implementations with one signature:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -26,6 +27,15 @@ BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
 def triton_interpreter_enabled() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context in which Triton kernels on ``tensor`` launch on ``tensor``'s GPU.
+
+    Triton launches on the current CUDA device, not the one its arguments live on: inputs on
+    ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.backends import triton_interpreter_enabled
+from quietstar.backends import launch_device, triton_interpreter_enabled
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     gradients_needed,
@@ -20,9 +20,10 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
 
         interpret = triton_interpreter_enabled()
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, torch.float32, hidden.device)
-        nll, lse = linear_cross_entropy_forward(
-            hidden, lm_weight, targets, base_hidden, w, offset, temperature, ignore_index, interpret
-        )
+        with launch_device(hidden):
+            nll, lse = linear_cross_entropy_forward(
+                hidden, lm_weight, targets, base_hidden, w, offset, temperature, ignore_index, interpret
+            )
         ctx.save_for_backward(hidden, lm_weight, targets, lm_bias, base_hidden, w, offset, lse)
         ctx.options = (temperature, ignore_index, interpret)
         return nll
@@ -35,10 +36,11 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         temperature, ignore_index, interpret = ctx.options
         need_h, need_weight, need_bias = gradients_needed(ctx.needs_input_grad)
         scale = row_scale(grad_nll, targets, ignore_index, temperature, torch.float32).contiguous()
-        grad_h, grad_weight, grad_bias = linear_cross_entropy_backward(
-            scale, hidden, lm_weight, targets, base_hidden, w, offset, lse, temperature,
-            need_h, need_weight, need_bias, interpret,
-        )
+        with launch_device(hidden):
+            grad_h, grad_weight, grad_bias = linear_cross_entropy_backward(
+                scale, hidden, lm_weight, targets, base_hidden, w, offset, lse, temperature,
+                need_h, need_weight, need_bias, interpret,
+            )
         return input_gradients(
             ctx.needs_input_grad, grad_h, grad_weight, grad_bias, hidden, lm_weight, lm_bias, base_hidden, w
         )

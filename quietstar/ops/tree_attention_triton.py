@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.backends import triton_interpreter_enabled
+from quietstar.backends import launch_device, triton_interpreter_enabled
 
 
 class TreeAttentionTriton(torch.autograd.Function):
@@ -14,7 +14,8 @@ class TreeAttentionTriton(torch.autograd.Function):
 
         interpret = triton_interpreter_enabled()
         options = (slot_len, n_thoughts, key_padding_mask, sliding_window, scale, interpret)
-        out, lse = tree_attention_forward(q, k, v, *options)
+        with launch_device(q):
+            out, lse = tree_attention_forward(q, k, v, *options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = options
         return out
@@ -24,7 +25,8 @@ class TreeAttentionTriton(torch.autograd.Function):
         from quietstar.kernels.tree_attention import tree_attention_backward
 
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tree_attention_backward(grad_out.contiguous(), q, k, v, out, lse, *ctx.options)
+        with launch_device(q):
+            dq, dk, dv = tree_attention_backward(grad_out.contiguous(), q, k, v, out, lse, *ctx.options)
         return dq, dk, dv, None, None, None, None, None
 
 
