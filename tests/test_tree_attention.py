@@ -259,6 +259,13 @@ def test_triton_rejects_unsupported_head_dim():
         tree_attention(q, k, v, 4, backend="triton")
 
 
+def test_triton_rejects_more_batch_heads_than_the_launch_grid_holds():
+    q = torch.empty(65536, 1, 4, 16).expand(65536, 2, 4, 16)  # no memory: a stride-0 view
+    k = v = torch.empty(1, 1, 4, 16).expand(65536, 1, 4, 16)
+    with pytest.raises(ValueError, match="batch x heads"):
+        tree_attention(q, k, v, 4, backend="triton")
+
+
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     assert resolve_backend(None, torch.device("cpu")) == "torch"

@@ -8,6 +8,8 @@ from quietstar._checks import FLOAT_DTYPES, check_int, check_positive_float, che
 from quietstar.backends import resolve_backend
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+# The kernels put batch x heads on the launch grid's third axis, which CUDA caps at 65535.
+TRITON_MAX_BATCH_HEADS = 65535
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -94,6 +96,11 @@ def tree_attention(
         raise ValueError(f"q head dim must be one of {TRITON_HEAD_DIMS} for the triton backend, got {head_dim}")
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q dtype must be float16, bfloat16 or float32 for the triton backend, got {q.dtype}")
+    if batch * q_heads > TRITON_MAX_BATCH_HEADS:
+        raise ValueError(
+            f"q batch x heads must be at most {TRITON_MAX_BATCH_HEADS} for the triton backend, got "
+            f"{batch} x {q_heads}; split the batch or use backend='torch'"
+        )
     from quietstar.ops.tree_attention_triton import tree_attention_triton
 
     return tree_attention_triton(*args)
