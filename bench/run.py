@@ -12,6 +12,7 @@ Each (case, variant) runs in a fresh worker process so that peak memory is its o
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -101,6 +102,7 @@ def environment(device: torch.device) -> dict:
     import transformers
 
     env = {
+        "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -146,7 +148,7 @@ def format_table(results: list[dict]) -> str:
 def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
     """Markdown page of one run: where it ran, the sizes, the table."""
     versions = ", ".join(f"{name} {env[name]}" for name in ("python", "torch", "triton", "transformers"))
-    lines = [f"# {title}", "", f"Device: {env['device']}; {versions}.", "", "Sizes:", ""]
+    lines = [f"# {title}", "", f"Device: {env['device']}; {versions}; run on {env['date']}.", "", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
 
