@@ -1,7 +1,7 @@
 """quietstar's benchmark: every op per backend against the dense reference, side by side.
 
     python bench/run.py                      # every case at the issues' target sizes
-    python bench/run.py --quick              # tiny sizes, seconds (a smoke run)
+    python bench/run.py --quick              # tiny sizes, about two minutes (a smoke run)
     python bench/run.py --case tree_attention --repeats 5 --json out.json
 
 Each (case, variant) runs in a fresh worker process so that peak memory is its own
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--variant", nargs="+", help="run only these variants (the baseline always runs for ratios)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about two minutes")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up and memory runs")
     parser.add_argument(
         "--json", type=Path, help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE)} or, with --max-length, {MAX_LENGTH_JSON.relative_to(HERE)}); a .md table is written beside it"

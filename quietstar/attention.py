@@ -8,7 +8,7 @@
   Qwen3 query/key norms and the sliding window carried over).
 * ``patch(model)``: swaps every decoder layer's attention for ``QuietStarAttention`` in place
   and registers ``"quietstar"`` with transformers' ``AttentionInterface`` and
-  ``AttentionMaskInterface`` (so ``attn_implementation="quietstar"`` also works).
+  ``AttentionMaskInterface`` (so, once registered in the process, ``attn_implementation="quietstar"`` also works).
 """
 
 from __future__ import annotations

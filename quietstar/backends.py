@@ -8,7 +8,7 @@ Each op has three implementations with one signature:
   interpreter, ``TRITON_INTERPRET=1``).
 
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
-``triton`` for CUDA tensors and ``torch`` for everything else.
+``triton`` for CUDA tensors when triton is installed and ``torch`` for everything else.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tree layout every layer shares (DESIGN.md, "The tree layout").
+"""The tree layout every layer shares (docs/architecture.md, "The tree layout").
 
 A sequence with thoughts is a flat run of ``n_slots * slot_len`` tokens, slot-major. Slot 0
 is the base text; slot ``s >= 1`` is chain step ``c = (s - 1) // n_thoughts + 1`` of branch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# Rows of float32 logits scored at a time (about 64 MiB for a 32k vocabulary).
+# Float32 logits scored at a time: 64 MiB, whatever the vocabulary (rows = this // V).
 SAMPLE_CHUNK_ELEMENTS = 16 * 2**20
 
 

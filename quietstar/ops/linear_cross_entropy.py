@@ -38,7 +38,7 @@ def linear_cross_entropy(
     ``(1 - w) * base_hidden + w * hidden`` (SPEC section 2). Ids in ``masked_vocab`` get
     logit ``-inf`` (the meta tokens are never predicted). Differentiable in ``hidden``,
     ``lm_weight``, ``lm_bias``, ``base_hidden`` and ``w``; gradients come back in each input's
-    dtype, accumulation is in float32.
+    dtype, accumulation is in float32 (float64 for float64 inputs).
 
     Args:
         hidden: ``[N, d]`` float16, bfloat16, float32 or float64.

@@ -1,11 +1,12 @@
-"""``linear_cross_entropy`` composed from PyTorch ops: the CPU fast path and the fallback everywhere.
+"""``linear_cross_entropy`` composed from PyTorch ops: the CPU fast path (and, on CUDA, the
+choice for what the kernels do not cover).
 
 Rows are processed in chunks whose float32 scores fit a fixed memory budget, so the ``N x V``
 logits never exist. The forward keeps one log-sum-exp per row; the backward recomputes each
 chunk's scores into the same buffer, turns them into ``scale * (softmax - onehot)`` in place
 (reusing the saved log-sum-exp, no second reduction) and accumulates ``dh``, ``dW`` and ``db``
 by matrix products. Peak extra memory is one chunk of scores plus the float32 gradients of the
-weights, independent of ``N``.
+weights and of ``hidden``: no ``N x V`` term.
 """
 
 from __future__ import annotations

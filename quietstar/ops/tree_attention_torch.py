@@ -1,4 +1,5 @@
-"""``tree_attention`` composed from PyTorch ops: the CPU fast path and the fallback everywhere.
+"""``tree_attention`` composed from PyTorch ops: the CPU fast path (and, on CUDA, the
+choice for what the kernels do not cover).
 
 No ``Sq*L x Sk*L`` mask or score matrix is built. Each query slot attends causally over the
 ``L`` base keys (an ``L x L`` block) and, by a per-position dot product, over the at most
