@@ -85,7 +85,6 @@ def reference_forward(
     embeds = qs.meta_embedding(0).expand(rows, length, -1)
     for t in range(t_len):
         hidden = step(embeds, 1 + t)
-        logits = logits_of(hidden)
         if thoughts is None:
             with torch.no_grad():
                 token = qs.sample(hidden, generator)
