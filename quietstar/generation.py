@@ -120,7 +120,7 @@ def generate(
     h_last = run_backbone(qs.model, qs.embed(input_ids), text.key_pos, cache=cache, tree_layout=layout)[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens, thoughts = [], []
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         text_len = cache.get_seq_length()
         # Think: start, T thought tokens, end; one token per row per step.
         embeds = qs.meta_embedding(0).expand(batch, -1)
@@ -152,9 +152,10 @@ def generate(
         new_tokens.append(token)
         thoughts.append(torch.stack(thought, dim=-1))
 
-        # Append the token to the text.
-        text.append()
-        h_last = _step(qs, qs.embed(token), text.last_pos, cache, text.mask(0, window))
+        # Append the token to the text (its hidden state predicts the next one, if any).
+        if index + 1 < max_new_tokens:
+            text.append()
+            h_last = _step(qs, qs.embed(token), text.last_pos, cache, text.mask(0, window))
     sequences = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
     stacked = torch.stack(thoughts, dim=1) if thoughts else input_ids.new_zeros(batch, 0, cfg.thought_tokens)
     return GenerationOutput(sequences=sequences, thoughts=stacked if return_thoughts else None)
