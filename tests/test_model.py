@@ -49,6 +49,9 @@ def assert_fast_step_equals_reference(qs, ids, mask, seed):
     assert set(fast_grads) == set(ref_grads) == {n for n, p in qs.named_parameters() if p.requires_grad}
     for name, grad in ref_grads.items():
         assert relative_error(fast_grads[name], grad) <= 1e-3, name
+    # The think phase: the reference sampling step by step draws the same thoughts.
+    sampled = reference_forward(qs, ids, mask, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(sampled.thoughts, fast.thoughts)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -61,6 +64,20 @@ def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_fast_step_equals_reference_for_each_mix_mode(mix, padding):
     assert_fast_step_equals_reference(make_model(mix=mix, clamp_negative_rewards=False), *batch(padding), seed=1)
+
+
+@pytest.mark.parametrize("padding", ["none", "both"])
+def test_fast_step_equals_reference_with_one_thought_token_and_one_talk_token(padding):
+    qs = make_model(thought_tokens=1, talk_tokens=1)
+    assert_fast_step_equals_reference(qs, *batch(padding), seed=3)
+
+
+def test_fast_step_equals_reference_with_distinct_start_and_end_embeddings():
+    qs = make_model()
+    # Both meta embeddings start at the same init; make them differ so a swap would show.
+    with torch.no_grad():
+        qs.meta_embeddings[1] += torch.randn(qs.meta_embeddings.shape[1], generator=torch.Generator().manual_seed(4)) * 0.01
+    assert_fast_step_equals_reference(qs, *batch(), seed=4)
 
 
 def test_fast_step_without_checkpointing_equals_reference():
