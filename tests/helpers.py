@@ -26,11 +26,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return difference if denominator == 0 else difference / denominator
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a tensor with NaN so that any element a kernel fails to write shows up."""
-    return t.fill_(float("nan"))
-
-
 def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides):
     """A small random Hugging Face causal LM of a Llama-family architecture (float32, eval)."""
     import transformers
