@@ -53,3 +53,13 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides):
 
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def quietstar_model(architecture: str = "llama", tokenizer=None, **config):
+    """``QuietStarModel`` over ``tiny_causal_lm(architecture)`` with ``QuietStarConfig(**config)``
+    and a trained-looking mixing head (the fresh one outputs exactly 0 and would hide mixing bugs)."""
+    from quietstar import QuietStarConfig, QuietStarModel
+
+    qs = QuietStarModel(tiny_causal_lm(architecture), tokenizer, QuietStarConfig(**config))
+    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
+    return qs

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
+from helpers import quietstar_model
 
-from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.sampling import head_logits
 
 
 def make_model(mix="hidden", tokenizer=None):
-    config = QuietStarConfig(thought_tokens=3, talk_tokens=2, n_thoughts=1, mix=mix)
-    qs = QuietStarModel(tiny_causal_lm("llama"), tokenizer, config)
-    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
-    return qs
+    return quietstar_model(tokenizer=tokenizer, thought_tokens=3, talk_tokens=2, n_thoughts=1, mix=mix)
 
 
 def left_padded_prompts():
@@ -108,7 +104,7 @@ class TokenizerWithPaddedVocabulary:
 def test_meta_tokens_inside_the_vocabulary_are_never_emitted_or_thought():
     qs = make_model(tokenizer=TokenizerWithPaddedVocabulary(first_free_id=95))
     assert qs.meta_token_ids == (95, 96) and qs.masked_vocab.tolist() == [95, 96]
-    with torch.no_grad():  # make the meta tokens the most likely tokens everywhere
+    with torch.no_grad():  # make the meta tokens the most likely tokens at most positions
         qs.lm_head[0][95:] = 10 * qs.model.model.norm.weight.sign()
     ids, mask = left_padded_prompts()
     out = qs.generate(ids, mask, max_new_tokens=3, return_thoughts=True, generator=torch.Generator().manual_seed(0))

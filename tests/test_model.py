@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, relative_error, tiny_causal_lm
+from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm
 
 from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.reference import reference_forward
@@ -14,10 +14,7 @@ LOSS_FIELDS = ["loss", "nll_loss", "policy_loss", "nll_base", "nll_talk", "mixin
 
 def make_model(architecture="llama", mix="hidden", n_thoughts=2, **config):
     options = dict(thought_tokens=3, talk_tokens=3, n_thoughts=n_thoughts, policy_weight=1.0, mix=mix)
-    qs = QuietStarModel(tiny_causal_lm(architecture), config=QuietStarConfig(**{**options, **config}))
-    # A trained-looking mixing head: the fresh one outputs exactly 0 and would hide mixing bugs.
-    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
-    return qs
+    return quietstar_model(architecture, **{**options, **config})
 
 
 def batch(padding="both", length=10, seed=0):
