@@ -144,6 +144,22 @@ def test_torch_backend_is_exact_across_chunk_boundaries(chunk_rows, monkeypatch,
     assert_matches_reference("torch", kwargs, temperature=3.0)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_triton_backend_is_exact_across_vocabulary_chunks(dtype, monkeypatch, poisoned_allocations):
+    """Chunks of 32 ids, a partial last one, and two leading chunks that are wholly masked."""
+    import quietstar.kernels.linear_cross_entropy as kernels
+
+    kwargs = make_inputs(20, 16, 101, dtype, bias=True, ignored=True)
+    kwargs["masked_vocab"] = list(range(64))
+    targets = kwargs["targets"]
+    kwargs["targets"] = torch.where(targets == IGNORE, targets, targets % 37 + 64)
+    monkeypatch.setattr(kernels, "CHUNK_ALIGN", 32)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 20 * 32 * 4)
+    assert kernels.chunk_width(20, 101) == 32
+    assert_matches_reference("triton", kwargs, temperature=3.0)
+
+
 def test_torch_backend_keeps_no_logits_for_backward():
     rows, vocab = 64, 200
     kwargs = make_inputs(rows, 8, vocab, torch.float32, bias=True, masked=True)
