@@ -8,15 +8,61 @@ Every query block runs one online softmax over the base key blocks it can see (c
 optionally windowed and padded) and then over its own chain keys, one key per chain step at
 the same position (a row-wise dot product, no matrix). The log-sum-exp is stored in base-2
 units of the scaled scores so the backward can recompute probabilities (FlashAttention-2).
+With only the causal rule (no padding, no window) the key blocks wholly below the diagonal
+run without any mask arithmetic; only the blocks that cross it are masked.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_base_block(
+    acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One base key block of the forward's online softmax; returns ``(acc, l_i, m_i)``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ptrs = (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASKED:
+        col_ok = offs_n < L
+        k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(K + ptrs)
+        v = tl.load(V + ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (offs_m[:, None] - offs_n[None, :] < WINDOW)
+        if HAS_KPM:
+            real = tl.load(KPM + b * L + offs_n, mask=col_ok, other=0)
+            visible = visible & (real[None, :] != 0)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -47,33 +93,29 @@ def _tree_attention_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    lo = 0
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
     if HAS_WINDOW:
         lo = (tl.maximum(pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < L
-        k = tl.load(K + (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
-        if HAS_WINDOW:
-            visible = visible & (offs_m[:, None] - offs_n[None, :] < WINDOW)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_base_block(
+                acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
+                True, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
+    else:
+        # Key blocks that end before the block's first query are visible to every query in it.
+        diagonal = pid_m * BLOCK_M
         if HAS_KPM:
-            real = tl.load(KPM + b * L + offs_n, mask=col_ok, other=0)
-            visible = visible & (real[None, :] != 0)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            diagonal = 0
+        for start_n in range(0, diagonal, BLOCK_N):
+            acc, l_i, m_i = _fwd_base_block(
+                acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
+                False, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
+        for start_n in range(diagonal, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_base_block(
+                acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
+                True, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
 
     # Own chain: steps 1..c of branch t, one key per step at the same position.
     n_steps = (s_abs + NT - 1) // NT
@@ -98,6 +140,55 @@ def _tree_attention_fwd(
     lse = tl.where(empty, 0.0, m_i + tl.math.log2(l_safe))
     tl.store(O + (q_rows + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + q_rows + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_delta(
+    O, DO, DELTA, ROWS,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``delta = rowsum(out * grad_out)`` in float32 (the softmax backward's correction)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_r < ROWS
+    ptrs = offs_r.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + offs_r, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dq_base_block(
+    dq, q, do, lse, delta, K, V, KPM, kv_rows, start_n, offs_m, row_ok, offs_d, b, L, WINDOW, qk_scale,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One base key block's contribution to ``dq`` (unscaled); returns ``dq``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ptrs = (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASKED:
+        col_ok = offs_n < L
+        k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(K + ptrs)
+        v = tl.load(V + ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        visible = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]
+        if HAS_WINDOW:
+            visible = visible & (offs_m[:, None] - offs_n[None, :] < WINDOW)
+        if HAS_KPM:
+            real = tl.load(KPM + b * L + offs_n, mask=col_ok, other=0)
+            visible = visible & (real[None, :] != 0)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
@@ -130,29 +221,30 @@ def _tree_attention_bwd_dq(
     delta = tl.load(DELTA + q_rows + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    lo = 0
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
     if HAS_WINDOW:
         lo = (tl.maximum(pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < L
-        k = tl.load(K + (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]
-        if HAS_WINDOW:
-            visible = visible & (offs_m[:, None] - offs_n[None, :] < WINDOW)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_base_block(
+                dq, q, do, lse, delta, K, V, KPM, kv_rows, start_n, offs_m, row_ok, offs_d, b, L, WINDOW, qk_scale,
+                True, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
+    else:
+        # Rows past L load zeros (q, do, lse, delta), so their unmasked dq rows stay finite
+        # and are never stored.
+        diagonal = pid_m * BLOCK_M
         if HAS_KPM:
-            real = tl.load(KPM + b * L + offs_n, mask=col_ok, other=0)
-            visible = visible & (real[None, :] != 0)
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            diagonal = 0
+        for start_n in range(0, diagonal, BLOCK_N):
+            dq = _dq_base_block(
+                dq, q, do, lse, delta, K, V, KPM, kv_rows, start_n, offs_m, row_ok, offs_d, b, L, WINDOW, qk_scale,
+                False, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
+        for start_n in range(diagonal, hi, BLOCK_N):
+            dq = _dq_base_block(
+                dq, q, do, lse, delta, K, V, KPM, kv_rows, start_n, offs_m, row_ok, offs_d, b, L, WINDOW, qk_scale,
+                True, HAS_KPM, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_N,
+            )
 
     n_steps = (s_abs + NT - 1) // NT
     branch = (s_abs + NT - 1) % NT
@@ -170,11 +262,43 @@ def _tree_attention_bwd_dq(
 
 
 @triton.jit
+def _dkdv_base_block(
+    dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, q_rows, start_m, offs_n, offs_d, L, WINDOW, qk_scale,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One query block's contribution to a base key block's ``dk`` (unscaled) and ``dv``.
+
+    Query rows past L load zeros (q, do, lse, delta): their terms vanish without a mask."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    q_ptrs = (q_rows + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_ptrs, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + q_rows + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + q_rows + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        visible = (offs_n[:, None] <= offs_m[None, :]) & key_ok[:, None] & row_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (offs_m[None, :] - offs_n[:, None] < WINDOW)
+        p_t = tl.where(visible, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["SPLIT"])
 def _tree_attention_bwd_dkdv_base(
     Q, K, V, DO, DK_PART, DV_PART, LSE, DELTA, KPM,
-    L, SQ, SK, HQ, WINDOW, qk_scale, sm_scale,
+    L, SQ, SK, HQ, WINDOW, qk_scale, sm_scale, SPLIT,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of the base keys. Program (key block, b * Hkv + hk, split) sums over its share
@@ -203,32 +327,27 @@ def _tree_attention_bwd_dkdv_base(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
     lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    # Query blocks from here on see every key of this block (causal rule alone).
+    past_diagonal = tl.minimum(tl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, L)
     hi = L
     if HAS_WINDOW:
         hi = tl.minimum(L, pid_n * BLOCK_N + BLOCK_N + WINDOW - 1)
+        past_diagonal = hi
+    if HAS_KPM:
+        past_diagonal = hi
     for item in range(split, GROUP * SQ, SPLIT):
         bh = b * HQ + hk * GROUP + item // SQ
         q_rows = (bh.to(tl.int64) * SQ + item % SQ) * L
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < L
-            q_ptrs = (q_rows + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
-            q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + q_ptrs, mask=row_ok[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + q_rows + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + q_rows + offs_m, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            visible = (offs_n[:, None] <= offs_m[None, :]) & key_ok[:, None] & row_ok[None, :]
-            if HAS_WINDOW:
-                visible = visible & (offs_m[None, :] - offs_n[:, None] < WINDOW)
-            p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        for start_m in range(lo, past_diagonal, BLOCK_M):
+            dk, dv = _dkdv_base_block(
+                dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, q_rows, start_m, offs_n, offs_d, L, WINDOW, qk_scale,
+                True, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_M,
+            )
+        for start_m in range(past_diagonal, hi, BLOCK_M):
+            dk, dv = _dkdv_base_block(
+                dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, q_rows, start_m, offs_n, offs_d, L, WINDOW, qk_scale,
+                False, HAS_WINDOW, UPCAST, PRECISION, HEAD_DIM, BLOCK_M,
+            )
 
     part_rows = (split * tl.num_programs(1) + bhk).to(tl.int64) * L
     ptrs = (part_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -283,13 +402,65 @@ def _tree_attention_bwd_dkdv_chain(
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Block sizes and launch options: one fixed configuration per head size (no autotuning,
-    so the interpreter and every GPU run the same code path)."""
+# Tiles and launch options per kernel on a GPU. "wide" is head dim 128 in half precision;
+# "small" covers head dims up to 64 and float32 (whose tiles take twice the shared memory).
+# The forward and dQ kernels need BLOCK_M % BLOCK_N == 0 (their causal split); "chain" is
+# the chain-key dK/dV kernel (its BLOCK_M rows are positions).
+GPU_CONFIGS = {
+    "wide": {
+        "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        "chain": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
+    },
+    "small": {
+        "fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        "chain": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
+    },
+}
+# The interpreter runs one small tile for every kernel (its cost grows with programs x steps).
+INTERPRETER_CONFIGS = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "chain": {"BLOCK_M": 32},
+}
+DELTA_ROWS = 64  # rows per program of the delta kernel
+# A JSON file of the shape of GPU_CONFIGS whose entries replace the defaults (configurations
+# tuned for another GPU, e.g. by bench/tune_tree_attention.py).
+CONFIGS_ENV_VAR = "QUIETSTAR_TREE_ATTENTION_CONFIGS"
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_configs(path: str | None) -> dict:
+    if path is None:
+        return GPU_CONFIGS
+    with open(path) as file:
+        overrides = json.load(file)
+    configs = {size: {kernel: dict(cfg) for kernel, cfg in kernels.items()} for size, kernels in GPU_CONFIGS.items()}
+    for size, kernels in overrides.items():
+        if size not in configs or not set(kernels) <= set(configs[size]):
+            raise ValueError(f"{CONFIGS_ENV_VAR}={path}: unknown entry {size}: {sorted(kernels)}; expected {sorted(configs)} of {sorted(configs['wide'])}")
+        for kernel, cfg in kernels.items():
+            configs[size][kernel].update(cfg)
+    for kernels in configs.values():
+        for kernel in ("fwd", "dq"):
+            if kernels[kernel]["BLOCK_M"] % kernels[kernel]["BLOCK_N"]:
+                raise ValueError(f"{CONFIGS_ENV_VAR}={path}: {kernel} needs BLOCK_M % BLOCK_N == 0, got {kernels[kernel]}")
+    return configs
+
+
+def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles and launch options of ``kernel`` (``"fwd"``, ``"dq"``, ``"dkdv"`` or ``"chain"``):
+    one fixed configuration per head size and dtype, no autotuning, so the interpreter and
+    every GPU run the same code. ``QUIETSTAR_TREE_ATTENTION_CONFIGS`` may name a JSON file
+    that replaces GPU entries."""
     if interpret:
-        return {"BLOCK_M": 32, "BLOCK_N": 32}
-    wide = head_dim > 64 or dtype == torch.float32
-    return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 4, "num_stages": 2}
+        return dict(INTERPRETER_CONFIGS[kernel])
+    size = "wide" if head_dim > 64 and dtype != torch.float32 else "small"
+    return dict(_gpu_configs(os.environ.get(CONFIGS_ENV_VAR) or None)[size][kernel])
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, interpret: bool) -> dict:
@@ -327,7 +498,7 @@ def tree_attention_forward(
     out = torch.empty_like(q)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     kpm, window, flags = _mask_args(key_padding_mask, sliding_window, q)
-    cfg = _config(head_dim, q.dtype, interpret)
+    cfg = kernel_config("fwd", head_dim, q.dtype, interpret)
     grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_q_slots, batch * q_heads)
     _tree_attention_fwd[grid](
         q, k, v, out, lse, kpm,
@@ -360,17 +531,20 @@ def tree_attention_backward(
     scale: float,
     interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the three backward kernels on contiguous inputs; returns ``(dq, dk, dv)``."""
+    """Run the backward kernels on contiguous inputs; returns ``(dq, dk, dv)``."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     n_q_slots, n_k_slots = q_len // slot_len, k.shape[2] // slot_len
-    delta = (grad_out.float() * out.float()).sum(-1)
     kpm, window, flags = _mask_args(key_padding_mask, sliding_window, q)
-    cfg = _config(head_dim, q.dtype, interpret)
     common = _common(q, k, interpret)
     sizes = (slot_len, n_q_slots, n_k_slots)
 
+    rows = batch * q_heads * q_len
+    delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    _attention_delta[(triton.cdiv(rows, DELTA_ROWS),)](out, grad_out, delta, rows, HEAD_DIM=head_dim, BLOCK_R=DELTA_ROWS)
+
     dq = torch.empty_like(q)
+    cfg = kernel_config("dq", head_dim, q.dtype, interpret)
     grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_q_slots, batch * q_heads)
     _tree_attention_bwd_dq[grid](
         q, k, v, grad_out, dq, lse, delta, kpm,
@@ -380,24 +554,25 @@ def tree_attention_backward(
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    cfg = kernel_config("dkdv", head_dim, q.dtype, interpret)
     key_blocks = triton.cdiv(slot_len, cfg["BLOCK_N"])
     split = _split_count(common["GROUP"] * n_q_slots, key_blocks * batch * kv_heads, q.device, interpret)
     dk_part = torch.empty(split, batch, kv_heads, slot_len, head_dim, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
     _tree_attention_bwd_dkdv_base[(key_blocks, batch * kv_heads, split)](
         q, k, v, grad_out, dk_part, dv_part, lse, delta, kpm,
-        *sizes, q_heads, window, scale * LOG2E, scale,
-        SPLIT=split, **common, **flags, **cfg,
+        *sizes, q_heads, window, scale * LOG2E, scale, split,
+        **common, **flags, **cfg,
     )
     dk[:, :, :slot_len] = dk_part.sum(0)
     dv[:, :, :slot_len] = dv_part.sum(0)
 
     if n_k_slots > 1:
+        cfg = kernel_config("chain", head_dim, q.dtype, interpret)
         grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_k_slots - 1, batch * kv_heads)
-        launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
         _tree_attention_bwd_dkdv_chain[grid](
             q, k, v, grad_out, dk, dv, lse, delta,
             *sizes, n_thoughts, q_heads, scale * LOG2E, scale,
-            GROUP=common["GROUP"], HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], **launch,
+            GROUP=common["GROUP"], HEAD_DIM=head_dim, **cfg,
         )
     return dq, dk, dv
