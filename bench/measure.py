@@ -82,3 +82,21 @@ def probe_fits(step: Callable[[], object], device: torch.device, budget_bytes: i
         step()
         peak = _proc_status_kib("VmHWM") * 1024
     return {"fits": peak <= budget_bytes, "peak_gib": peak / 2**30}
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """The device's measured bfloat16 matrix-product rate (TFLOP/s): the median of ``repeats``
+    ``size``-cubed products on random data (zeros can run faster) after two warm-ups."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e12
+

@@ -6,7 +6,10 @@
 
 Each (case, variant) runs in a fresh worker process so that peak memory is its own
 (``bench/measure.py`` says how it is measured). The table reports median time, the speed-up
-``reference time / time`` and the memory ratio ``reference peak / peak``.
+``baseline time / time`` and the memory ratio ``baseline peak / peak`` (the baseline is the
+dense reference, or on CUDA where that cannot fit FlexAttention), and on CUDA the useful
+TFLOP/s, their fraction of the measured bfloat16 matmul rate, and the time over the case's
+floor (plain causal attention for tree attention).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from cases import CASES  # noqa: E402
-from measure import measure, probe_fits  # noqa: E402
+from measure import matmul_tflops, measure, probe_fits  # noqa: E402
 
 DEFAULT_JSON = HERE / "out" / "results.json"
 MAX_LENGTH_JSON = HERE / "out" / "max_length.json"
@@ -37,6 +40,8 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def run_worker(spec: dict) -> dict:
     """Body of a worker process: build one variant, measure it, return the record."""
     device = torch.device(spec["device"])
+    if spec.get("matmul"):
+        return {"matmul_tflops": matmul_tflops(device)}
     case = CASES[spec["case"]]
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
@@ -91,11 +96,11 @@ def longest_length(name: str, variant: str, size: dict, device: str, budget_gib:
     return {"variant": variant, "longest": good, "first_failing": bad, "limit": limit, "probes": tried}
 
 
-def selected(variants: list[str], wanted: list[str] | None, baseline: str | None = None) -> list[str]:
-    """``variants`` restricted to ``wanted`` (all when None), keeping ``baseline``."""
+def selected(variants: list[str], wanted: list[str] | None, keep: tuple[str | None, ...] = ()) -> list[str]:
+    """``variants`` restricted to ``wanted`` (all when None), keeping those in ``keep``."""
     if wanted is None:
         return variants
-    return [v for v in variants if v in wanted or v == baseline]
+    return [v for v in variants if v in wanted or v in keep]
 
 
 def environment(device: torch.device) -> dict:
@@ -123,19 +128,23 @@ def environment(device: torch.device) -> dict:
 
 def format_table(results: list[dict]) -> str:
     """The results as a markdown table (printed, and written next to the JSON)."""
-    rows = [("case", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "note")]
+    rows = [("case", "size", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "TFLOP/s", "of matmul", "x floor", "note")]
     for r in results:
-        if "error" in r:
-            rows.append((r["case"], r["variant"], "-", "-", "-", "-", r["error"]))
+        if "error" in r or "skipped" in r:
+            rows.append((r["case"], r["label"], r["variant"], *["-"] * 7, r.get("error") or f"skipped: {r['skipped']}"))
             continue
         rows.append(
             (
                 r["case"],
+                r["label"],
                 r["variant"],
                 f"{1000 * r['time_s']:.1f}",
                 f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                 f"{r['peak_mib']:.1f}",
                 f"{r['memory_ratio']:.2f}x" if r.get("memory_ratio") else "-",
+                f"{r['tflops']:.0f}" if r.get("tflops") else "-",
+                f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "-",
+                f"{r['floor_ratio']:.2f}x" if r.get("floor_ratio") else "-",
                 r.get("note", ""),
             )
         )
@@ -148,17 +157,29 @@ def format_table(results: list[dict]) -> str:
 def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
     """Markdown page of one run: where it ran, the sizes, the table."""
     versions = ", ".join(f"{name} {env[name]}" for name in ("python", "torch", "triton", "transformers"))
-    lines = [f"# {title}", "", f"Device: {env['device']}; {versions}; run on {env['date']}.", "", "Sizes:", ""]
+    lines = [f"# {title}", "", f"Device: {env['device']}; {versions}; run on {env['date']}."]
+    if env.get("matmul_tflops"):
+        lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['matmul_tflops']:.0f} TFLOP/s.")
+    lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
 
 
-def add_ratios(results: list[dict], baseline: dict) -> None:
-    for r in results:
-        if "error" in r or "error" in baseline:
-            continue
-        r["speedup"] = baseline["time_s"] / r["time_s"]
-        r["memory_ratio"] = baseline["peak_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else None
+def add_ratios(results: list[dict], baseline: str, floor: str | None, matmul: float | None) -> None:
+    """Speed-up and memory ratio against ``baseline``, time over ``floor``'s, and the fraction
+    of the measured matmul rate, for the records of one case and size."""
+    measured = {r["variant"]: r for r in results if "time_s" in r}
+    for r in measured.values():
+        if baseline in measured:
+            base = measured[baseline]
+            r["speedup"] = base["time_s"] / r["time_s"]
+            r["memory_ratio"] = base["peak_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else None
+        if floor in measured:
+            r["floor_ratio"] = r["time_s"] / measured[floor]["time_s"]
+        if r.get("useful_flops"):
+            r["tflops"] = r["useful_flops"] / r["time_s"] / 1e12
+            if matmul:
+                r["matmul_fraction"] = r["tflops"] / matmul
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,27 +213,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variant: unknown {sorted(set(args.variant) - known)}; the cases have {sorted(known)}")
     if args.max_length:
         return report_max_length(args, device)
+    matmul = spawn_worker({"matmul": True, "device": args.device}).get("matmul_tflops") if device.type == "cuda" else None
+    env = {**environment(device), "matmul_tflops": matmul}
     all_results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
-        size = sizes[name] = case.size(device, args.quick)
-        print(f"{name}: {size}", flush=True)
-        results = []
-        for variant in selected(case.variants(device), args.variant, case.BASELINE):
-            spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
-            record = {"case": name, "variant": variant, "size": size, **spawn_worker(spec)}
-            results.append(record)
-            print(f"  {variant}: {record.get('time_s', record.get('error'))}", flush=True)
-        baseline = next(r for r in results if r["variant"] == case.BASELINE)
-        add_ratios(results, baseline)
-        all_results.extend(results)
+        sizes[name] = case.sizes(device, args.quick)
+        floor = getattr(case, "floor", lambda device: None)(device)
+        skip = getattr(case, "skip", lambda variant, size, device: None)
+        print(f"{name}: {sizes[name]}", flush=True)
+        for size in sizes[name]:
+            results = []
+            for variant in selected(case.variants(device), args.variant, (case.baseline(device), floor)):
+                record = {"case": name, "label": case.label(size), "variant": variant, "size": size}
+                reason = skip(variant, size, device)
+                if reason:
+                    record["skipped"] = reason
+                else:
+                    spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
+                    record.update(spawn_worker(spec))
+                    if device.type == "cuda" and "time_s" in record:
+                        record["useful_flops"] = case.useful_flops(size, variant)
+                results.append(record)
+                print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
+            add_ratios(results, case.baseline(device), floor, matmul)
+            all_results.extend(results)
+            # Written after every size, so a run cut short keeps what it measured.
+            report = {"environment": env, "quick": args.quick, "results": all_results}
+            write_report(args.json or DEFAULT_JSON, report, format_report("bench/run.py", env, sizes, format_table(all_results)))
 
-    table = format_table(all_results)
     print()
-    print(table)
-    env = environment(device)
-    report = {"environment": env, "quick": args.quick, "results": all_results}
-    write_report(args.json or DEFAULT_JSON, report, format_report("bench/run.py", env, sizes, table))
+    print(format_table(all_results))
     failed = [r for r in all_results if "error" in r]
     return 1 if failed else 0
 
@@ -223,7 +254,7 @@ def report_max_length(args, device: torch.device) -> int:
         case = CASES[name]
         if not hasattr(case, "LENGTH_KEY"):
             continue
-        size = case.size(device, args.quick)
+        size = case.sizes(device, args.quick)[0]
         sizes[name] = {**size, case.LENGTH_KEY: "varied"}
         for variant in selected(case.LENGTH_VARIANTS, args.variant):
             search = longest_length(name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit)
@@ -247,7 +278,7 @@ def write_report(path: Path, report: dict, markdown: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     path.with_suffix(".md").write_text(markdown)
-    print(f"\nresults written to {path} and {path.with_suffix('.md')}")
+    print(f"results written to {path} and {path.with_suffix('.md')}", flush=True)
 
 
 if __name__ == "__main__":

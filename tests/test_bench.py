@@ -24,7 +24,7 @@ RUNS = [(name, variant) for name, case in CASES.items() for variant in case.vari
 @pytest.mark.parametrize("name,variant", RUNS, ids=[f"{n}-{v}" for n, v in RUNS])
 def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
     case = CASES[name]
-    step, info = case.build(variant, case.size(CPU, quick=True), CPU)
+    step, info = case.build(variant, case.sizes(CPU, quick=True)[0], CPU)
     record = measure(step, CPU, repeats=1)
     assert record["time_s"] > 0 and len(record["times_s"]) == 1
     assert record["peak_mib"] < 4096  # quick sizes need far less; a runaway case fails here
@@ -34,7 +34,7 @@ def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
 def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):
     out = tmp_path / "results.json"
     run = Path(__file__).resolve().parents[1] / "bench" / "run.py"
-    command = [sys.executable, str(run), "--quick", "--case", "linear_cross_entropy", "--json", str(out)]
+    command = [sys.executable, str(run), "--quick", "--case", "linear_cross_entropy", "--device", "cpu", "--json", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     records = {r["variant"]: r for r in report["results"]}
@@ -45,4 +45,4 @@ def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path
     assert report["environment"]["torch"] == torch.__version__
     table = out.with_suffix(".md").read_text()
     assert f"torch {torch.__version__}" in table
-    assert re.search(r"^\|\s*linear_cross_entropy\s*\|\s*torch\s*\|", table, re.MULTILINE)
+    assert re.search(r"^\|\s*linear_cross_entropy\s*\|\s*V=2048\s*\|\s*torch\s*\|", table, re.MULTILINE)

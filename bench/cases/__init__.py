@@ -1,10 +1,19 @@
 """Benchmark cases. Each module defines:
 
-* ``BASELINE``: the variant every ratio is taken against (the dense reference);
+* ``baseline(device)``: the variant every ratio is taken against (the dense reference where it
+  can run);
 * ``variants(device)``: the variants to run (backends, then public alternatives);
-* ``size(device, quick)``: the problem size as a dict (the issues' target sizes by default);
-* ``build(variant, size, device)``: make the inputs and return a no-argument step
-  (forward + backward unless the variant says otherwise).
+* ``sizes(device, quick)``: the problem sizes, each a dict (the issues' target sizes by
+  default);
+* ``label(size)``: a short name of one size for the table;
+* ``build(variant, size, device)``: make the inputs and return a no-argument step (forward +
+  backward unless the variant says otherwise) and a dict of notes;
+* ``useful_flops(size)``: the floating-point operations one step must do (the algorithm's,
+  not an implementation's), for TFLOP/s;
+
+and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
+table shows each variant's time over it), and ``skip(variant, size, device)``: why a variant
+does not run at a size (None when it does).
 """
 
 from cases import linear_cross_entropy, training_step, tree_attention

@@ -16,9 +16,15 @@ import torch
 
 from quietstar import linear_cross_entropy
 
-BASELINE = "reference"
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 META_TOKENS = 2  # <|startthought|> and <|endthought|>, the last two ids
+# Llama-2's and Llama-3's vocabularies at Llama-3-8B's width; 8192 rows keep the reference's
+# float32 logits and their gradients near 17 GB at the larger vocabulary.
+GPU_VOCABS = (32000, 128256)
+
+
+def baseline(device: torch.device) -> str:
+    return "reference"
 
 
 def variants(device: torch.device) -> list[str]:
@@ -28,14 +34,21 @@ def variants(device: torch.device) -> list[str]:
     return ["reference", "torch", "triton"] + liger
 
 
-def size(device: torch.device, quick: bool) -> dict:
+def sizes(device: torch.device, quick: bool) -> list[dict]:
     if quick:
-        return dict(rows=256, width=64, vocab=2048)
+        return [dict(rows=256, width=64, vocab=2048)]
     if device.type == "cpu":
-        return dict(rows=4096, width=576, vocab=49152)  # SmolLM2-135M's width and vocabulary
-    # Llama-3-8B's width and vocabulary; 8192 rows keep the reference's float32 logits and
-    # their gradients near 17 GB (16384 rows would need about 30 GB).
-    return dict(rows=8192, width=4096, vocab=128256)
+        return [dict(rows=4096, width=576, vocab=49152)]  # SmolLM2-135M's width and vocabulary
+    return [dict(rows=8192, width=4096, vocab=vocab) for vocab in GPU_VOCABS]
+
+
+def label(size: dict) -> str:
+    return f"V={size['vocab']}"
+
+
+def useful_flops(size: dict, variant: str) -> float:
+    """Three ``N x V x d`` matrix products: the scores, and their gradients to h and W."""
+    return 6.0 * size["rows"] * size["vocab"] * size["width"]
 
 
 def _inputs(s: dict, device: torch.device):

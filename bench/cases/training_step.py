@@ -1,41 +1,91 @@
 """The end-to-end Quiet-STaR training step: forward + backward of ``QuietStarModel`` against
 the step-by-step dense reference (``quietstar.reference``), with the same thoughts.
 
-The model has SmolLM2-135M's architecture (30 layers, width 576, 9 query / 3 KV heads,
-vocabulary 49,152) with random weights: the cost does not depend on the weights.
-Variants: ``reference`` (dense masks, full logits, 1 + C passes with gradients);
-``quietstar`` (the fast path with its default activation checkpointing, thoughts given as for
-the reference); ``quietstar+sampling`` (the same including its own thought sampling, i.e. a
-real training step); ``quietstar-no-checkpointing`` (the fast path keeping activations).
+Random weights (the cost does not depend on them) of SmolLM2-135M's architecture on CPU (30
+layers, width 576, 9 query / 3 KV heads, vocabulary 49,152, float32) and of a 1B-class Llama
+on CUDA (Llama-3.2-1B's shape: 16 layers, width 2048, 32 query / 8 KV heads, vocabulary
+128,256, bfloat16). Variants: ``reference`` (dense masks, full logits, 1 + C passes with
+gradients); ``quietstar`` (the fast path with its default activation checkpointing, thoughts
+given as for the reference); ``quietstar+sampling`` (the same including its own thought
+sampling, i.e. a real training step); ``quietstar-no-checkpointing`` (the fast path keeping
+activations).
 """
 
 from __future__ import annotations
 
 import torch
 
-BASELINE = "reference"
 LENGTH_KEY = "length"  # what --max-length varies
 LENGTH_VARIANTS = ["reference", "quietstar"]
-SMOLLM2_135M = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-)
+MODELS = {
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+}
+DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+
+
+def baseline(device: torch.device) -> str:
+    return "reference"
 
 
 def variants(device: torch.device) -> list[str]:
     return ["reference", "quietstar", "quietstar+sampling", "quietstar-no-checkpointing"]
 
 
-def size(device: torch.device, quick: bool) -> dict:
+def sizes(device: torch.device, quick: bool) -> list[dict]:
     if quick:
-        return dict(batch=1, length=16, thought_tokens=2, talk_tokens=2, n_thoughts=1, layers=2)
-    return dict(batch=1, length=128, thought_tokens=9, talk_tokens=4, n_thoughts=1, layers=30)
+        return [dict(model="smollm2-135m", batch=1, length=16, thought_tokens=2, talk_tokens=2, n_thoughts=1, layers=2)]
+    if device.type == "cpu":
+        return [dict(model="smollm2-135m", batch=1, length=128, thought_tokens=9, talk_tokens=4, n_thoughts=1, layers=30)]
+    step = dict(model="llama-1b", thought_tokens=9, talk_tokens=4, n_thoughts=2, layers=16)
+    # The target size first; the step-by-step reference holds a float32 [L, L * (1 + c)]
+    # score matrix per head, layer and step c, so it only fits at a much smaller batch and length.
+    return [dict(step, batch=8, length=256), dict(step, batch=1, length=128)]
+
+
+def label(size: dict) -> str:
+    return f"B={size['batch']} L={size['length']}"
+
+
+def useful_flops(size: dict, variant: str) -> float:
+    """Model FLOPs of one step (no recomputation counted): 3x the forward's matrix products
+    over the tree pass's tokens and the three heads' rows, tree attention's pairs, and for a
+    variant that samples, the think phase's forward passes and sampling logits."""
+    cfg = {**MODELS[size["model"]], "num_hidden_layers": size["layers"]}
+    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = d // heads
+    per_token = 2 * cfg["num_hidden_layers"] * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * cfg["intermediate_size"])
+    batch, length, n = size["batch"], size["length"], size["n_thoughts"]
+    t_len, k_len = size["thought_tokens"], size["talk_tokens"]
+    n_slots = 1 + (t_len + 1 + k_len) * n
+    head_rows = batch * length * (1 + n * (k_len + t_len))
+    head = 2 * d * cfg["vocab_size"]
+    base_pairs = n_slots * length * (length + 1) // 2
+    chain_pairs = sum((s - 1) // n + 1 for s in range(1, n_slots)) * length
+    attention = 4 * cfg["num_hidden_layers"] * batch * heads * head_dim * (base_pairs + chain_pairs)
+    flops = 3.0 * (per_token * batch * n_slots * length + head * head_rows + attention)
+    if variant == "quietstar+sampling":
+        think_tokens = batch * length * (1 + t_len * n)
+        flops += per_token * think_tokens + head * batch * length * t_len * n
+    return flops
 
 
 def make_model(s: dict, device: torch.device, gradient_checkpointing: bool = True):
@@ -44,9 +94,10 @@ def make_model(s: dict, device: torch.device, gradient_checkpointing: bool = Tru
     from quietstar import QuietStarConfig, QuietStarModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": s["layers"]})
+    config = LlamaConfig(**{**MODELS[s["model"]], "num_hidden_layers": s["layers"]})
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(device)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(DTYPE[device.type])
     qs_config = QuietStarConfig(
         thought_tokens=s["thought_tokens"], talk_tokens=s["talk_tokens"], n_thoughts=s["n_thoughts"]
     )
@@ -59,7 +110,8 @@ def build(variant: str, s: dict, device: torch.device):
 
     qs = make_model(s, device, gradient_checkpointing=variant != "quietstar-no-checkpointing")
     gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (s["batch"], s["length"]), generator=gen, device=device)
+    vocab = MODELS[s["model"]]["vocab_size"]
+    ids = torch.randint(0, vocab, (s["batch"], s["length"]), generator=gen, device=device)
     thoughts = qs.sample_thoughts(ids, generator=gen)
     params = [p for p in qs.parameters() if p.requires_grad]
 

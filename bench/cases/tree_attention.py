@@ -1,47 +1,93 @@
-"""tree_attention forward + backward per backend, against the dense reference.
+"""tree_attention forward + backward per backend, against the dense reference (CPU) or
+FlexAttention (CUDA, where the dense reference's ``[Sq*L, Sk*L]`` mask cannot fit).
 
-Public alternative: FlexAttention with the tree rule as its mask; compiled forward +
-backward on CUDA, forward only on CPU (FlexAttention has no CPU backward).
+Public alternative: FlexAttention with the tree rule as its block mask; compiled forward +
+backward on CUDA, forward only on CPU (FlexAttention has no CPU backward). On CUDA the floor
+is plain causal attention (SDPA's FlashAttention kernel) over the same queries: every query
+slot is one causal sequence of ``L`` tokens over its own ``L`` keys, i.e. the tree's base
+part without the chain keys and without summing key gradients over slots.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from quietstar import tree_attention
 
-BASELINE = "reference"
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+GPU_LENGTHS = (1024, 2048, 4096)
+# The torch backend holds one slot's float32 scores at a time: B*Hq*L*L*4 bytes (17 GiB at
+# L=4096 with B=8, Hq=32), several times over in the backward.
+TORCH_BACKEND_MAX_LENGTH_CUDA = 1024
+
+
+def baseline(device: torch.device) -> str:
+    return "flex" if device.type == "cuda" else "reference"
+
+
+def floor(device: torch.device) -> str | None:
+    return "sdpa-causal" if device.type == "cuda" else None
 
 
 def variants(device: torch.device) -> list[str]:
-    backends = ["reference", "torch"] + (["triton"] if device.type == "cuda" else [])
-    return backends + ["flex"]
+    if device.type == "cuda":
+        return ["flex", "sdpa-causal", "torch", "triton"]
+    return ["reference", "torch", "flex"]
 
 
-def size(device: torch.device, quick: bool) -> dict:
+def sizes(device: torch.device, quick: bool) -> list[dict]:
     if quick:
-        return dict(batch=1, q_heads=4, kv_heads=2, head_dim=32, slot_len=32, n_slots=5, n_thoughts=2)
-    # The paper's setting: two branches of 14 chain steps (29 slots) at length 256.
-    heads = dict(q_heads=9, kv_heads=3, head_dim=64) if device.type == "cpu" else dict(q_heads=32, kv_heads=8, head_dim=128)
-    return dict(batch=1, slot_len=256, n_slots=29, n_thoughts=2, **heads)
+        return [dict(batch=1, q_heads=4, kv_heads=2, head_dim=32, slot_len=32, n_slots=5, n_thoughts=2)]
+    if device.type == "cpu":
+        # The paper's setting: two branches of 14 chain steps (29 slots) at length 256.
+        return [dict(batch=1, slot_len=256, n_slots=29, n_thoughts=2, q_heads=9, kv_heads=3, head_dim=64)]
+    # A 7B-class layer.
+    layer = dict(batch=8, n_slots=29, n_thoughts=2, q_heads=32, kv_heads=8, head_dim=128)
+    return [dict(layer, slot_len=length) for length in GPU_LENGTHS]
+
+
+def label(size: dict) -> str:
+    return f"L={size['slot_len']}"
+
+
+def skip(variant: str, size: dict, device: torch.device) -> str | None:
+    if variant == "torch" and device.type == "cuda" and size["slot_len"] > TORCH_BACKEND_MAX_LENGTH_CUDA:
+        return f"not run above L={TORCH_BACKEND_MAX_LENGTH_CUDA} (one slot's float32 scores alone are B*Hq*L*L*4 bytes)"
+    return None
+
+
+def visible_pairs(size: dict) -> tuple[int, int]:
+    """(query, key) pairs that attend, per batch row and query head: (base part, chain part)."""
+    length, n_slots, n_thoughts = size["slot_len"], size["n_slots"], size["n_thoughts"]
+    base = n_slots * length * (length + 1) // 2
+    # Query slot s (>= 1) sees its own branch's chain keys of steps 1..c, c = (s - 1) // N + 1.
+    chain = sum((s - 1) // n_thoughts + 1 for s in range(1, n_slots)) * length
+    return base, chain
+
+
+def useful_flops(size: dict, variant: str) -> float:
+    """Forward 4 and backward 10 FLOPs per visible (query, key) pair and head dim
+    (FlashAttention's convention: 2 and 5 matrix products); the floor has no chain pairs."""
+    base, chain = visible_pairs(size)
+    pairs = base if variant == "sdpa-causal" else base + chain
+    return 14.0 * size["batch"] * size["q_heads"] * size["head_dim"] * pairs
 
 
 def _inputs(s: dict, device: torch.device):
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = DTYPE[device.type]
-    q_len, k_len = s["n_slots"] * s["slot_len"], s["n_slots"] * s["slot_len"]
+    length = s["n_slots"] * s["slot_len"]
 
-    def randn(heads, length):
+    def randn(heads):
         return torch.randn(s["batch"], heads, length, s["head_dim"], generator=gen, device=device, dtype=dtype)
 
-    q = randn(s["q_heads"], q_len).requires_grad_()
-    k = randn(s["kv_heads"], k_len).requires_grad_()
-    v = randn(s["kv_heads"], k_len).requires_grad_()
-    return q, k, v
+    q, k, v, grad = randn(s["q_heads"]), randn(s["kv_heads"]), randn(s["kv_heads"]), randn(s["q_heads"])
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
 
 
-def _flex_step(s: dict, q, k, v, device: torch.device):
+def _flex_step(s: dict, q, k, v, grad, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     slot_len, n_thoughts = s["slot_len"], s["n_thoughts"]
@@ -54,18 +100,18 @@ def _flex_step(s: dict, q, k, v, device: torch.device):
         chain = (k_slot >= 1) & (k_pos == q_pos) & (k_slot <= q_slot) & same_branch
         return base | chain
 
-    block_mask = create_block_mask(tree_rule, None, None, q.shape[2], k.shape[2], device=device)
+    # Compiled, the block mask is built without a dense [Sq*L, Sk*L] bool tensor (14 GB at L=4096).
+    block_mask = create_block_mask(tree_rule, None, None, q.shape[2], k.shape[2], device=device, _compile=device.type == "cuda")
+    attend = torch.compile(flex_attention)
     if device.type == "cuda":
-        attend = torch.compile(flex_attention)
 
         def step():
             out = attend(q, k, v, block_mask=block_mask, enable_gqa=True)
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            torch.autograd.grad(out, (q, k, v), grad)
 
         return step
 
     q, k, v = q.detach(), k.detach(), v.detach()
-    attend = torch.compile(flex_attention)
 
     def step():
         attend(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -73,15 +119,46 @@ def _flex_step(s: dict, q, k, v, device: torch.device):
     return step
 
 
+def _sdpa_causal_step(s: dict, device: torch.device):
+    """Causal attention over B * n_slots sequences of L tokens, each with its own keys."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = s["batch"] * s["n_slots"]
+
+    def randn(heads):
+        shape = (rows, heads, s["slot_len"], s["head_dim"])
+        return torch.randn(shape, generator=gen, device=device, dtype=DTYPE[device.type])
+
+    q, k, v, grad = randn(s["q_heads"]), randn(s["kv_heads"]), randn(s["kv_heads"]), randn(s["q_heads"])
+    inputs = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+
+    def step(flash_only: bool = True):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash_only else contextlib.nullcontext():
+            out = scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, inputs, grad)
+
+    try:
+        step()
+        return step, "FlashAttention"
+    except RuntimeError:  # no FlashAttention kernel for these inputs: SDPA's own choice
+        step(flash_only=False)
+        return (lambda: step(flash_only=False)), "SDPA's default backend"
+
+
 def build(variant: str, s: dict, device: torch.device):
-    q, k, v = _inputs(s, device)
+    if variant == "sdpa-causal":
+        step, kernel = _sdpa_causal_step(s, device)
+        return step, {"note": f"floor: {kernel}, causal, same queries, no chain"}
+    q, k, v, grad = _inputs(s, device)
     if variant == "flex":
-        step = _flex_step(s, q, k, v, device)
+        step = _flex_step(s, q, k, v, grad, device)
         step()  # compile outside the measurement
-        return step, {"note": "compiled, forward only (no CPU backward)" if device.type == "cpu" else "compiled"}
+        return step, {"note": "compiled, forward only (no CPU backward)" if device.type == "cpu" else "compiled, tree block mask"}
 
     def step():
         out = tree_attention(q, k, v, s["slot_len"], n_thoughts=s["n_thoughts"], backend=variant)
-        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        torch.autograd.grad(out, (q, k, v), grad)
 
     return step, {}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# What a session with a GPU runs, in as few device calls as possible:
+#
+#   bash bench/gpu_check.sh OUT_DIR [STAGE ...]
+#
+# Stages (default: all, in this order): versions, tune (bench/tune_tree_attention.py; the
+# chosen tiles are then used through QUIETSTAR_TREE_ATTENTION_CONFIGS), kernels (bench of
+# tree_attention and linear_cross_entropy at the GPU sizes), tests (the whole suite on
+# CUDA), step (the training-step bench), probe (does one training step fit at L=1024).
+# Every stage has a time limit (seconds, overridable: LIMIT_TUNE=...), logs into
+# OUT_DIR/log.txt and writes its results into OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [STAGE ...]}")
+shift
+stages=${*:-versions tune kernels tests step probe}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+
+run() {  # run LIMIT COMMAND...: one stage's command, its output and exit status logged
+    local limit=$1
+    shift
+    echo "=== $(date +%T) [limit ${limit}s] $*" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "=== $(date +%T) exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+# quietstar.kernels is the top-level kernels/ folder, mapped by setup.py: install if needed.
+python -c "import quietstar.kernels" 2>/dev/null ||
+    run 120 python -m pip install -q --no-deps --no-build-isolation --no-index -e .
+tuned="$out/tuned.json"
+for stage in $stages; do
+    [ -s "$tuned" ] && export QUIETSTAR_TREE_ATTENTION_CONFIGS="$tuned"
+    case $stage in
+    versions)
+        run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+        run 60 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+        ;;
+    tune) run "${LIMIT_TUNE:-150}" python bench/tune_tree_attention.py --length 4096 --json "$tuned" ;;
+    kernels) run "${LIMIT_KERNELS:-300}" python bench/run.py --case tree_attention linear_cross_entropy --repeats 5 --json "$out/kernels.json" ;;
+    tests) run "${LIMIT_TESTS:-180}" python -m pytest -q -n 8 --timeout 150 -p no:cacheprovider tests ;;
+    step) run "${LIMIT_STEP:-200}" python bench/run.py --case training_step --repeats 3 --json "$out/step.json" ;;
+    probe) run "${LIMIT_PROBE:-100}" python bench/run.py --case training_step --max-length --memory-gib 79 --start-length 1024 --length-limit 1024 --json "$out/max_length.json" ;;
+    *) echo "unknown stage $stage" | tee -a "$log" ;;
+    esac
+done
