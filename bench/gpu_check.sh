@@ -38,8 +38,8 @@ for stage in $stages; do
         run 60 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
         ;;
     tune) run "${LIMIT_TUNE:-150}" python bench/tune_tree_attention.py --length 4096 --json "$tuned" ;;
-    kernels) run "${LIMIT_KERNELS:-300}" python bench/run.py --case tree_attention linear_cross_entropy --repeats 5 --json "$out/kernels.json" ;;
-    tests) run "${LIMIT_TESTS:-180}" python -m pytest -q -n 8 --timeout 150 -p no:cacheprovider tests ;;
+    kernels) run "${LIMIT_KERNELS:-300}" python bench/run.py --case linear_cross_entropy tree_attention --repeats 5 --json "$out/kernels.json" ;;
+    tests) run "${LIMIT_TESTS:-180}" env OMP_NUM_THREADS=1 python -m pytest -q -n 12 --timeout 150 -p no:cacheprovider tests ;;
     step) run "${LIMIT_STEP:-200}" python bench/run.py --case training_step --repeats 3 --json "$out/step.json" ;;
     probe) run "${LIMIT_PROBE:-100}" python bench/run.py --case training_step --max-length --memory-gib 79 --start-length 1024 --length-limit 1024 --json "$out/max_length.json" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;

@@ -17,7 +17,7 @@ import torch
 from quietstar import tree_attention
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-GPU_LENGTHS = (1024, 2048, 4096)
+GPU_LENGTHS = (4096, 2048, 1024)  # the target size first: a run cut short keeps it
 # The torch backend holds one slot's float32 scores at a time: B*Hq*L*L*4 bytes (17 GiB at
 # L=4096 with B=8, Hq=32), several times over in the backward.
 TORCH_BACKEND_MAX_LENGTH_CUDA = 1024
