@@ -58,7 +58,9 @@ def _merge_chunk_lse(
         if HAS_OFFSET:
             z += tl.load(OFFSET + v0 + offs_c, mask=col_ok, other=0.0)[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        picked += tl.sum(tl.where((v0 + offs_c)[None, :] == target[:, None], z, 0.0), 1)
+        # Columns past the chunk are other chunks' ids: only this chunk's may hit the target.
+        hit = ((v0 + offs_c)[None, :] == target[:, None]) & col_ok[None, :]
+        picked += tl.sum(tl.where(hit, z, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # A chunk of masked ids only leaves the maximum at -inf: shift by 0 instead of NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -90,15 +92,19 @@ def _softmax_minus_onehot(
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     target = tl.load(TARGET + offs_m, mask=row_ok, other=-1)
     p = tl.exp(z - lse[:, None])
-    g = p - tl.where((v0 + offs_c)[None, :] == target[:, None], 1.0, 0.0)
+    hit = ((v0 + offs_c)[None, :] == target[:, None]) & col_ok[None, :]
+    g = p - tl.where(hit, 1.0, 0.0)
     tl.store(G + ptrs, g.to(G.dtype.element_ty), mask=ok)
 
 
+# Tiles and launch options of both kernels (memory-bound passes over a chunk); the
+# interpreter's cost grows with programs x steps, so it gets small tiles.
+GPU_CONFIG = {"BLOCK_M": 8, "BLOCK_V": 512, "num_warps": 8}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_V": 32}
+
+
 def _launch_config(interpret: bool) -> dict:
-    """Tile and launch options of both kernels (memory-bound passes over the chunk)."""
-    if interpret:
-        return {"BLOCK_M": 16, "BLOCK_V": 32}
-    return {"BLOCK_M": 8, "BLOCK_V": 512, "num_warps": 8}
+    return dict(INTERPRETER_CONFIG if interpret else GPU_CONFIG)
 
 
 @functools.lru_cache(maxsize=None)

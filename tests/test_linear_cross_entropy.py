@@ -146,8 +146,10 @@ def test_torch_backend_is_exact_across_chunk_boundaries(chunk_rows, monkeypatch,
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_triton_backend_is_exact_across_vocabulary_chunks(dtype, monkeypatch, poisoned_allocations):
-    """Chunks of 32 ids, a partial last one, and two leading chunks that are wholly masked."""
+@pytest.mark.parametrize("tile", [32, 128], ids=["tile-as-wide-as-a-chunk", "tile-wider-than-a-chunk"])
+def test_triton_backend_is_exact_across_vocabulary_chunks(dtype, tile, monkeypatch, poisoned_allocations):
+    """Chunks of 32 ids, a partial last one, and two leading chunks that are wholly masked;
+    a tile wider than a chunk spans ids of later chunks, which must not count as targets."""
     import quietstar.kernels.linear_cross_entropy as kernels
 
     kwargs = make_inputs(20, 16, 101, dtype, bias=True, ignored=True)
@@ -156,6 +158,8 @@ def test_triton_backend_is_exact_across_vocabulary_chunks(dtype, monkeypatch, po
     kwargs["targets"] = torch.where(targets == IGNORE, targets, targets % 37 + 64)
     monkeypatch.setattr(kernels, "CHUNK_ALIGN", 32)
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 20 * 32 * 4)
+    for config in (kernels.GPU_CONFIG, kernels.INTERPRETER_CONFIG):
+        monkeypatch.setitem(config, "BLOCK_V", tile)
     assert kernels.chunk_width(20, 101) == 32
     assert_matches_reference("triton", kwargs, temperature=3.0)
 
