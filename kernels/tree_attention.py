@@ -402,15 +402,16 @@ def _tree_attention_bwd_dkdv_chain(
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Tiles and launch options per kernel on a GPU. "wide" is head dim 128 in half precision;
-# "small" covers head dims up to 64 and float32 (whose tiles take twice the shared memory).
-# The forward and dQ kernels need BLOCK_M % BLOCK_N == 0 (their causal split); "chain" is
-# the chain-key dK/dV kernel (its BLOCK_M rows are positions).
+# Tiles and launch options per kernel on a GPU. "wide" is head dim 128 in half precision,
+# tuned on an H200 (bench/tune_tree_attention.py at B=8, Hq=32, Hkv=8, L=4096, 29 slots;
+# docs/benchmarks.md); "small" covers head dims up to 64 and float32 (whose tiles take twice
+# the shared memory). The forward and dQ kernels need BLOCK_M % BLOCK_N == 0 (their causal
+# split); "chain" is the chain-key dK/dV kernel (its BLOCK_M rows are positions).
 GPU_CONFIGS = {
     "wide": {
         "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-        "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-        "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
         "chain": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2},
     },
     "small": {

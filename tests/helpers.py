@@ -37,7 +37,7 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides):
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     }
     config_name, model_name, extra = classes[architecture]
-    config = getattr(transformers, config_name)(
+    sizes = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -45,8 +45,8 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides):
         num_key_value_heads=2,
         vocab_size=97,
         max_position_embeddings=128,
-        **{**extra, **overrides},
     )
+    config = getattr(transformers, config_name)(**{**sizes, **extra, **overrides})
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()

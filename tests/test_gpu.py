@@ -97,6 +97,7 @@ def gpu_batch(length: int = 40):
 
 
 def step(qs, forward, ids, mask, thoughts):
+    """One forward and backward; the outputs and float32 copies of the parameter gradients."""
     out = forward(qs, ids, mask, thoughts=thoughts)
     qs.zero_grad()
     out.loss.backward()
@@ -107,22 +108,39 @@ def fast(qs, ids, mask, thoughts):
     return qs(ids, mask, thoughts=thoughts)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_training_step_on_cuda_equals_the_step_by_step_reference(dtype):
-    """The fast step (Triton kernels) in ``dtype`` against the dense reference in float32 on the
-    same weights and thoughts: float32 to 1e-4 (losses) / 1e-3 (gradients), as on CPU; bfloat16
-    to the precision of bfloat16 activations."""
-    reference_model = gpu_model()
+OUTPUT_FIELDS = ("loss", "nll_loss", "nll_base", "nll_talk", "mixing_weight")
+
+
+def test_training_step_on_cuda_equals_the_step_by_step_reference_in_float32():
+    """The fast step (Triton kernels, IEEE float32) against the dense reference on the same
+    weights and thoughts, to the CPU tests' tolerances."""
+    qs = gpu_model()
     ids, mask = gpu_batch()
-    thoughts = reference_model.sample_thoughts(ids, mask, torch.Generator(device=CUDA).manual_seed(1))
-    assert thoughts.is_cuda
-    ref, ref_grads = step(reference_model, reference_forward, ids, mask, thoughts)
-    qs = copy.deepcopy(reference_model).to(dtype)
+    thoughts = qs.sample_thoughts(ids, mask, torch.Generator(device=CUDA).manual_seed(1))
+    assert thoughts.device.type == CUDA.type
+    ref, ref_grads = step(qs, reference_forward, ids, mask, thoughts)
     out, grads = step(qs, fast, ids, mask, thoughts)
-    loss_tolerance, grad_tolerance = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 1e-1)
-    for field in ("loss", "nll_loss", "nll_base", "nll_talk", "mixing_weight"):
-        error = relative_error(getattr(out, field), getattr(ref, field))
-        assert error <= loss_tolerance, (field, error)
+    for field in OUTPUT_FIELDS:
+        assert relative_error(getattr(out, field), getattr(ref, field)) <= 1e-4, field
     assert set(grads) == set(ref_grads)
     for name, grad in ref_grads.items():
-        assert relative_error(grads[name], grad) <= grad_tolerance, (name, relative_error(grads[name], grad))
+        assert relative_error(grads[name], grad) <= 1e-3, (name, relative_error(grads[name], grad))
+
+
+def test_training_step_in_bfloat16_is_as_close_to_float32_as_the_reference_in_bfloat16():
+    """bfloat16 rounding alone moves the mixing head's gradients by several percent, so the
+    fast step in bfloat16 is held to the error of the dense reference run in bfloat16 (both
+    against the reference in float32): at most twice it, plus a small floor."""
+    model = gpu_model()
+    ids, mask = gpu_batch()
+    thoughts = model.sample_thoughts(ids, mask, torch.Generator(device=CUDA).manual_seed(1))
+    exact, exact_grads = step(model, reference_forward, ids, mask, thoughts)
+    ref, ref_grads = step(copy.deepcopy(model).to(torch.bfloat16), reference_forward, ids, mask, thoughts)
+    out, grads = step(copy.deepcopy(model).to(torch.bfloat16), fast, ids, mask, thoughts)
+    for field in OUTPUT_FIELDS:
+        error, allowed = relative_error(getattr(out, field), getattr(exact, field)), relative_error(getattr(ref, field), getattr(exact, field))
+        assert error <= 2 * allowed + 1e-3, (field, error, allowed)
+    assert set(grads) == set(exact_grads)
+    for name, grad in exact_grads.items():
+        error, allowed = relative_error(grads[name], grad), relative_error(ref_grads[name], grad)
+        assert error <= 2 * allowed + 1e-2, (name, error, allowed)

@@ -200,8 +200,8 @@ def test_torch_backend_passes_gradcheck():
 def nll_and_grads_float64(hidden, weight, targets, bias, base, w, temperature, masked, grad_nll):
     """Per-row NLL of the mixed state and its analytic gradients, row by row in float64."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    keep = torch.tensor([v not in masked for v in range(vocab)])
-    nll = torch.zeros(rows, dtype=torch.float64)
+    keep = torch.tensor([v not in masked for v in range(vocab)], device=hidden.device)
+    nll = torch.zeros(rows, dtype=torch.float64, device=hidden.device)
     d_hidden, d_base, d_w = torch.zeros_like(hidden), torch.zeros_like(base), torch.zeros_like(w)
     d_weight, d_bias = torch.zeros_like(weight), torch.zeros_like(bias)
     for r in range(rows):
@@ -226,7 +226,7 @@ def nll_and_grads_float64(hidden, weight, targets, bias, base, w, temperature, m
 def test_reference_follows_spec_formula(temperature):
     kwargs = make_inputs(7, 5, 11, torch.float64, bias=True, masked=True, ignored=True)
     kwargs["mix"] = (kwargs["mix"][0], kwargs["mix"][1].detach().double().requires_grad_())
-    grad_nll = torch.randn(7, dtype=torch.float64)
+    grad_nll = torch.randn(7, dtype=torch.float64).to(DEVICE)
     nll, grads = loss_and_grads(kwargs, "reference", grad_nll, temperature=temperature)
     plain = {name: t.detach() for name, t in differentiable(kwargs).items()}
     expected, expected_grads = nll_and_grads_float64(
@@ -298,7 +298,7 @@ def test_mix_weight_zero_scores_base_and_one_scores_hidden(backend):
     kwargs = make_inputs(6, 8, 20, torch.float32)
     hidden, (base, _) = kwargs["hidden"], kwargs["mix"]
     for value, expected_rows in ((0.0, base), (1.0, hidden)):
-        mixed = linear_cross_entropy(backend=backend, **{**kwargs, "mix": (base, torch.full((6,), value))})
+        mixed = linear_cross_entropy(backend=backend, **{**kwargs, "mix": (base, torch.full((6,), value, device=DEVICE))})
         plain = linear_cross_entropy(backend=backend, **{**kwargs, "mix": None, "hidden": expected_rows})
         assert relative_error(mixed, plain) < 1e-6
 
@@ -335,15 +335,15 @@ def replace_mix(kw, base=None, w=None):
         (lambda kw: {**kw, "lm_weight": kw["lm_weight"].to("meta")}, "lm_weight must be on"),
         (lambda kw: {**kw, "targets": kw["targets"].float()}, "targets"),
         (lambda kw: {**kw, "targets": kw["targets"][:3]}, "targets"),
-        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 20, 2])}, "targets"),
-        (lambda kw: {**kw, "targets": torch.tensor([0, 1, -1, 2])}, "targets"),
-        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 7, 2]), "masked_vocab": [7]}, "targets.*masked_vocab"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 20, 2], device=DEVICE)}, "targets"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, -1, 2], device=DEVICE)}, "targets"),
+        (lambda kw: {**kw, "targets": torch.tensor([0, 1, 7, 2], device=DEVICE), "masked_vocab": [7]}, "targets.*masked_vocab"),
         (lambda kw: {**kw, "lm_bias": kw["lm_bias"][:5]}, "lm_bias"),
         (lambda kw: {**kw, "mix": kw["mix"][0]}, "mix"),
         (lambda kw: replace_mix(kw, base=kw["hidden"][:3]), "base_hidden"),
         (lambda kw: replace_mix(kw, base=kw["hidden"].double()), "base_hidden"),
-        (lambda kw: replace_mix(kw, w=torch.rand(3)), "^w must"),
-        (lambda kw: replace_mix(kw, w=torch.ones(4, dtype=torch.long)), "^w must"),
+        (lambda kw: replace_mix(kw, w=torch.rand(3, device=DEVICE)), "^w must"),
+        (lambda kw: replace_mix(kw, w=torch.ones(4, dtype=torch.long, device=DEVICE)), "^w must"),
         (lambda kw: {**kw, "temperature": 0.0}, "temperature"),
         (lambda kw: {**kw, "temperature": float("inf")}, "temperature"),
         (lambda kw: {**kw, "temperature": float("nan")}, "temperature"),
@@ -352,7 +352,7 @@ def replace_mix(kw, base=None, w=None):
         (lambda kw: {**kw, "masked_vocab": [1.5]}, "masked_vocab"),
         (lambda kw: {**kw, "masked_vocab": "12"}, "masked_vocab"),
         (lambda kw: {**kw, "masked_vocab": torch.tensor([1.0])}, "masked_vocab"),
-        (lambda kw: {**kw, "masked_vocab": list(range(20)), "targets": torch.full((4,), IGNORE)}, "masked_vocab"),
+        (lambda kw: {**kw, "masked_vocab": list(range(20)), "targets": torch.full((4,), IGNORE, device=DEVICE)}, "masked_vocab"),
         (lambda kw: {**kw, "ignore_index": -100.0}, "ignore_index"),
         (lambda kw: {**kw, "backend": "cuda"}, "backend"),
     ],

@@ -260,8 +260,8 @@ def test_triton_rejects_unsupported_head_dim():
 
 
 def test_triton_rejects_more_batch_heads_than_the_launch_grid_holds():
-    q = torch.empty(65536, 1, 4, 16).expand(65536, 2, 4, 16)  # no memory: a stride-0 view
-    k = v = torch.empty(1, 1, 4, 16).expand(65536, 1, 4, 16)
+    q = torch.empty(65536, 1, 4, 16, device=DEVICE).expand(65536, 2, 4, 16)  # a stride-0 view: little memory
+    k = v = torch.empty(1, 1, 4, 16, device=DEVICE).expand(65536, 1, 4, 16)
     with pytest.raises(ValueError, match="batch x heads"):
         tree_attention(q, k, v, 4, backend="triton")
 
