@@ -6,7 +6,7 @@ ROOT = Path(__file__).parent
 
 setup(
     name="quietstar",
-    version="0.1.0",
+    version="0.2.0",
     description="Fast Quiet-STaR: fused tree attention and linear cross-entropy for models that think before each token",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

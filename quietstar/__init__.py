@@ -6,7 +6,7 @@ from quietstar.mixing import MixingHead
 from quietstar.model import QuietStarModel, QuietStarOutput
 from quietstar.ops import linear_cross_entropy, tree_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MixingHead",

@@ -9,12 +9,18 @@ model has one, plus ``quietstar.safetensors`` (meta-token embeddings and mixing 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from quietstar.mixing import MixingHead
+
+logger = logging.getLogger(__name__)
+
 QUIETSTAR_WEIGHTS = "quietstar.safetensors"
+LEGACY_LAST_BIAS = "mlp.4.bias"  # the mixing head's last-layer bias, saved before quietstar 0.2
 QUIETSTAR_CONFIG = "quietstar_config.json"
 ATTENTION_FOR_SAVING = "sdpa"
 
@@ -71,5 +77,15 @@ def load_pretrained(directory: str | Path, **model_kwargs):
     state = load_file(str(directory / QUIETSTAR_WEIGHTS), device=str(qs.meta_embeddings.device))
     with torch.no_grad():
         qs.meta_embeddings.copy_(state.pop("meta_embeddings"))
-    qs.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in state.items()})
+    head_state = {k.removeprefix("mixing_head."): v for k, v in state.items()}
+    if LEGACY_LAST_BIAS in head_state:
+        # Saved before the mixing head lost its last-layer bias (the authors' head has none):
+        # keep it, so the checkpoint computes exactly what it computed when saved.
+        logger.info("%s: the mixing head has a last-layer bias (an older checkpoint); keeping it", directory)
+        head = qs.mixing_head
+        qs.mixing_head = MixingHead(
+            head.hidden_size, sigmoid=head.sigmoid, last_layer_bias=True,
+            device=qs.meta_embeddings.device, dtype=head.mlp[0].weight.dtype,
+        )
+    qs.mixing_head.load_state_dict(head_state)
     return qs

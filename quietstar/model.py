@@ -66,18 +66,36 @@ class QuietStarOutput:
 @dataclass
 class Targets:
     """Shifted targets of one batch: base ``[B, L]`` (``x[i+1]``) and talk ``[B, L, K]``
-    (``x[i+1+k]``); ignored entries hold ``IGNORE_INDEX``."""
+    (``x[i+1+k]``); ignored entries hold ``IGNORE_INDEX``. ``acting [B, L]``: the positions
+    whose thought gets a REINFORCE term (``policy_positions``)."""
 
     base: torch.Tensor
     talk: torch.Tensor
+    acting: torch.Tensor
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, talk_tokens: int) -> Targets:
         batch, length = labels.shape
-        padded = torch.full((batch, length + talk_tokens), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+        padded = torch.full((batch, length + talk_tokens + 1), IGNORE_INDEX, dtype=torch.long, device=labels.device)
         padded[:, :length] = labels
         talk = torch.stack([padded[:, 1 + k : 1 + k + length] for k in range(talk_tokens)], dim=-1)
-        return cls(base=talk[..., 0], talk=talk)
+        return cls(base=talk[..., 0], talk=talk, acting=policy_positions(labels, talk_tokens))
+
+
+def policy_positions(labels: torch.Tensor, talk_tokens: int) -> torch.Tensor:
+    """``[B, L]`` bool: the positions whose thought is reinforced (SPEC section 3).
+
+    Position ``i`` acts iff the targets ``x[i+1] .. x[i+1+K]`` (its ``K`` talk targets and the
+    one after them) are all inside the sequence and not ignored. On a row without padding or
+    ignored labels that is exactly the authors' ``i <= L - 2 - K``; with padding, a position
+    acts only if its whole talk window and the next token are real tokens.
+    """
+    batch, length = labels.shape
+    window = talk_tokens + 1
+    real = torch.zeros(batch, length + window, dtype=torch.bool, device=labels.device)
+    real[:, :length] = labels != IGNORE_INDEX
+    # real[:, i + 1 : i + 1 + window].all() for every i, as a sliding window.
+    return real[:, 1:].unfold(1, window, 1)[:, :length].all(-1)
 
 
 def shift_positions(values: torch.Tensor, talk_tokens: int) -> torch.Tensor:
@@ -99,8 +117,8 @@ class QuietStarModel(nn.Module):
     Args:
         model: the causal LM (its weights are used and trained as they are).
         tokenizer: its tokenizer; gets ``<|startthought|>`` and ``<|endthought|>`` added, and
-            the meta embeddings start at the embedding of ``"---"``. Without one they start at
-            the mean input embedding.
+            the meta embeddings start at the embedding of the first token of ``"---"`` (as
+            the authors' code). Without one they start at the mean input embedding.
         config: ``QuietStarConfig`` (defaults from SPEC section 3).
         gradient_checkpointing: recompute each decoder layer of the tree pass in the backward
             instead of keeping its activations (the tree pass holds ``1 + C * N`` times the
@@ -156,7 +174,9 @@ class QuietStarModel(nn.Module):
             logger.info("no tokenizer: meta-token embeddings start at the mean input embedding")
             return embedding.mean(0)
         ids = tokenizer.encode(META_TOKEN_INIT_TEXT, add_special_tokens=False)
-        return embedding[torch.tensor(ids, device=embedding.device)].mean(0)
+        if not ids:
+            raise ValueError(f"the tokenizer encodes {META_TOKEN_INIT_TEXT!r} as no token; meta tokens start from its first")
+        return embedding[ids[0]]
 
     # --- parts ----------------------------------------------------------------------
 
@@ -335,7 +355,7 @@ class QuietStarModel(nn.Module):
                 rewards = rewards - rewards.mean(dim=1, keepdim=True)
             if cfg.clamp_negative_rewards:
                 rewards = rewards.clamp(min=0)
-        acting = valid_talk.any(-1)  # [B, L]: positions whose thought is judged
+        acting = targets.acting  # [B, L]: the authors' positions (policy_positions)
         h_policy = h_chain[:, :t_len].permute(0, 2, 3, 1, 4)  # step t produced thought token t
         policy_targets = thoughts.masked_fill(~acting[:, None, :, None], IGNORE_INDEX)
         nll_policy = self.head_nll(h_policy, policy_targets, temperature=cfg.policy_temperature)  # -log p_tau

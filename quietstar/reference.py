@@ -119,7 +119,7 @@ def reference_forward(
     talk_term = torch.stack(talk_means).mean() if talk_means else base_term * 0
     nll_loss = cfg.base_loss_weight * base_term + (1 - cfg.base_loss_weight) * talk_term
 
-    reward = torch.zeros(rows, length, device=ids.device)
+    reward = torch.zeros(rows, length, dtype=nll_base_rows.dtype, device=ids.device)
     for k in range(k_len):
         reward += ((nll_base_ext[:, k : k + length] - nll_talk[k]) * (target[k] != IGNORE_INDEX)).detach()
     reward = reward.view(batch, n, length)
@@ -127,7 +127,9 @@ def reference_forward(
         reward = reward - reward.mean(dim=1, keepdim=True)
     if cfg.clamp_negative_rewards:
         reward = reward.clamp(min=0)
-    acting = torch.stack([target[k] != IGNORE_INDEX for k in range(k_len)]).any(0)  # [rows, L]
+    # The authors reinforce positions i <= L - 2 - K: the talk window and one token more are
+    # real targets (on padded rows: not padding, not ignored).
+    acting = torch.stack([lab_ext[:, 1 + k : 1 + k + length] != IGNORE_INDEX for k in range(k_len + 1)]).all(0)
     reward_rows = reward.reshape(rows, length) * acting
     policy_sum = sum((-(reward_rows * logp)).sum() for logp in thought_logp)
     policy_loss = policy_sum / (acting.sum() * t_len).clamp(min=1)

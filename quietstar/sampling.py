@@ -15,10 +15,12 @@ def head_logits(
     masked_vocab: torch.Tensor | None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Float32 logits ``[N, V]`` of ``hidden [N, d]`` divided by ``temperature``, masked ids -inf."""
-    logits = (hidden @ lm_weight.T).float()
+    """Float32 logits ``[N, V]`` (float64 for float64 inputs) of ``hidden [N, d]`` divided by
+    ``temperature``, masked ids -inf."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ lm_weight.T).to(dtype)
     if lm_bias is not None:
-        logits = logits + lm_bias.float()
+        logits = logits + lm_bias.to(dtype)
     if temperature != 1.0:
         logits = logits / temperature
     if masked_vocab is not None and masked_vocab.numel():

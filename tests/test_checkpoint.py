@@ -48,3 +48,22 @@ def test_loading_a_directory_without_quietstar_parts_fails_clearly(tmp_path):
     tiny_causal_lm("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a quietstar checkpoint"):
         QuietStarModel.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_whose_mixing_head_has_a_last_layer_bias_still_loads_and_computes_the_same(tmp_path):
+    """quietstar 0.1 saved a last-layer bias in the mixing head (the authors' head has none)."""
+    from safetensors.torch import load_file, save_file
+
+    from quietstar.checkpoint import QUIETSTAR_WEIGHTS
+
+    qs = QuietStarModel(tiny_causal_lm("llama"), config=QuietStarConfig(thought_tokens=2, talk_tokens=2, n_thoughts=1))
+    with torch.no_grad():
+        qs.mixing_head.mlp[-1].weight.normal_()
+    qs.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / QUIETSTAR_WEIGHTS))
+    state["mixing_head.mlp.4.bias"] = torch.tensor([0.25])
+    save_file(state, str(tmp_path / QUIETSTAR_WEIGHTS))
+    loaded = QuietStarModel.from_pretrained(tmp_path)
+    assert loaded.mixing_head.mlp[-1].bias.item() == 0.25
+    base, talk = torch.randn(2, 3, 32).unbind(0)
+    torch.testing.assert_close(loaded.mixing_head(base, talk), qs.mixing_head(base, talk) + 0.25)
