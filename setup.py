@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # The top-level kernels/ folder ships as quietstar.kernels: a top-level module named
     # `kernels` would shadow the Hugging Face `kernels` package that transformers probes for.
-    packages=["quietstar", "quietstar.ops", "quietstar.kernels"],
+    packages=["quietstar", "quietstar.ops", "quietstar.model", "quietstar.kernels"],
     package_dir={"quietstar": "quietstar", "quietstar.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

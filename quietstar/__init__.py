@@ -1,9 +1,6 @@
 """quietstar: fast Quiet-STaR (language models that think before each token)."""
 
-from quietstar.attention import QuietStarAttention, patch
-from quietstar.config import QuietStarConfig
-from quietstar.mixing import MixingHead
-from quietstar.model import QuietStarModel, QuietStarOutput
+from quietstar.model import MixingHead, QuietStarAttention, QuietStarConfig, QuietStarModel, QuietStarOutput, patch
 from quietstar.ops import linear_cross_entropy, tree_attention
 
 __version__ = "0.2.0"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quietstar.backends import triton_available, triton_interpreter_enabled
+from quietstar.ops.backends import triton_available, triton_interpreter_enabled
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

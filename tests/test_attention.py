@@ -8,9 +8,9 @@ import transformers
 from helpers import ARCHITECTURES, tiny_causal_lm
 
 from quietstar import QuietStarAttention, patch
-from quietstar.attention import ATTENTION_NAME, SUPPORTED_MODEL_TYPES
-from quietstar.backbone import run_backbone
-from quietstar.layout import TreeLayout, tree_position_ids
+from quietstar.model.attention import ATTENTION_NAME, SUPPORTED_MODEL_TYPES
+from quietstar.model.backbone import run_backbone
+from quietstar.ops.layout import TreeLayout, tree_position_ids
 
 
 def padded_batch(vocab=97, length=11):

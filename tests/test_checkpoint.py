@@ -54,7 +54,7 @@ def test_a_checkpoint_whose_mixing_head_has_a_last_layer_bias_still_loads_and_co
     """quietstar 0.1 saved a last-layer bias in the mixing head (the authors' head has none)."""
     from safetensors.torch import load_file, save_file
 
-    from quietstar.checkpoint import QUIETSTAR_WEIGHTS
+    from quietstar.model.checkpoint import QUIETSTAR_WEIGHTS
 
     qs = QuietStarModel(tiny_causal_lm("llama"), config=QuietStarConfig(thought_tokens=2, talk_tokens=2, n_thoughts=1))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import quietstar_model
 
-from quietstar.sampling import head_logits
+from quietstar.model.sampling import head_logits
 
 
 def make_model(mix="hidden", tokenizer=None):

@@ -11,7 +11,7 @@ import torch
 from helpers import relative_error, tiny_causal_lm
 
 from quietstar import QuietStarConfig, QuietStarModel, linear_cross_entropy, tree_attention
-from quietstar.reference import reference_forward
+from quietstar.model.reference import reference_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

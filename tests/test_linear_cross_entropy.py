@@ -9,7 +9,7 @@ from helpers import DEVICE, relative_error, requires_triton
 
 import quietstar.ops.linear_cross_entropy_torch as torch_backend
 from quietstar import linear_cross_entropy
-from quietstar.backends import BACKEND_ENV_VAR
+from quietstar.ops.backends import BACKEND_ENV_VAR
 
 IGNORE = -100
 TOLERANCE = {

@@ -7,7 +7,7 @@ import torch
 from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.reference import reference_forward
+from quietstar.model.reference import reference_forward
 
 LOSS_FIELDS = ["loss", "nll_loss", "policy_loss", "nll_base", "nll_talk", "mixing_weight"]
 

@@ -9,8 +9,8 @@ import torch
 from helpers import SHARED_DATA, relative_error
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.models import load_gguf, smollm2_gguf_path
-from quietstar.reference import reference_forward
+from quietstar.model.loaders import load_gguf, smollm2_gguf_path
+from quietstar.model.reference import reference_forward
 
 GGUF = smollm2_gguf_path()
 pytestmark = pytest.mark.skipif(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import quietstar_model, relative_error
 
-from quietstar.model import policy_positions
-from quietstar.reference import reference_forward
+from quietstar.model.quietstar_model import policy_positions
+from quietstar.model.reference import reference_forward
 
 LENGTH, TALK, THOUGHTS_TOKENS = 6, 2, 1
 

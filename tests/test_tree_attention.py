@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from helpers import DEVICE, relative_error, requires_triton
 
 from quietstar import tree_attention
-from quietstar.backends import BACKEND_ENV_VAR, resolve_backend
+from quietstar.ops.backends import BACKEND_ENV_VAR, resolve_backend
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]

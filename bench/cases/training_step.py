@@ -1,5 +1,5 @@
 """The end-to-end Quiet-STaR training step: forward + backward of ``QuietStarModel`` against
-the step-by-step dense reference (``quietstar.reference``), with the same thoughts.
+the step-by-step dense reference (``quietstar.model.reference``), with the same thoughts.
 
 Random weights (the cost does not depend on them) of SmolLM2-135M's architecture on CPU (30
 layers, width 576, 9 query / 3 KV heads, vocabulary 49,152, float32) and of a 1B-class Llama
@@ -106,7 +106,7 @@ def make_model(s: dict, device: torch.device, gradient_checkpointing: bool = Tru
 
 
 def build(variant: str, s: dict, device: torch.device):
-    from quietstar.reference import reference_forward
+    from quietstar.model.reference import reference_forward
 
     qs = make_model(s, device, gradient_checkpointing=variant != "quietstar-no-checkpointing")
     gen = torch.Generator(device=device).manual_seed(0)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from quietstar._checks import FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
-from quietstar.backends import resolve_backend
+from quietstar.ops.backends import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IGNORE_INDEX = -100
@@ -49,7 +49,7 @@ def linear_cross_entropy(
         temperature: logits are divided by it before the softmax; finite and > 0.
         masked_vocab: ids that get ``-inf`` logits: a sequence of ints or a 1-D integer tensor.
         ignore_index: target value of rows that contribute 0 (and no gradient).
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.backends``).
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.ops.backends``).
 
     Returns:
         ``[N]`` float32 (float64 for float64 inputs); 0 where ``targets == ignore_index``.

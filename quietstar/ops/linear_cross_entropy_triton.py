@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.backends import launch_device, triton_interpreter_enabled
+from quietstar.ops.backends import launch_device, triton_interpreter_enabled
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     gradients_needed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from quietstar._checks import FLOAT_DTYPES, check_int, check_positive_float, check_tensor
-from quietstar.backends import resolve_backend
+from quietstar.ops.backends import resolve_backend
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 # The kernels put batch x heads on the launch grid's third axis, which CUDA caps at 65535.
@@ -27,7 +27,7 @@ def tree_attention(
 ) -> torch.Tensor:
     """Attention where every position grows its own chain of thought tokens.
 
-    The inputs hold the flat slot-major tree layout (``quietstar.layout``): slot 0 is the base
+    The inputs hold the flat slot-major tree layout (``quietstar.ops.layout``): slot 0 is the base
     text, slot ``s >= 1`` is chain step ``(s - 1) // n_thoughts + 1`` of branch
     ``(s - 1) % n_thoughts``. Query ``(s, i)`` sees base keys ``k <= i`` and its own branch's
     chain keys at position ``i`` up to and including slot ``s`` (SPEC section 1).
@@ -41,7 +41,7 @@ def tree_attention(
         key_padding_mask: ``[B, slot_len]`` bool, True for real tokens; applies to base keys.
         sliding_window: a base key ``k`` is visible to position ``i`` only if ``i - k < w``.
         scale: softmax scale, ``D ** -0.5`` by default.
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.backends``).
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.ops.backends``).
 
     Returns:
         ``[B, Hq, Sq * slot_len, D]`` in the dtype of ``q``. A query that sees no key (a base

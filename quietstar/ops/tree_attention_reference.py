@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.layout import tree_visibility
+from quietstar.ops.layout import tree_visibility
 
 
 def tree_attention_reference(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.layout import base_visibility, chain_visibility
+from quietstar.ops.layout import base_visibility, chain_visibility
 
 # Bytes of float32 scores one chunk of query slots may take (several buffers of this size
 # live at once in the backward).

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quietstar.mixing import MixingHead
+from quietstar.model.config import QuietStarConfig
+from quietstar.model.mixing import MixingHead
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +50,19 @@ def save_pretrained(qs, directory: str | Path) -> None:
     (directory / QUIETSTAR_CONFIG).write_text(json.dumps(qs.config.to_dict(), indent=2))
 
 
-def load_pretrained(directory: str | Path, **model_kwargs):
+def load_pretrained(directory: str | Path, model_class, **model_kwargs):
     """Load a ``QuietStarModel`` that ``save_pretrained`` wrote.
 
     Args:
         directory: the checkpoint directory.
+        model_class: ``QuietStarModel`` (or a subclass): built as
+            ``model_class(model, tokenizer, config)``.
         **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
 
     Raises:
         ValueError: ``directory`` is not a quietstar checkpoint.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quietstar.config import QuietStarConfig
-    from quietstar.model import QuietStarModel
 
     directory = Path(directory)
     for name in (QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG):
@@ -73,7 +73,7 @@ def load_pretrained(directory: str | Path, **model_kwargs):
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
     config = QuietStarConfig.from_dict(json.loads((directory / QUIETSTAR_CONFIG).read_text()))
-    qs = QuietStarModel(model, tokenizer, config)
+    qs = model_class(model, tokenizer, config)
     state = load_file(str(directory / QUIETSTAR_WEIGHTS), device=str(qs.meta_embeddings.device))
     with torch.no_grad():
         qs.meta_embeddings.copy_(state.pop("meta_embeddings"))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from quietstar.layout import TreeLayout
+from quietstar.ops.layout import TreeLayout
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quietstar.backbone import run_backbone
-from quietstar.cache import KVCache
-from quietstar.layout import TreeLayout, base_positions
-from quietstar.model import QuietStarModel, QuietStarOutput
+from quietstar.model.backbone import run_backbone
+from quietstar.model.cache import KVCache
+from quietstar.model.quietstar_model import QuietStarModel, QuietStarOutput
+from quietstar.model.sampling import head_logits
+from quietstar.ops.layout import TreeLayout, base_positions
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
-from quietstar.sampling import head_logits
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,16 @@ import torch
 from torch import nn
 
 from quietstar._checks import INT_DTYPES, check_tensor
-from quietstar.attention import check_supported, patch
-from quietstar.backbone import run_backbone
-from quietstar.cache import KVCache
-from quietstar.config import QuietStarConfig
-from quietstar.layout import TreeLayout, base_positions, tree_position_ids
-from quietstar.mixing import MixingHead
+from quietstar.model.attention import check_supported, patch
+from quietstar.model.backbone import run_backbone
+from quietstar.model.cache import KVCache
+from quietstar.model.checkpoint import load_pretrained, save_pretrained
+from quietstar.model.config import QuietStarConfig
+from quietstar.model.generation import generate
+from quietstar.model.mixing import MixingHead
+from quietstar.model.sampling import sample_tokens
+from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from quietstar.sampling import sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -375,23 +377,17 @@ class QuietStarModel(nn.Module):
     # --- generate, save, load ----------------------------------------------------------
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options):
-        """Generate with a thought before every token; see ``quietstar.generation.generate``."""
-        from quietstar.generation import generate
-
+        """Generate with a thought before every token; see ``quietstar.model.generation.generate``."""
         return generate(self, input_ids, attention_mask, **options)
 
     def save_pretrained(self, directory) -> None:
-        """Save to ``directory``; see ``quietstar.checkpoint.save_pretrained``."""
-        from quietstar.checkpoint import save_pretrained
-
+        """Save to ``directory``; see ``quietstar.model.checkpoint.save_pretrained``."""
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, **model_kwargs) -> QuietStarModel:
-        """Load what ``save_pretrained`` wrote; see ``quietstar.checkpoint.load_pretrained``."""
-        from quietstar.checkpoint import load_pretrained
-
-        return load_pretrained(directory, **model_kwargs)
+        """Load what ``save_pretrained`` wrote; see ``quietstar.model.checkpoint.load_pretrained``."""
+        return load_pretrained(directory, cls, **model_kwargs)
 
     # --- argument checks ------------------------------------------------------------
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from quietstar._checks import INT_DTYPES, check_int, check_positive_float, check_tensor
-from quietstar.backbone import run_backbone
-from quietstar.cache import KVCache
-from quietstar.layout import TreeLayout, base_positions
-from quietstar.sampling import head_logits, sample_tokens
+from quietstar.model.backbone import run_backbone
+from quietstar.model.cache import KVCache
+from quietstar.model.sampling import head_logits, sample_tokens
+from quietstar.ops.layout import TreeLayout, base_positions
 
 
 @dataclass

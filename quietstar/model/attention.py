@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quietstar.layout import TreeLayout
+from quietstar.ops.layout import TreeLayout
 from quietstar.ops.tree_attention import tree_attention
 
 ATTENTION_NAME = "quietstar"
