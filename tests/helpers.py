@@ -63,3 +63,34 @@ def quietstar_model(architecture: str = "llama", tokenizer=None, **config):
     qs = QuietStarModel(tiny_causal_lm(architecture), tokenizer, QuietStarConfig(**config))
     torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
     return qs
+
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "Every good boy deserves fruit. Two plus two is four, and four plus four is eight. "
+    "She sells sea shells by the sea shore. The rain in Spain stays mainly in the plain. "
+)
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained here on ``CORPUS`` (no network), with EOS and
+    pad tokens, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_model_folder(path, architecture: str = "llama", **overrides):
+    """A Hugging Face model folder (random weights, its tokenizer) of a tiny Llama-family model
+    whose vocabulary fits ``tiny_tokenizer``; returns ``path``."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(architecture, **{"vocab_size": len(tokenizer), **overrides})
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

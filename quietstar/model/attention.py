@@ -57,6 +57,10 @@ def quietstar_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
             **kwargs,
         )
+    # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half: the op
+    # takes one dtype, the autocast one.
+    dtype = autocast_dtype(query.device) or query.dtype
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     out = tree_attention(
         query,
         key,
@@ -69,6 +73,13 @@ def quietstar_attention_forward(
         backend=tree_layout.backend,
     )
     return out.transpose(1, 2), None
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` right now, or None when it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 def register_attention() -> None:

@@ -8,6 +8,7 @@ model has one, plus ``quietstar.safetensors`` (meta-token embeddings and mixing 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -20,34 +21,69 @@ from quietstar.model.mixing import MixingHead
 
 logger = logging.getLogger(__name__)
 
+MODEL_WEIGHTS = "model.safetensors"  # the base model, as transformers writes it
 QUIETSTAR_WEIGHTS = "quietstar.safetensors"
 LEGACY_LAST_BIAS = "mlp.4.bias"  # the mixing head's last-layer bias, saved before quietstar 0.2
 QUIETSTAR_CONFIG = "quietstar_config.json"
 ATTENTION_FOR_SAVING = "sdpa"
+MODEL_PREFIX = "model."  # QuietStarModel's attribute holding the base model
 
 
-def _quietstar_state(qs) -> dict[str, torch.Tensor]:
-    state = {"meta_embeddings": qs.meta_embeddings}
-    state.update({f"mixing_head.{k}": v for k, v in qs.mixing_head.state_dict().items()})
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+def save_pretrained(qs, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``qs`` (base model, tokenizer, quietstar parts, config) to ``directory``.
 
-
-def save_pretrained(qs, directory: str | Path) -> None:
-    """Write ``qs`` (base model, tokenizer, quietstar parts, config) to ``directory``."""
+    Args:
+        qs: the ``QuietStarModel``.
+        directory: created if missing.
+        state_dict: ``qs``'s full state dict to write instead of ``qs.state_dict()`` (a
+            sharded model's gathered weights); keys as in ``qs.state_dict()``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = qs.model.config
-    saved_attention = config._attn_implementation
+    state = qs.state_dict() if state_dict is None else state_dict
+    model_state = {k.removeprefix(MODEL_PREFIX): v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    for key in _tied_keys(qs.model):
+        model_state.pop(key, None)
+    quietstar_state = {k: v for k, v in state.items() if not k.startswith(MODEL_PREFIX)}
+    save_file(_contiguous_cpu(model_state), str(directory / MODEL_WEIGHTS), metadata={"format": "pt"})
+    save_file(_contiguous_cpu(quietstar_state), str(directory / QUIETSTAR_WEIGHTS))
+    config = copy.deepcopy(qs.model.config)
     # The saved config names a standard implementation, so the directory loads anywhere.
     config._attn_implementation = ATTENTION_FOR_SAVING
-    try:
-        qs.model.save_pretrained(directory, safe_serialization=True)
-    finally:
-        config._attn_implementation = saved_attention
+    config.save_pretrained(directory)
+    if getattr(qs.model, "generation_config", None) is not None:
+        qs.model.generation_config.save_pretrained(directory)
     if qs.tokenizer is not None:
         qs.tokenizer.save_pretrained(directory)
-    save_file(_quietstar_state(qs), str(directory / QUIETSTAR_WEIGHTS))
     (directory / QUIETSTAR_CONFIG).write_text(json.dumps(qs.config.to_dict(), indent=2))
+
+
+def read_state_dict(directory: str | Path, qs) -> dict[str, torch.Tensor]:
+    """The full state dict of ``qs`` (keys as ``qs.state_dict()``) stored in a checkpoint
+    ``directory``, tied weights filled in; for loading into a model that already exists."""
+    directory = Path(directory)
+    state = {MODEL_PREFIX + k: v for k, v in load_file(str(directory / MODEL_WEIGHTS)).items()}
+    for key, source in _tied_keys(qs.model).items():
+        state[MODEL_PREFIX + key] = state[MODEL_PREFIX + source]
+    state.update(load_file(str(directory / QUIETSTAR_WEIGHTS)))
+    return state
+
+
+def _tied_keys(model) -> dict[str, str]:
+    """``{key: key it shares storage with}`` of the model's tied parameters (the output
+    embedding tied to the input one), which a checkpoint stores once."""
+    names: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in names:
+            tied[name] = names[id(param)]
+        else:
+            names[id(param)] = name
+    return tied
+
+
+def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def load_pretrained(directory: str | Path, model_class, **model_kwargs):

@@ -58,3 +58,58 @@ def load_gguf(path: str | Path, dtype=None):
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), tokenizer
+
+
+def is_quietstar_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that ``QuietStarModel.save_pretrained`` wrote."""
+    from quietstar.model.checkpoint import QUIETSTAR_CONFIG, QUIETSTAR_WEIGHTS
+
+    path = Path(path)
+    return (path / QUIETSTAR_WEIGHTS).is_file() and (path / QUIETSTAR_CONFIG).is_file()
+
+
+def load_quietstar(path: str | Path, config=None):
+    """A ``QuietStarModel`` from what a user points at: a ``QuietStarModel`` checkpoint, a
+    Hugging Face model folder (with its tokenizer) or a GGUF file.
+
+    Args:
+        path: the folder or file.
+        config: ``QuietStarConfig`` to use (default: the checkpoint's, else the defaults). A
+            checkpoint's mixing head must have been trained with the same ``mix`` mode.
+
+    Raises:
+        ValueError: a path that is none of these, naming it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quietstar.model.quietstar_model import QuietStarModel
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = load_gguf(path)
+        return QuietStarModel(model, _with_pad_token(tokenizer), config)
+    if is_quietstar_checkpoint(path):
+        qs = QuietStarModel.from_pretrained(path)
+        if config is not None and config != qs.config:
+            if config.mix != qs.config.mix:
+                raise ValueError(f"{path}: its mixing head was trained with mix={qs.config.mix!r}, not {config.mix!r}")
+            logger.info("%s: using the given QuietStarConfig instead of the saved one", path)
+            qs.config = config
+        if qs.tokenizer is not None:
+            _with_pad_token(qs.tokenizer)
+        return qs
+    if path.is_dir() and (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return QuietStarModel(model, _with_pad_token(tokenizer), config)
+    raise ValueError(
+        f"model {str(path)!r} is not a QuietStarModel checkpoint, a Hugging Face model folder (config.json) "
+        "or a .gguf file"
+    )
+
+
+def _with_pad_token(tokenizer):
+    """Batches need a pad token: the EOS token stands in when the tokenizer has none."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

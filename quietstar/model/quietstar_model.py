@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quietstar._checks import INT_DTYPES, check_tensor
-from quietstar.model.attention import check_supported, patch
+from quietstar.model.attention import autocast_dtype, check_supported, patch
 from quietstar.model.backbone import run_backbone
 from quietstar.model.cache import KVCache
 from quietstar.model.checkpoint import load_pretrained, save_pretrained
@@ -63,6 +63,15 @@ class QuietStarOutput:
     rewards: torch.Tensor
     mixing_weight: torch.Tensor
     thoughts: torch.Tensor
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        """A field by name or by position (``out[0]`` and ``out["loss"]`` are the loss), as
+        transformers' ``Trainer`` reads a model's output."""
+        if isinstance(key, str):
+            if key not in self.__dataclass_fields__:
+                raise KeyError(key)
+            return getattr(self, key)
+        return getattr(self, list(self.__dataclass_fields__)[key])
 
 
 @dataclass
@@ -206,8 +215,12 @@ class QuietStarModel(nn.Module):
         against ``targets [...]`` with the model's lm_head and masked meta ids; returns ``[...]``."""
         weight, bias = self.lm_head
         width = hidden.shape[-1]
+        # The op takes one dtype: under autocast the half one (it accumulates in float32).
+        dtype = autocast_dtype(hidden.device) or hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         if mix is not None:
-            mix = (mix[0].reshape(-1, width), mix[1].reshape(-1))
+            mix = (mix[0].reshape(-1, width).to(dtype), mix[1].reshape(-1))
         nll = linear_cross_entropy(
             hidden.reshape(-1, width),
             weight,

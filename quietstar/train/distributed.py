@@ -1,0 +1,105 @@
+"""Processes of a run on PyTorch's own distributed engine (``torchrun``): DDP by default, FSDP2
+(``fully_shard``, one unit per decoder layer) on request; a single process needs neither."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process stands in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str) -> ProcessGroup:
+    """Join the run ``torchrun`` started (gloo on CPU, NCCL on CUDA), or run alone.
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+
+    Raises:
+        ValueError: ``cuda`` without a CUDA device.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        logger.info("process %d of %d on %s", rank, world, where)
+    return ProcessGroup(rank, world, where)
+
+
+def teardown(group: ProcessGroup) -> None:
+    if group.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(qs: nn.Module, group: ProcessGroup, fsdp: bool) -> nn.Module:
+    """The module the training step calls: ``qs`` itself alone, else DDP or FSDP2 over it."""
+    if not group.distributed:
+        if fsdp:
+            logger.warning("fsdp needs several processes (torchrun); running unsharded")
+        return qs
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in qs.model.model.layers:
+            fully_shard(layer)
+        fully_shard(qs)
+        return qs
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(qs, device_ids=device_ids)
+
+
+def sum_over_processes(values: dict[str, float], group: ProcessGroup) -> dict[str, float]:
+    """Each value summed over the processes of the run (float64, so counts stay exact)."""
+    if not group.distributed:
+        return dict(values)
+    names = sorted(values)
+    packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=group.device)
+    dist.all_reduce(packed)
+    return dict(zip(names, packed.tolist()))
+
+
+def barrier(group: ProcessGroup) -> None:
+    if group.distributed:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, group: ProcessGroup) -> bool:
+    """True if any process raised ``flag`` (e.g. a signal that reached only some)."""
+    if not group.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=group.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,56 @@
+"""Where a run's records go: ``OUT/metrics.jsonl`` (one JSON object per optimizer step, and one
+per validation with ``"split": "eval"``) and TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends records to ``out/metrics.jsonl`` (and TensorBoard's event files in ``out/tb``).
+
+    Args:
+        out: the run's folder.
+        resumed_step: when resuming, records of later steps (written after the checkpoint,
+            before the run stopped) are dropped, so the file holds each step once.
+        enabled: only the first process of a run writes.
+    """
+
+    def __init__(self, out: Path, resumed_step: int | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / METRICS_FILE
+        self.tensorboard = None
+        if not enabled:
+            return
+        if resumed_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+        else:
+            self.tensorboard = SummaryWriter(str(out / "tb"), purge_step=resumed_step)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            split = record.get("split", "train")
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.tensorboard.add_scalar(f"{split}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,93 @@
+"""Training on several processes (torchrun, gloo on CPU): two processes of batch 1 take the
+same steps as one process of batch 2, with DDP and with FSDP2, given the same thoughts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import CORPUS, tiny_model_folder
+from safetensors.torch import load_file
+
+from quietstar import QuietStarConfig
+from quietstar.model.loaders import load_quietstar
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on the PATH")
+
+# Thoughts that depend on the sample alone (not on which process or batch row holds it), so
+# the runs can be compared step for step; the trainer's own sampling draws per process.
+DRIVER = '''
+import sys
+import torch
+from quietstar.model.quietstar_model import QuietStarModel
+
+
+def thoughts_of_the_sample(self, input_ids, attention_mask=None, generator=None):
+    cfg = self.config
+    vocab = self.lm_head[0].shape[0]
+    branch = torch.arange(cfg.n_thoughts, device=input_ids.device)[None, :, None, None]
+    step = torch.arange(cfg.thought_tokens, device=input_ids.device)
+    return (input_ids[:, None, :, None] * 7 + branch * 13 + step * 5 + 3) % vocab
+
+
+QuietStarModel.sample_thoughts = thoughts_of_the_sample
+from quietstar.train.cli import main
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    # A checkpoint whose mixing head already mixes: at the zero start the rewards are float32
+    # noise (talk equals base), and a noise-driven policy gradient differs between any two runs.
+    qs = load_quietstar(tiny_model_folder(root / "hf"), QuietStarConfig(thought_tokens=2, talk_tokens=2))
+    torch.nn.init.normal_(qs.mixing_head.mlp[-1].weight, std=0.3, generator=torch.Generator().manual_seed(3))
+    qs.save_pretrained(root / "model")
+    (root / "corpus.txt").write_text(CORPUS * 20, encoding="utf-8")
+    (root / "driver.py").write_text(DRIVER)
+    return root
+
+
+def run(workspace, out, processes: int, batch_size: int, *extra: str):
+    options = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "corpus.txt"), "--out", str(out),
+               "--cache-dir", str(workspace / "cache"), "--max-steps", "3", "--seq-len", "16", "--grad-accum", "1",
+               "--batch-size", str(batch_size), "--thought-tokens", "2", "--talk-tokens", "2", "--lr", "0.05",
+               "--warmup-steps", "1", "--policy-weight", "100", "--tokenizer-workers", "0", "--save-every", "0",
+               # Adam's eps far above the gradients makes its step proportional to the gradient:
+               # with the default, coordinates whose gradient is float32 noise would move by
+               # a whole learning rate in either direction, and the weights could not be compared.
+               "--adam-eps", "1", *extra]
+    launcher = ["torchrun", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    done = subprocess.run(launcher + [str(workspace / "driver.py")] + options, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = out / "checkpoint-3"
+    return records, {**load_file(str(final / "model.safetensors")), **load_file(str(final / "quietstar.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def single(workspace):
+    return run(workspace, workspace / "single", processes=1, batch_size=2)
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_processes_of_batch_one_equal_one_process_of_batch_two(workspace, single, sharding):
+    records, final = run(workspace, workspace / f"two{'-'.join(sharding)}", 2, 1, *sharding)
+    expected_records, expected_final = single
+    for got, want in zip(records, expected_records):
+        assert got["tokens"] == want["tokens"]
+        for name in ("loss", "nll_loss", "grad_norm"):
+            assert got[name] == pytest.approx(want[name], rel=1e-5), (got["step"], name)
+        # Rewards are differences of NLLs a million times larger here: compare the policy
+        # loss on the scale of the NLLs (float32 rounding of the averaged gradients moves it).
+        assert got["policy_loss"] == pytest.approx(want["policy_loss"], abs=1e-5 * want["nll_loss"]), got["step"]
+    assert final.keys() == expected_final.keys()
+    for name, value in expected_final.items():
+        error = ((final[name].double() - value.double()).norm() / value.double().norm().clamp(min=1e-30)).item()
+        assert error <= 1e-5, (name, error)

@@ -1,0 +1,132 @@
+"""The trainer: it learns, its records, checkpoints that resume exactly, a clean stop on
+SIGTERM, and QuietStarModel under transformers' Trainer."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import CORPUS, tiny_model_folder
+from safetensors.torch import load_file
+
+from quietstar.train import TrainConfig, train
+from quietstar.train.checkpoints import list_checkpoints
+
+SMALL = dict(seq_len=16, batch_size=1, grad_accum=2, thought_tokens=2, talk_tokens=2, n_thoughts=2, warmup_steps=1,
+             policy_weight=100.0, tokenizer_workers=0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tiny_model_folder(root / "model")
+    (root / "corpus.txt").write_text(CORPUS * 20, encoding="utf-8")
+    return root
+
+
+def config(workspace, out, **options):
+    values = dict(model=str(workspace / "model"), data=[str(workspace / "corpus.txt")], out=str(out),
+                  cache_dir=str(workspace / "cache"), **SMALL)
+    return TrainConfig(**{**values, **options})
+
+
+def weights(folder):
+    return {**load_file(str(folder / "model.safetensors")), **load_file(str(folder / "quietstar.safetensors"))}
+
+
+def test_a_short_run_lowers_the_loss_and_writes_every_record(workspace, tmp_path):
+    records = train(config(workspace, tmp_path / "run", max_steps=8, lr=3e-3, eval_fraction=0.0, save_every=0))
+    losses = [r["nll_loss"] for r in records]
+    assert losses[-1] < losses[0]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    required = {"step", "loss", "nll_loss", "policy_loss", "reward_mean", "reward_positive_fraction",
+                "mixing_weight_mean", "lr", "grad_norm", "tokens_per_s", "seconds"}
+    assert required <= set(lines[0]) and all(r["split"] == "train" for r in lines)
+    assert all(r["tokens"] == 2 * 16 for r in lines)  # grad_accum x batch x L real tokens
+    assert lines[0]["lr"] == pytest.approx(3e-3)  # warm-up of one step
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [8]  # the last step is always saved
+
+
+def test_validation_records_base_and_thinking_nll(workspace, tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": CORPUS[i:] * 2}) + "\n" for i in range(0, 100, 10)))
+    run = config(workspace, tmp_path / "run", data=[str(tmp_path / "docs.jsonl")], max_steps=2, eval_fraction=0.3,
+                 eval_every=1, eval_batches=2, save_every=0)
+    evals = [r for r in train(run) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["tokens"] > 0 and 0 < r["nll_base"] < 20 and 0 < r["nll_thinking"] < 20 for r in evals)
+
+
+def test_two_steps_then_resume_equal_four_steps_bitwise(workspace, tmp_path):
+    straight = train(config(workspace, tmp_path / "a", max_steps=4, lr=1e-3, save_every=0))
+    train(config(workspace, tmp_path / "b", max_steps=2, lr=1e-3, save_every=2))
+    resumed = train(config(workspace, tmp_path / "b", max_steps=4, lr=1e-3, save_every=2, resume=True))
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in straight[2:]] == [r["loss"] for r in resumed]
+    final_a, final_b = weights(tmp_path / "a" / "checkpoint-4"), weights(tmp_path / "b" / "checkpoint-4")
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_only_the_newest_checkpoints_are_kept(workspace, tmp_path):
+    train(config(workspace, tmp_path / "run", max_steps=5, save_every=1, keep=2))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [4, 5]
+    assert not list((tmp_path / "run").glob(".checkpoint-*"))
+
+
+def test_resume_refuses_options_that_would_change_the_run(workspace, tmp_path):
+    train(config(workspace, tmp_path / "run", max_steps=1))
+    with pytest.raises(ValueError, match=r"options changed since it was saved \(lr"):
+        train(config(workspace, tmp_path / "run", max_steps=2, lr=1e-3, resume=True))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(workspace, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "quietstar", "train", "--model", str(workspace / "model"),
+               "--data", str(workspace / "corpus.txt"), "--out", str(out), "--cache-dir", str(workspace / "cache"),
+               "--max-steps", "100000", "--save-every", "0", "--seq-len", "16", "--grad-accum", "1",
+               "--thought-tokens", "2", "--talk-tokens", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    saved = list_checkpoints(out)
+    assert len(saved) == 1
+    assert saved[0][0] == len(metrics.read_text().splitlines())  # the checkpoint is at the last step run
+    assert "continue with --resume" in stderr
+
+
+def test_quietstar_model_trains_under_the_transformers_trainer(workspace, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from quietstar import QuietStarConfig
+    from quietstar.model.loaders import load_quietstar
+
+    qs = load_quietstar(workspace / "model", QuietStarConfig(thought_tokens=2, talk_tokens=2, n_thoughts=2))
+    encoded = qs.tokenizer([CORPUS[:60], CORPUS[40:90]], padding=True, return_tensors="pt")
+    rows = [{"input_ids": encoded.input_ids[i], "attention_mask": encoded.attention_mask[i]} for i in range(2)]
+    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                                  save_strategy="no", use_cpu=True, learning_rate=1e-3)
+    before = qs.mixing_head.mlp[-1].weight.detach().clone()
+    result = Trainer(model=qs, args=arguments, train_dataset=rows).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(qs.mixing_head.mlp[-1].weight, before)  # the mixing head learned
+    out = qs(encoded.input_ids, encoded.attention_mask)
+    assert out[0] is out["loss"] is out.loss
+
+
+def test_bf16_autocast_step_matches_float32_at_bf16_precision(workspace, tmp_path):
+    full = train(config(workspace, tmp_path / "f32", max_steps=1, save_every=0))
+    half = train(config(workspace, tmp_path / "bf16", max_steps=1, save_every=0, dtype="bf16"))
+    assert half[0]["nll_loss"] == pytest.approx(full[0]["nll_loss"], rel=2e-2)
