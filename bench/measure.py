@@ -29,18 +29,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: Callable[[], object], device: torch.device, repeats: int) -> dict:
-    """Run ``step`` once to warm up, once for peak memory, then ``repeats`` times for time.
+def measure(step: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> dict:
+    """Run ``step`` once to warm up, once for peak memory, then ``repeats`` times for time; with
+    ``warmup=False`` (a step long enough to time once) the memory run is the only timed run.
 
     Returns:
         ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``.
     """
-    step()
+    if warmup:
+        step()
     gc.collect()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
         step()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - before
@@ -48,11 +51,15 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int) -> d
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident size
         before = _proc_status_kib("VmRSS") * 1024
+        started = time.perf_counter()
         step()
         # The kernel's RSS counters are batched per thread: a step that allocates nothing
         # new can read a few pages below ``before``.
         peak = max(0, _proc_status_kib("VmHWM") * 1024 - before)
+    memory_run_s = time.perf_counter() - started
     gc.collect()
+    if not warmup:
+        return {"peak_mib": peak / MIB, "times_s": [memory_run_s], "time_s": memory_run_s}
     times = []
     for _ in range(repeats):
         _sync(device)

@@ -2,6 +2,7 @@
 
     python bench/run.py                      # every case at the issues' target sizes
     python bench/run.py --quick              # tiny sizes, about two minutes (a smoke run)
+    python bench/run.py --full               # the target sizes in full where the default cuts them down
     python bench/run.py --case tree_attention --repeats 5 --json out.json
 
 Each (case, variant) runs in a fresh worker process so that peak memory is its own
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from cases import CASES  # noqa: E402
+from cases import CASES, SCALES  # noqa: E402
 from measure import matmul_tflops, measure, probe_fits  # noqa: E402
 
 DEFAULT_JSON = HERE / "out" / "results.json"
@@ -46,7 +47,7 @@ def run_worker(spec: dict) -> dict:
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
-    return {**info, **measure(step, device, spec["repeats"])}
+    return {**info, **measure(step, device, spec["repeats"], warmup=not getattr(case, "SINGLE_RUN", False))}
 
 
 def spawn_worker(spec: dict) -> dict:
@@ -128,10 +129,10 @@ def environment(device: torch.device) -> dict:
 
 def format_table(results: list[dict]) -> str:
     """The results as a markdown table (printed, and written next to the JSON)."""
-    rows = [("case", "size", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "TFLOP/s", "of matmul", "x floor", "note")]
+    rows = [("case", "size", "variant", "time (ms)", "speed-up", "peak (MiB)", "memory ratio", "TFLOP/s", "of matmul", "x floor", "tokens/s", "note")]
     for r in results:
         if "error" in r or "skipped" in r:
-            rows.append((r["case"], r["label"], r["variant"], *["-"] * 7, r.get("error") or f"skipped: {r['skipped']}"))
+            rows.append((r["case"], r["label"], r["variant"], *["-"] * 8, r.get("error") or f"skipped: {r['skipped']}"))
             continue
         rows.append(
             (
@@ -145,6 +146,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['tflops']:.0f}" if r.get("tflops") else "-",
                 f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "-",
                 f"{r['floor_ratio']:.2f}x" if r.get("floor_ratio") else "-",
+                f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-",
                 r.get("note", ""),
             )
         )
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--variant", nargs="+", help="run only these variants (the baseline always runs for ratios)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about two minutes")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_const", const="quick", dest="scale", help="tiny sizes: a smoke run in about two minutes")
+    scale.add_argument("--full", action="store_const", const="full", dest="scale", help="the target sizes in full (the default cuts some down)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up and memory runs")
     parser.add_argument(
         "--json", type=Path, help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE)} or, with --max-length, {MAX_LENGTH_JSON.relative_to(HERE)}); a .md table is written beside it"
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
-        sizes[name] = case.sizes(device, args.quick)
+        sizes[name] = case.sizes(device, args.scale or "default")
         floor = getattr(case, "floor", lambda device: None)(device)
         skip = getattr(case, "skip", lambda variant, size, device: None)
         print(f"{name}: {sizes[name]}", flush=True)
@@ -234,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                     record.update(spawn_worker(spec))
                     if device.type == "cuda" and "time_s" in record:
                         record["useful_flops"] = case.useful_flops(size, variant)
+                    if hasattr(case, "tokens") and "time_s" in record:
+                        record["tokens_per_s"] = case.tokens(size) / record["time_s"]
                 results.append(record)
                 print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
             add_ratios(results, case.baseline(device), floor, matmul)
             all_results.extend(results)
             # Written after every size, so a run cut short keeps what it measured.
-            report = {"environment": env, "quick": args.quick, "results": all_results}
+            report = {"environment": env, "scale": args.scale or "default", "results": all_results}
             write_report(args.json or DEFAULT_JSON, report, format_report("bench/run.py", env, sizes, format_table(all_results)))
 
     print()
@@ -254,7 +260,7 @@ def report_max_length(args, device: torch.device) -> int:
         case = CASES[name]
         if not hasattr(case, "LENGTH_KEY"):
             continue
-        size = case.sizes(device, args.quick)[0]
+        size = case.sizes(device, args.scale or "default")[0]
         sizes[name] = {**size, case.LENGTH_KEY: "varied"}
         for variant in selected(case.LENGTH_VARIANTS, args.variant):
             search = longest_length(name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit)

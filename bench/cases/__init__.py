@@ -3,8 +3,9 @@
 * ``baseline(device)``: the variant every ratio is taken against (the dense reference where it
   can run);
 * ``variants(device)``: the variants to run (backends, then public alternatives);
-* ``sizes(device, quick)``: the problem sizes, each a dict (the issues' target sizes by
-  default);
+* ``sizes(device, scale)``: the problem sizes, each a dict; ``scale`` is ``"quick"`` (a smoke
+  run), ``"default"`` (the issues' target sizes, or a cut-down version of them where they
+  take long) or ``"full"`` (the target sizes in full);
 * ``label(size)``: a short name of one size for the table;
 * ``build(variant, size, device)``: make the inputs and return a no-argument step (forward +
   backward unless the variant says otherwise) and a dict of notes;
@@ -12,14 +13,17 @@
   not an implementation's), for TFLOP/s;
 
 and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
-table shows each variant's time over it), and ``skip(variant, size, device)``: why a variant
-does not run at a size (None when it does).
+table shows each variant's time over it), ``skip(variant, size, device)``: why a variant
+does not run at a size (None when it does), and ``SINGLE_RUN = True``: a step is long enough
+to be timed once, without the warm-up and memory runs.
 """
 
-from cases import linear_cross_entropy, training_step, tree_attention
+from cases import linear_cross_entropy, train, training_step, tree_attention
 
 CASES = {
     "tree_attention": tree_attention,
     "linear_cross_entropy": linear_cross_entropy,
     "training_step": training_step,
+    "train": train,
 }
+SCALES = ("quick", "default", "full")

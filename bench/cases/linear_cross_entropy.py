@@ -34,8 +34,8 @@ def variants(device: torch.device) -> list[str]:
     return ["reference", "torch", "triton"] + liger
 
 
-def sizes(device: torch.device, quick: bool) -> list[dict]:
-    if quick:
+def sizes(device: torch.device, scale: str) -> list[dict]:
+    if scale == "quick":
         return [dict(rows=256, width=64, vocab=2048)]
     if device.type == "cpu":
         return [dict(rows=4096, width=576, vocab=49152)]  # SmolLM2-135M's width and vocabulary

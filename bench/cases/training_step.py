@@ -50,8 +50,8 @@ def variants(device: torch.device) -> list[str]:
     return ["reference", "quietstar", "quietstar+sampling", "quietstar-no-checkpointing"]
 
 
-def sizes(device: torch.device, quick: bool) -> list[dict]:
-    if quick:
+def sizes(device: torch.device, scale: str) -> list[dict]:
+    if scale == "quick":
         return [dict(model="smollm2-135m", batch=1, length=16, thought_tokens=2, talk_tokens=2, n_thoughts=1, layers=2)]
     if device.type == "cpu":
         return [dict(model="smollm2-135m", batch=1, length=128, thought_tokens=9, talk_tokens=4, n_thoughts=1, layers=30)]

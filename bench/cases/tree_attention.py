@@ -37,8 +37,8 @@ def variants(device: torch.device) -> list[str]:
     return ["reference", "torch", "flex"]
 
 
-def sizes(device: torch.device, quick: bool) -> list[dict]:
-    if quick:
+def sizes(device: torch.device, scale: str) -> list[dict]:
+    if scale == "quick":
         return [dict(batch=1, q_heads=4, kv_heads=2, head_dim=32, slot_len=32, n_slots=5, n_thoughts=2)]
     if device.type == "cpu":
         # The paper's setting: two branches of 14 chain steps (29 slots) at length 256.

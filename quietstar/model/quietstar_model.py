@@ -186,7 +186,8 @@ class QuietStarModel(nn.Module):
             return embedding.mean(0)
         ids = tokenizer.encode(META_TOKEN_INIT_TEXT, add_special_tokens=False)
         if not ids:
-            raise ValueError(f"the tokenizer encodes {META_TOKEN_INIT_TEXT!r} as no token; meta tokens start from its first")
+            logger.warning("the tokenizer encodes %r as no token: meta-token embeddings start at the mean input embedding", META_TOKEN_INIT_TEXT)
+            return embedding.mean(0)
         return embedding[ids[0]]
 
     # --- parts ----------------------------------------------------------------------

@@ -5,16 +5,19 @@ included) and the run's options.
 
 A checkpoint is written into a hidden ``.checkpoint-STEP.partial`` folder and renamed when
 complete, so a kill while saving leaves the previous checkpoints intact; only the newest
-``keep`` are kept. Sharded (FSDP2) and replicated (DDP) models are gathered into one full state
+``keep`` are kept. The files are written in a background thread from a snapshot, while
+training goes on. Sharded (FSDP2) and replicated (DDP) models are gathered into one full state
 dict on the first process, so a checkpoint reloads with any number of processes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -28,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from quietstar.model.checkpoint import read_state_dict, save_pretrained
 from quietstar.train.config import TrainConfig
-from quietstar.train.distributed import ProcessGroup, barrier
+from quietstar.train.distributed import ProcessGroup, gather_to_main
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +57,71 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(
-    out: Path, step: int, qs, module, optimizer, scheduler, generator: torch.Generator, config: TrainConfig,
-    group: ProcessGroup,
-) -> Path:
-    """Write ``OUT/checkpoint-STEP`` (every process must call this); returns its path."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(module, options=full)
-    optimizer_state = get_optimizer_state_dict(module, optimizer, options=full)
-    partial = out / f".{PREFIX}{step}.partial"
-    final = out / f"{PREFIX}{step}"
-    if group.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        save_pretrained(qs, partial, state_dict=model_state)
-        config.write_yaml(partial / TRAIN_CONFIG)
-    barrier(group)
-    torch.save(_rng_state(generator, group), partial / rng_file(group.rank))
-    barrier(group)
-    if group.is_main:
-        # Written last: its presence marks the checkpoint complete.
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, partial / TRAINER_STATE)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for _, old in list_checkpoints(out)[: -config.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("saved %s", final)
-    barrier(group)
-    return final
+class CheckpointWriter:
+    """Saves checkpoints; the writing runs in a background thread of the first process, so
+    training goes on while the files are written.
+
+    ``save`` takes a snapshot (copies of the weights, optimizer state, scheduler and every
+    process's random generators) in the calling thread, where all processes take part, then
+    hands the snapshot to the writer. At most one write is in flight: the next ``save`` and
+    ``wait`` (the run's end) wait for it, and raise what it raised.
+    """
+
+    def __init__(self, out: Path, config: TrainConfig, group: ProcessGroup) -> None:
+        self.out, self.config, self.group = out, config, group
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, qs, module, optimizer, scheduler, generator: torch.Generator, wait: bool = False) -> Path:
+        """Checkpoint ``OUT/checkpoint-STEP`` (every process must call this); ``wait`` returns
+        only once it is on disk."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = _copy(get_model_state_dict(module, options=full))
+        optimizer_state = _copy(get_optimizer_state_dict(module, optimizer, options=full))
+        rng_states = gather_to_main(_rng_state(generator, self.group), self.group)
+        final = self.out / f"{PREFIX}{step}"
+        if self.group.is_main:
+            self.wait()
+            trainer_state = {"step": step, "optimizer": optimizer_state, "scheduler": copy.deepcopy(scheduler.state_dict())}
+            snapshot = (step, qs, model_state, trainer_state, rng_states)
+            self._thread = threading.Thread(target=self._write, args=snapshot, name=f"checkpoint-{step}", daemon=False)
+            self._thread.start()
+            if wait:
+                self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    def _write(self, step: int, qs, model_state: dict, trainer_state: dict, rng_states: list) -> None:
+        try:
+            partial = self.out / f".{PREFIX}{step}.partial"
+            final = self.out / f"{PREFIX}{step}"
+            shutil.rmtree(partial, ignore_errors=True)
+            save_pretrained(qs, partial, state_dict=model_state)
+            self.config.write_yaml(partial / TRAIN_CONFIG)
+            for rank, state in enumerate(rng_states):
+                torch.save(state, partial / rng_file(rank))
+            # Written last: its presence marks the checkpoint complete.
+            torch.save(trainer_state, partial / TRAINER_STATE)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            for _, old in list_checkpoints(self.out)[: -self.config.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("saved %s", final)
+        except BaseException as error:  # noqa: BLE001  (re-raised in the training thread by wait)
+            self._error = error
+
+
+def _copy(state: dict) -> dict:
+    """A deep copy whose tensors no longer share memory with the live model or optimizer."""
+    return copy.deepcopy(state)
 
 
 def load_checkpoint(

@@ -91,6 +91,15 @@ def sum_over_processes(values: dict[str, float], group: ProcessGroup) -> dict[st
     return dict(zip(names, packed.tolist()))
 
 
+def gather_to_main(value: object, group: ProcessGroup) -> list | None:
+    """Every process's ``value`` (picklable), in rank order, on the first process; None elsewhere."""
+    if not group.distributed:
+        return [value]
+    gathered = [None] * group.world if group.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def barrier(group: ProcessGroup) -> None:
     if group.distributed:
         dist.barrier()

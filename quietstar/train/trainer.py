@@ -26,7 +26,7 @@ from quietstar.model.quietstar_model import QuietStarModel, Targets, policy_posi
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 from quietstar.train import checkpoints
 from quietstar.train.config import TrainConfig
-from quietstar.train.data import Batch, TokenWindows, load_token_documents, split_documents, step_positions
+from quietstar.train.data import Batch, TokenWindows, find_files, load_token_documents, split_documents, step_positions
 from quietstar.train.distributed import ProcessGroup, barrier, broadcast_flag, setup, sum_over_processes, teardown, wrap
 from quietstar.train.metrics import MetricsLog
 
@@ -87,6 +87,7 @@ class Trainer:
         if config.dtype == "bf16" and self.group.device.type == "cpu" and not bf16_matmul_on_cpu():
             logger.warning("dtype=bf16: this CPU has no bfloat16 matrix instructions (a bfloat16 GEMM runs ~100x "
                            "slower than float32 here); use --dtype float32")
+        find_files(config.data + config.eval_data)  # a bad path fails now, before the model loads
         torch.manual_seed(config.seed)  # the same initial weights in every process
         if qs is None:
             if not config.model:
@@ -101,6 +102,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.qs, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(step, config))
         self.generator = torch.Generator(self.group.device).manual_seed(config.seed * 1_000_003 + self.group.rank)
+        self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
         self._stop_requested = False
 
     # --- data --------------------------------------------------------------------------
@@ -246,10 +248,8 @@ class Trainer:
             found[-1][1], self.qs, self.module, self.optimizer, self.scheduler, self.generator, self.config, self.group
         )
 
-    def _save(self, step: int) -> None:
-        checkpoints.save_checkpoint(
-            self.out, step, self.qs, self.module, self.optimizer, self.scheduler, self.generator, self.config, self.group
-        )
+    def _save(self, step: int, wait: bool) -> None:
+        self.writer.save(step, self.qs, self.module, self.optimizer, self.scheduler, self.generator, wait=wait)
 
     def train(self) -> list[dict]:
         """Run to ``max_steps`` (or until SIGINT/SIGTERM: the step finishes, a checkpoint is
@@ -280,12 +280,14 @@ class Trainer:
                     records.append(self.evaluate(done))
                     log.write(records[-1])
                 stop = broadcast_flag(self._stop_requested, group)
-                if stop or done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
-                    self._save(done)
+                last = stop or done == cfg.max_steps
+                if last or (cfg.save_every and done % cfg.save_every == 0):
+                    self._save(done, wait=last)
                 if stop:
                     logger.warning("stopped at step %d; continue with --resume", done)
                     break
         finally:
+            self.writer.wait()
             progress.close()
             log.close()
             for sig, handler in handlers.items():

@@ -1,0 +1,96 @@
+"""The ``quietstar`` command line: options and their defaults, config files, clear errors with
+exit status 2, and ``generate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import CORPUS, tiny_model_folder
+
+from quietstar.model.quietstar_model import END_THOUGHT, START_THOUGHT
+from quietstar.train import TrainConfig
+from quietstar.train.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model_folder(root / "model")
+    (root / "corpus.txt").write_text(CORPUS * 10, encoding="utf-8")
+    return root
+
+
+def small_run(workspace, out, *extra):
+    return ["train", "--model", str(workspace / "model"), "--data", str(workspace / "corpus.txt"), "--out", str(out),
+            "--cache-dir", str(workspace / "cache"), "--seq-len", "16", "--grad-accum", "1", "--thought-tokens", "2",
+            "--talk-tokens", "2", "--tokenizer-workers", "0", *extra]
+
+
+def test_train_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        assert "--" + field.name.replace("_", "-") in text, field.name
+        assert f"(default: {default!r})" in text, field.name
+
+
+def test_flags_override_the_config_file_which_overrides_the_defaults(workspace, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"max-steps": 2, "lr": 1e-3, "seed": 5}))
+    assert main(small_run(workspace, tmp_path / "run", "--config", str(config), "--lr", "2e-3")) == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (resolved["max_steps"], resolved["lr"], resolved["seed"], resolved["warmup_steps"]) == (2, 2e-3, 5, 20)
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--data", "no/such/file.txt"], "data file 'no/such/file.txt' does not exist"),
+        (["--lr", "-1"], "lr must be a finite number > 0"),
+        (["--model", "no/such/model"], "model 'no/such/model' is not"),
+        (["--thought-tokens", "0"], "thought_tokens must be an int >= 1"),
+    ],
+)
+def test_a_users_mistake_is_one_line_naming_it_and_exit_status_2(workspace, tmp_path, capsys, change, message):
+    argv = small_run(workspace, tmp_path / "run", "--max-steps", "1")
+    flag = change[0]
+    argv = argv[: argv.index(flag)] + change + argv[argv.index(flag) + 2 :] if flag in argv else argv + change
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_missing_options_bad_config_keys_and_unknown_flags_are_usage_errors(workspace, tmp_path, capsys):
+    assert main(["train", "--data", "x.txt"]) == 2
+    assert "--model, --out required" in capsys.readouterr().err
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rate: 0.1\n")
+    assert main(small_run(workspace, tmp_path / "run", "--config", str(config))) == 2
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-such-flag"])
+    assert exit_info.value.code == 2
+
+
+def test_generate_prints_each_tokens_thought_between_markers(workspace, capsys):
+    argv = ["generate", "--model", str(workspace / "model"), "--prompt", "The quick", "--max-new-tokens", "3", "--thought-tokens", "2"]
+    assert main(argv + ["--show-thoughts"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("The quick") and shown.count(START_THOUGHT) == 3 and shown.count(END_THOUGHT) == 3
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("The quick") and START_THOUGHT not in plain
+
+
+def test_python_dash_m_quietstar_runs_the_command_line(workspace):
+    done = subprocess.run([sys.executable, "-m", "quietstar", "generate", "--model", str(workspace / "missing"), "--prompt", "x"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "is not a QuietStarModel checkpoint" in done.stderr
