@@ -57,6 +57,12 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_partial(out: Path) -> None:
+    """Delete checkpoints a killed run left half-written."""
+    for partial in out.glob(f".{PREFIX}*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 class CheckpointWriter:
     """Saves checkpoints; the writing runs in a background thread of the first process, so
     training goes on while the files are written.

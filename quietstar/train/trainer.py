@@ -258,6 +258,7 @@ class Trainer:
         if group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.write_yaml(self.out / "config.yaml")
+            checkpoints.remove_partial(self.out)
         barrier(group)
         start = self._resume()
         log = MetricsLog(self.out, start if cfg.resume else None, enabled=group.is_main)
