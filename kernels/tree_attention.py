@@ -26,16 +26,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_base_block(
-    acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
-    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _base_kv_block(
+    K, V, kv_rows, start_n, offs_d, L,
+    MASKED: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One base key block of the forward's online softmax; returns ``(acc, l_i, m_i)``."""
+    """Keys and values ``[BLOCK_N, D]`` of the base key block at ``start_n``, with the key
+    offsets and which are inside ``L``; unmasked blocks are wholly inside and load without
+    masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < L
     ptrs = (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
     if MASKED:
-        col_ok = offs_n < L
         k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
     else:
@@ -44,6 +45,17 @@ def _fwd_base_block(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    return offs_n, col_ok, k, v
+
+
+@triton.jit
+def _fwd_base_block(
+    acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One base key block of the forward's online softmax; returns ``(acc, l_i, m_i)``."""
+    offs_n, col_ok, k, v = _base_kv_block(K, V, kv_rows, start_n, offs_d, L, MASKED, UPCAST, HEAD_DIM, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         visible = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :]
@@ -164,18 +176,7 @@ def _dq_base_block(
     PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One base key block's contribution to ``dq`` (unscaled); returns ``dq``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    ptrs = (kv_rows + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    if MASKED:
-        col_ok = offs_n < L
-        k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(K + ptrs)
-        v = tl.load(V + ptrs)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    offs_n, col_ok, k, v = _base_kv_block(K, V, kv_rows, start_n, offs_d, L, MASKED, UPCAST, HEAD_DIM, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:

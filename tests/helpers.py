@@ -94,3 +94,11 @@ def tiny_model_folder(path, architecture: str = "llama", **overrides):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def training_workspace(root, corpus_repeats: int = 20):
+    """``root`` with ``model/`` (``tiny_model_folder``) and ``corpus.txt`` for training runs."""
+    tiny_model_folder(root / "model")
+    (root / "corpus.txt").write_text(CORPUS * corpus_repeats, encoding="utf-8")
+    return root
+

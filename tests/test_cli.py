@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import CORPUS, tiny_model_folder
+from helpers import training_workspace
 
 from quietstar.model.quietstar_model import END_THOUGHT, START_THOUGHT
 from quietstar.train import TrainConfig
@@ -18,10 +18,7 @@ from quietstar.train.cli import main
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tiny_model_folder(root / "model")
-    (root / "corpus.txt").write_text(CORPUS * 10, encoding="utf-8")
-    return root
+    return training_workspace(tmp_path_factory.mktemp("cli"), corpus_repeats=10)
 
 
 def small_run(workspace, out, *extra):

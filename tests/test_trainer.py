@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import CORPUS, tiny_model_folder
+from helpers import CORPUS, training_workspace
 from safetensors.torch import load_file
 
 from quietstar.train import TrainConfig, train
@@ -23,10 +23,7 @@ SMALL = dict(seq_len=16, batch_size=1, grad_accum=2, thought_tokens=2, talk_toke
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tiny_model_folder(root / "model")
-    (root / "corpus.txt").write_text(CORPUS * 20, encoding="utf-8")
-    return root
+    return training_workspace(tmp_path_factory.mktemp("train"))
 
 
 def config(workspace, out, **options):
