@@ -91,19 +91,26 @@ def probe_fits(step: Callable[[], object], device: torch.device, budget_bytes: i
     return {"fits": peak <= budget_bytes, "peak_gib": peak / 2**30}
 
 
-def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
-    """The device's measured bfloat16 matrix-product rate (TFLOP/s): the median of ``repeats``
-    ``size``-cubed products on random data (zeros can run faster) after two warm-ups."""
+def matmul_tflops(
+    device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int, int]], repeats: int = 3
+) -> float:
+    """The measured matrix-product rate (TFLOP/s) over ``shapes`` (``(batch, m, k, n)`` each): a
+    case's own products in its dtype, the floor its useful FLOPs are held against. Each shape
+    runs once to warm up, then ``repeats`` times; the rate is all their FLOPs over the sum of
+    the per-shape medians. Inputs are random (zeros can run faster)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(size, size, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e12
-
+    flops = seconds = 0.0
+    for batch, m, k, n in shapes:
+        a = torch.randn(batch, m, k, generator=gen, device=device).to(dtype)
+        b = torch.randn(batch, k, n, generator=gen, device=device).to(dtype)
+        torch.bmm(a, b)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            torch.bmm(a, b)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        flops += 2.0 * batch * m * k * n
+        seconds += statistics.median(times)
+    return flops / seconds / 1e12

@@ -8,9 +8,9 @@
 Each (case, variant) runs in a fresh worker process so that peak memory is its own
 (``bench/measure.py`` says how it is measured). The table reports median time, the speed-up
 ``baseline time / time`` and the memory ratio ``baseline peak / peak`` (the baseline is the
-dense reference, or on CUDA where that cannot fit FlexAttention), and on CUDA the useful
-TFLOP/s, their fraction of the measured bfloat16 matmul rate, and the time over the case's
-floor (plain causal attention for tree attention).
+dense reference, or on CUDA where that cannot fit FlexAttention), the useful TFLOP/s, their
+fraction of the rate of the case's own matrix products (measured in the same run, in its own
+worker), and the time over the case's floor (plain causal attention for tree attention).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cases import CASES, SCALES  # noqa: E402
 from measure import matmul_tflops, measure, probe_fits  # noqa: E402
 
 DEFAULT_JSON = HERE / "out" / "results.json"
+PEAK_MATMUL = (1, 8192, 8192, 8192)  # (batch, m, k, n) of the device's reference rate on CUDA
 MAX_LENGTH_JSON = HERE / "out" / "max_length.json"
 # A fixed mmap threshold stops glibc from keeping freed large buffers resident, so the
 # resident-set peak of one step is the step's own.
@@ -42,7 +43,10 @@ def run_worker(spec: dict) -> dict:
     """Body of a worker process: build one variant, measure it, return the record."""
     device = torch.device(spec["device"])
     if spec.get("matmul"):
-        return {"matmul_tflops": matmul_tflops(device)}
+        if "case" not in spec:  # the device's peak: a large bfloat16 product
+            return {"matmul_tflops": matmul_tflops(device, torch.bfloat16, [PEAK_MATMUL])}
+        dtype, shapes = CASES[spec["case"]].matmul_shapes(spec["size"], device)
+        return {"matmul_tflops": matmul_tflops(device, dtype, shapes)}
     case = CASES[spec["case"]]
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
@@ -143,7 +147,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                 f"{r['peak_mib']:.1f}",
                 f"{r['memory_ratio']:.2f}x" if r.get("memory_ratio") else "-",
-                f"{r['tflops']:.0f}" if r.get("tflops") else "-",
+                f"{r['tflops']:.3g}" if r.get("tflops") else "-",
                 f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "-",
                 f"{r['floor_ratio']:.2f}x" if r.get("floor_ratio") else "-",
                 f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-",
@@ -160,8 +164,10 @@ def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
     """Markdown page of one run: where it ran, the sizes, the table."""
     versions = ", ".join(f"{name} {env[name]}" for name in ("python", "torch", "triton", "transformers"))
     lines = [f"# {title}", "", f"Device: {env['device']}; {versions}; run on {env['date']}."]
-    if env.get("matmul_tflops"):
-        lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['matmul_tflops']:.0f} TFLOP/s.")
+    if env.get("peak_matmul_tflops"):
+        lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['peak_matmul_tflops']:.0f} TFLOP/s.")
+    lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
+                 "rate of the case's own matrix products in its dtype, measured in the same run.")
     lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
@@ -217,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variant: unknown {sorted(set(args.variant) - known)}; the cases have {sorted(known)}")
     if args.max_length:
         return report_max_length(args, device)
-    matmul = spawn_worker({"matmul": True, "device": args.device}).get("matmul_tflops") if device.type == "cuda" else None
-    env = {**environment(device), "matmul_tflops": matmul}
+    peak = spawn_worker({"matmul": True, "device": args.device}).get("matmul_tflops") if device.type == "cuda" else None
+    env = {**environment(device), "peak_matmul_tflops": peak}
     all_results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
@@ -228,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sizes[name]}", flush=True)
         for size in sizes[name]:
             results = []
+            rate = spawn_worker({"matmul": True, "case": name, "size": size, "device": args.device})
+            matmul = rate.get("matmul_tflops")
             for variant in selected(case.variants(device), args.variant, (case.baseline(device), floor)):
                 record = {"case": name, "label": case.label(size), "variant": variant, "size": size}
                 reason = skip(variant, size, device)
@@ -236,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
                     record.update(spawn_worker(spec))
-                    if device.type == "cuda" and "time_s" in record:
-                        record["useful_flops"] = case.useful_flops(size, variant)
+                    if "time_s" in record:
+                        record["useful_flops"] = case.useful_flops(size, variant, device)
                     if hasattr(case, "tokens") and "time_s" in record:
                         record["tokens_per_s"] = case.tokens(size) / record["time_s"]
                 results.append(record)
                 print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
+            for record in results:
+                record["matmul_tflops"] = matmul
             add_ratios(results, case.baseline(device), floor, matmul)
             all_results.extend(results)
             # Written after every size, so a run cut short keeps what it measured.

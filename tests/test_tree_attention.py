@@ -14,7 +14,7 @@ from helpers import DEVICE, relative_error, requires_triton
 from quietstar import tree_attention
 from quietstar.ops.backends import BACKEND_ENV_VAR, resolve_backend
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
 
 
@@ -44,8 +44,9 @@ def run(backend, q, k, v, slot_len, grad_out, **options):
 
 def assert_matches_reference(backend, q, k, v, slot_len, **options):
     tol = TOLERANCE[q.dtype]
-    # The ground truth runs in float32 on the same (possibly half-precision) inputs.
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    # The ground truth runs in float32 (float64 for float64) on the same (possibly half) inputs.
+    truth = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q32, k32, v32 = (t.detach().to(truth).requires_grad_() for t in (q, k, v))
     ref = tree_attention(q32, k32, v32, slot_len, backend="reference", **options)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out)
@@ -96,6 +97,20 @@ def test_matches_reference_float16(backend, case, poisoned_allocations):
 def test_matches_reference_bfloat16(backend, poisoned_allocations):
     q, k, v, mask = make_inputs(2, 4, 2, 7, 5, 5, 32, torch.bfloat16, padded=True)
     assert_matches_reference(backend, q, k, v, 7, n_thoughts=2, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("case", ["L7-two-branches-padded", "L64-Sq-lt-Sk-two-branches", "L100-window-padded-two-branches"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_torch_backend_composed_trunk_matches_reference(case, dtype, monkeypatch, poisoned_allocations):
+    """The torch backend's trunk where PyTorch has no flash kernel that returns the
+    log-sum-exp (CUDA): composed in chunks of KV groups, here forced on CPU."""
+    import quietstar.ops.tree_attention_torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "has_flash_kernel", lambda device: False)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 1)  # one KV group per chunk
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, dtype, padded)
+    assert_matches_reference("torch", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window)
 
 
 @requires_triton

@@ -9,8 +9,10 @@
 * ``label(size)``: a short name of one size for the table;
 * ``build(variant, size, device)``: make the inputs and return a no-argument step (forward +
   backward unless the variant says otherwise) and a dict of notes;
-* ``useful_flops(size)``: the floating-point operations one step must do (the algorithm's,
-  not an implementation's), for TFLOP/s;
+* ``useful_flops(size, variant, device)``: the floating-point operations one step must do
+  (the algorithm's, not an implementation's), for TFLOP/s;
+* ``matmul_shapes(size, device)``: ``(dtype, [(batch, m, k, n), ...])``, the case's own matrix
+  products, whose measured rate is the floor its TFLOP/s are held against;
 
 and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
 table shows each variant's time over it), ``skip(variant, size, device)``: why a variant

@@ -46,7 +46,12 @@ def label(size: dict) -> str:
     return f"V={size['vocab']}"
 
 
-def useful_flops(size: dict, variant: str) -> float:
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+    """The scores' product ``[N, d] x [d, V]`` (on 512 rows: the rate, not the time, matters)."""
+    return DTYPE[device.type], [(1, min(size["rows"], 512), size["width"], size["vocab"])]
+
+
+def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """Three ``N x V x d`` matrix products: the scores, and their gradients to h and W."""
     return 6.0 * size["rows"] * size["vocab"] * size["width"]
 

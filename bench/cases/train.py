@@ -10,6 +10,7 @@ tokenizer is trained here (no download): the cost of a step does not depend on e
 
 from __future__ import annotations
 
+import atexit
 import random
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cases.training_step import MODELS, useful_flops as step_flops
+from cases.training_step import MODELS, matmul_shapes as step_matmul_shapes, useful_flops as step_flops
 
 BASELINE = "bare"
 SINGLE_RUN = True  # one run of the whole schedule is long enough to time
@@ -50,8 +51,12 @@ def tokens(size: dict) -> int:
     return size["steps"] * size["batch"] * size["length"]
 
 
-def useful_flops(size: dict, variant: str) -> float:
-    return size["steps"] * step_flops(size, "quietstar+sampling")
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+    return step_matmul_shapes(size, device)
+
+
+def useful_flops(size: dict, variant: str, device: torch.device) -> float:
+    return size["steps"] * step_flops(size, "quietstar+sampling", device)
 
 
 def _corpus(words: int, seed: int = 0) -> str:
@@ -80,6 +85,7 @@ def build(variant: str, s: dict, device: torch.device):
     from quietstar.train.data import step_positions
 
     work = Path(tempfile.mkdtemp(prefix="quietstar-bench-train-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     text = _corpus(words=40 * s["length"] * s["steps"])
     (work / "corpus.txt").write_text(text)
     torch.manual_seed(0)

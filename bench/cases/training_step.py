@@ -65,7 +65,20 @@ def label(size: dict) -> str:
     return f"B={size['batch']} L={size['length']}"
 
 
-def useful_flops(size: dict, variant: str) -> float:
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+    """The step's own products, once each: a decoder layer's projections and MLP over the tree's
+    tokens, and the lm_head over the scored rows."""
+    cfg = MODELS[size["model"]]
+    d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    n, t_len, k_len = size["n_thoughts"], size["thought_tokens"], size["talk_tokens"]
+    tokens = size["batch"] * (1 + (t_len + 1 + k_len) * n) * size["length"]
+    rows = size["batch"] * size["length"] * (1 + n * (k_len + t_len))
+    kv = kv_heads * d // heads
+    shapes = [(1, tokens, d, d), (1, tokens, d, kv), (1, tokens, d, ffn), (1, tokens, ffn, d), (1, rows, d, cfg["vocab_size"])]
+    return DTYPE[device.type], shapes
+
+
+def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """Model FLOPs of one step (no recomputation counted): 3x the forward's matrix products
     over the tree pass's tokens and the three heads' rows, tree attention's pairs, and for a
     variant that samples, the think phase's forward passes and sampling logits."""

@@ -18,6 +18,9 @@ from quietstar import tree_attention
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 GPU_LENGTHS = (4096, 2048, 1024)  # the target size first: a run cut short keeps it
+CPU_LENGTHS = (256, 1024)  # the default scale runs the first
+# The dense reference's float32 scores alone are B*Hq*(29L)^2*4 bytes: 31 GiB at L=1024.
+REFERENCE_MAX_LENGTH_CPU = 256
 # The torch backend holds one slot's float32 scores at a time: B*Hq*L*L*4 bytes (17 GiB at
 # L=4096 with B=8, Hq=32), several times over in the backward.
 TORCH_BACKEND_MAX_LENGTH_CUDA = 1024
@@ -28,13 +31,13 @@ def baseline(device: torch.device) -> str:
 
 
 def floor(device: torch.device) -> str | None:
-    return "sdpa-causal" if device.type == "cuda" else None
+    return "sdpa-causal"
 
 
 def variants(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["flex", "sdpa-causal", "torch", "triton"]
-    return ["reference", "torch", "flex"]
+    return ["reference", "torch", "flex", "sdpa-causal"]
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -42,7 +45,8 @@ def sizes(device: torch.device, scale: str) -> list[dict]:
         return [dict(batch=1, q_heads=4, kv_heads=2, head_dim=32, slot_len=32, n_slots=5, n_thoughts=2)]
     if device.type == "cpu":
         # The paper's setting: two branches of 14 chain steps (29 slots) at length 256.
-        return [dict(batch=1, slot_len=256, n_slots=29, n_thoughts=2, q_heads=9, kv_heads=3, head_dim=64)]
+        layer = dict(batch=1, n_slots=29, n_thoughts=2, q_heads=9, kv_heads=3, head_dim=64)
+        return [dict(layer, slot_len=length) for length in (CPU_LENGTHS if scale == "full" else CPU_LENGTHS[:1])]
     # A 7B-class layer.
     layer = dict(batch=8, n_slots=29, n_thoughts=2, q_heads=32, kv_heads=8, head_dim=128)
     return [dict(layer, slot_len=length) for length in GPU_LENGTHS]
@@ -55,6 +59,8 @@ def label(size: dict) -> str:
 def skip(variant: str, size: dict, device: torch.device) -> str | None:
     if variant == "torch" and device.type == "cuda" and size["slot_len"] > TORCH_BACKEND_MAX_LENGTH_CUDA:
         return f"not run above L={TORCH_BACKEND_MAX_LENGTH_CUDA} (one slot's float32 scores alone are B*Hq*L*L*4 bytes)"
+    if variant == "reference" and device.type == "cpu" and size["slot_len"] > REFERENCE_MAX_LENGTH_CPU:
+        return f"not run above L={REFERENCE_MAX_LENGTH_CPU} (its dense scores alone are B*Hq*(29L)^2*4 bytes)"
     return None
 
 
@@ -67,12 +73,21 @@ def visible_pairs(size: dict) -> tuple[int, int]:
     return base, chain
 
 
-def useful_flops(size: dict, variant: str) -> float:
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+    """The products of attention over one query slot: scores ``[L, D] x [D, L]`` and output
+    ``[L, L] x [L, D]`` per head."""
+    length, dim, heads = size["slot_len"], size["head_dim"], size["batch"] * size["q_heads"]
+    return DTYPE[device.type], [(heads, length, dim, length), (heads, length, length, dim)]
+
+
+def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """Forward 4 and backward 10 FLOPs per visible (query, key) pair and head dim
-    (FlashAttention's convention: 2 and 5 matrix products); the floor has no chain pairs."""
+    (FlashAttention's convention: 2 and 5 matrix products); the floor has no chain pairs, and
+    FlexAttention on CPU runs the forward only."""
     base, chain = visible_pairs(size)
     pairs = base if variant == "sdpa-causal" else base + chain
-    return 14.0 * size["batch"] * size["q_heads"] * size["head_dim"] * pairs
+    per_pair = 4.0 if variant == "flex" and device.type == "cpu" else 14.0
+    return per_pair * size["batch"] * size["q_heads"] * size["head_dim"] * pairs
 
 
 def _inputs(s: dict, device: torch.device):
