@@ -94,10 +94,29 @@ def test_fast_step_equals_reference_in_float32(n_thoughts):
     assert_fast_step_equals_reference(make_model(n_thoughts=n_thoughts), *batch(), seed=5, dtype=torch.float32)
 
 
-def test_fast_step_without_checkpointing_equals_reference():
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_fast_step_with_and_without_checkpointing_equals_reference(checkpointing):
     qs = make_model()
-    qs.gradient_checkpointing = False
+    qs.gradient_checkpointing = checkpointing
     assert_fast_step_equals_reference(qs, *batch(), seed=2)
+
+
+def test_auto_checkpointing_recomputes_only_when_activations_would_crowd_memory(monkeypatch):
+    import quietstar.model.quietstar_model as module
+
+    qs = make_model()
+    assert qs.gradient_checkpointing == "auto"
+    needed = qs.activation_bytes(300, torch.float32)
+    assert needed == 300 * 2 * (12 * 32 + 4 * 64) * 4  # tokens x layers x values per token x bytes
+    monkeypatch.setattr(module, "available_memory", lambda device: 4 * needed)
+    assert not qs._needs_checkpointing(300)
+    monkeypatch.setattr(module, "available_memory", lambda device: needed)
+    assert qs._needs_checkpointing(300)
+    qs.gradient_checkpointing = True
+    monkeypatch.setattr(module, "available_memory", lambda device: 4 * needed)
+    assert qs._needs_checkpointing(300)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        QuietStarModel(tiny_causal_lm(), gradient_checkpointing="sometimes")
 
 
 def test_fresh_mixing_head_makes_talk_equal_base():

@@ -5,10 +5,10 @@ Random weights (the cost does not depend on them) of SmolLM2-135M's architecture
 layers, width 576, 9 query / 3 KV heads, vocabulary 49,152, float32) and of a 1B-class Llama
 on CUDA (Llama-3.2-1B's shape: 16 layers, width 2048, 32 query / 8 KV heads, vocabulary
 128,256, bfloat16). Variants: ``reference`` (dense masks, full logits, 1 + C passes with
-gradients); ``quietstar`` (the fast path with its default activation checkpointing, thoughts
-given as for the reference); ``quietstar+sampling`` (the same including its own thought
-sampling, i.e. a real training step); ``quietstar-no-checkpointing`` (the fast path keeping
-activations).
+gradients); ``quietstar`` (the fast path with its default ``gradient_checkpointing="auto"``,
+thoughts given as for the reference); ``quietstar+sampling`` (the same including its own
+thought sampling, i.e. a real training step); ``quietstar-checkpointing`` (the fast path with
+checkpointing forced on).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def baseline(device: torch.device) -> str:
 
 
 def variants(device: torch.device) -> list[str]:
-    return ["reference", "quietstar", "quietstar+sampling", "quietstar-no-checkpointing"]
+    return ["reference", "quietstar", "quietstar+sampling", "quietstar-checkpointing"]
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -101,7 +101,7 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     return flops
 
 
-def make_model(s: dict, device: torch.device, gradient_checkpointing: bool = True):
+def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str = "auto"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quietstar import QuietStarConfig, QuietStarModel
@@ -121,7 +121,7 @@ def make_model(s: dict, device: torch.device, gradient_checkpointing: bool = Tru
 def build(variant: str, s: dict, device: torch.device):
     from quietstar.model.reference import reference_forward
 
-    qs = make_model(s, device, gradient_checkpointing=variant != "quietstar-no-checkpointing")
+    qs = make_model(s, device, gradient_checkpointing=True if variant == "quietstar-checkpointing" else "auto")
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = MODELS[s["model"]]["vocab_size"]
     ids = torch.randint(0, vocab, (s["batch"], s["length"]), generator=gen, device=device)
@@ -135,5 +135,5 @@ def build(variant: str, s: dict, device: torch.device):
         return (lambda: backward(reference_forward(qs, ids, thoughts=thoughts).loss)), {}
     if variant == "quietstar+sampling":
         return (lambda: backward(qs(ids, generator=gen).loss)), {"note": "samples its own thoughts"}
-    note = {"note": "activations kept"} if variant == "quietstar-no-checkpointing" else {}
+    note = {"note": "layers recomputed in the backward"} if variant == "quietstar-checkpointing" else {}
     return (lambda: backward(qs(ids, thoughts=thoughts).loss)), note

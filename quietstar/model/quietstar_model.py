@@ -37,6 +37,24 @@ logger = logging.getLogger(__name__)
 START_THOUGHT = "<|startthought|>"
 END_THOUGHT = "<|endthought|>"
 META_TOKEN_INIT_TEXT = "---"
+# gradient_checkpointing="auto" keeps the tree pass's activations if they take at most this
+# share of the memory available on the device.
+AUTO_CHECKPOINT_SHARE = 0.5
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: on CUDA the device's free memory, else the system's available
+    memory (``MemAvailable``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown: checkpoint
 
 
 @dataclass
@@ -131,9 +149,11 @@ class QuietStarModel(nn.Module):
             the meta embeddings start at the embedding of the first token of ``"---"`` (as
             the authors' code). Without one they start at the mean input embedding.
         config: ``QuietStarConfig`` (defaults from SPEC section 3).
-        gradient_checkpointing: recompute each decoder layer of the tree pass in the backward
-            instead of keeping its activations (the tree pass holds ``1 + C * N`` times the
-            tokens of the text, so this is most of the memory; it costs one more forward).
+        gradient_checkpointing: ``True`` recomputes each decoder layer of the tree pass in the
+            backward instead of keeping its activations (the tree pass holds ``1 + C * N``
+            times the tokens of the text, so this is most of the memory; it costs one more
+            forward); ``False`` keeps them; ``"auto"`` (the default) keeps them when their
+            estimate (``activation_bytes``) is under half the memory available on the device.
     """
 
     def __init__(
@@ -142,10 +162,12 @@ class QuietStarModel(nn.Module):
         tokenizer=None,
         config: QuietStarConfig | None = None,
         *,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
     ) -> None:
         super().__init__()
-        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}")
+        self.gradient_checkpointing = gradient_checkpointing
         check_supported(model)
         if config is not None and not isinstance(config, QuietStarConfig):
             raise ValueError(f"config must be a QuietStarConfig, got {type(config).__name__}")
@@ -205,6 +227,15 @@ class QuietStarModel(nn.Module):
         """Input embeddings ``[..., d]`` of token ids ``[...]``."""
         return self.model.get_input_embeddings()(ids)
 
+    def embed_chain(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of the chain's tokens (thought tokens, talk inputs), whose gradient
+        reaches the embedding matrix as a sparse sum over the rows used: a training step looks
+        tokens up once per thought step, and a dense gradient would fill the whole
+        ``[V, d]`` matrix with zeros each time. The text's own lookup (``embed``) stays dense,
+        so the matrix's accumulated gradient is dense for any optimizer."""
+        embedding = self.model.get_input_embeddings()
+        return torch.nn.functional.embedding(ids, embedding.weight, embedding.padding_idx, sparse=True)
+
     def head_nll(
         self,
         hidden: torch.Tensor,
@@ -256,11 +287,11 @@ class QuietStarModel(nn.Module):
         d = self.meta_embeddings.shape[1]
         start = self.meta_embedding(0).expand(batch, 1, n_thoughts, length, d)
         end = self.meta_embedding(1).expand(batch, 1, n_thoughts, length, d)
-        thought = self.embed(thoughts).permute(0, 3, 1, 2, 4)  # [B, T, N, L, d]
+        thought = self.embed_chain(thoughts).permute(0, 3, 1, 2, 4)  # [B, T, N, L, d]
         parts = [start, thought, end]
         if cfg.talk_tokens > 1:
             ahead = shift_positions(input_ids, cfg.talk_tokens)[:, :, 1:]  # [B, L, K-1]
-            talk = self.embed(ahead).permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, n_thoughts, -1, -1)
+            talk = self.embed_chain(ahead).permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, n_thoughts, -1, -1)
             parts.append(talk)
         return torch.cat(parts, dim=1)
 
@@ -293,6 +324,26 @@ class QuietStarModel(nn.Module):
 
     # --- forward --------------------------------------------------------------------
 
+    def activation_bytes(self, tree_tokens: int, dtype: torch.dtype) -> int:
+        """Estimated activations the tree pass keeps for the backward without checkpointing:
+        per token and decoder layer about 12 hidden-size and 4 MLP-width values (norms, the
+        attention's projections and output, the MLP's three products)."""
+        cfg = self.model.config
+        per_token = 12 * cfg.hidden_size + 4 * cfg.intermediate_size
+        return tree_tokens * cfg.num_hidden_layers * per_token * dtype.itemsize
+
+    def _needs_checkpointing(self, tree_tokens: int) -> bool:
+        """Whether a step recomputes layers in the backward (``gradient_checkpointing``); with
+        ``"auto"``, whether the activations it would keep (``activation_bytes``) exceed
+        ``AUTO_CHECKPOINT_SHARE`` of the memory available on the device."""
+        if self.gradient_checkpointing != "auto":
+            return bool(self.gradient_checkpointing)
+        embedding = self.model.get_input_embeddings().weight
+        needed = self.activation_bytes(tree_tokens, embedding.dtype)
+        return needed > AUTO_CHECKPOINT_SHARE * available_memory(embedding.device)
+
+    # --- forward --------------------------------------------------------------------
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -314,25 +365,29 @@ class QuietStarModel(nn.Module):
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
         cfg = self.config
         batch, length = input_ids.shape
+        targets = Targets.from_labels(labels, cfg.talk_tokens)
         if thoughts is None:
             thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
         else:
             self._check_thoughts(thoughts, batch, length)
-        n = cfg.n_thoughts
-        targets = Targets.from_labels(labels, cfg.talk_tokens)
+        h_base, h_chain = self._tree_pass(input_ids, attention_mask, thoughts)
+        return self.losses(h_base, h_chain, targets, thoughts)
 
-        # One tree pass with gradients over base + every chain slot (step-major).
+    def _tree_pass(self, input_ids, attention_mask, thoughts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the base slot ``[B, L, d]`` and every chain step ``[B, C, N, L, d]``
+        in one pass over the whole tree (SPEC section 6), layers recomputed in the backward
+        where ``gradient_checkpointing`` says so."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        n = cfg.n_thoughts
         chain = self.chain_embeddings(input_ids, thoughts)  # [B, C, N, L, d]
         n_slots = 1 + cfg.chain_steps * n
         embeds = torch.cat([self.embed(input_ids)[:, None], chain.flatten(1, 2)], dim=1).flatten(1, 2)
         positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), n_slots, n)
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
-        hidden = run_backbone(
-            self.model, embeds, positions, tree_layout=layout, checkpoint_layers=self.gradient_checkpointing
-        )
-        h_base = hidden[:, :length]  # [B, L, d]
-        h_chain = hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))  # [B, C, N, L, d]
-        return self.losses(h_base, h_chain, targets, thoughts)
+        checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(embeds.shape[0] * embeds.shape[1])
+        hidden = run_backbone(self.model, embeds, positions, tree_layout=layout, checkpoint_layers=checkpoint)
+        return hidden[:, :length], hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))
 
     def losses(
         self, h_base: torch.Tensor, h_chain: torch.Tensor, targets: Targets, thoughts: torch.Tensor

@@ -74,3 +74,16 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "before importing quietstar to run the kernels in the Triton interpreter"
             )
     return backend
+
+
+def autocast_off(method):
+    """Run an autograd Function's ``forward`` or ``backward`` with autocast off on the device of
+    its first tensor argument: the ops choose their own precision (half-precision inputs,
+    float32 accumulation), and autocast must not recast their internals."""
+
+    @functools.wraps(method)
+    def run(ctx, first: torch.Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return run

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from quietstar.ops.backends import autocast_off
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     compute_dtype,
@@ -84,6 +85,7 @@ class _Scores:
 
 class LinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, lm_weight, targets, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
         scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
         rows = hidden.shape[0]
@@ -104,6 +106,7 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_nll):
         hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse = ctx.saved_tensors
         temperature, ignore_index = ctx.options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.ops.backends import launch_device, triton_interpreter_enabled
+from quietstar.ops.backends import autocast_off, launch_device, triton_interpreter_enabled
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     gradients_needed,
@@ -15,6 +15,7 @@ from quietstar.ops.linear_cross_entropy_common import (
 
 class LinearCrossEntropyTriton(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, lm_weight, targets, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
         from quietstar.kernels.linear_cross_entropy import linear_cross_entropy_forward
 
@@ -29,6 +30,7 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_nll):
         from quietstar.kernels.linear_cross_entropy import linear_cross_entropy_backward
 

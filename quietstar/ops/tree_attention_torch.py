@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from quietstar.ops.backends import autocast_off
 from quietstar.ops.layout import base_visibility, chain_visibility
 
 # Bytes of float32 scores one chunk of the composed trunk may take (several buffers of this
@@ -230,6 +231,7 @@ def _composed_trunk_backward(tree: _Tree, grad_out, q, k, v, out, lse, scale):
 
 class TreeAttentionTorch(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, use_flash):
         tree = _Tree(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash)
         compute = _compute_dtype(q.dtype)
@@ -255,6 +257,7 @@ class TreeAttentionTorch(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         slot_len, n_thoughts, sliding_window, scale, use_flash = ctx.options

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.ops.backends import launch_device, triton_interpreter_enabled
+from quietstar.ops.backends import autocast_off, launch_device, triton_interpreter_enabled
 
 
 class TreeAttentionTriton(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         from quietstar.kernels.tree_attention import tree_attention_forward
 
@@ -21,6 +22,7 @@ class TreeAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         from quietstar.kernels.tree_attention import tree_attention_backward
 

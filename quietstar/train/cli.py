@@ -17,12 +17,13 @@ import os
 import sys
 
 from quietstar.model.config import MIX_MODES
-from quietstar.train.config import DTYPES, LR_SCHEDULES, PACKING, TrainConfig
+from quietstar.train.config import CHECKPOINTING, DTYPES, LR_SCHEDULES, PACKING, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 USAGE_ERROR = 2
-CHOICES = {"dtype": DTYPES, "packing": PACKING, "lr_schedule": LR_SCHEDULES, "mix": MIX_MODES, "device": ("auto", "cpu", "cuda")}
+CHOICES = {"dtype": DTYPES, "packing": PACKING, "lr_schedule": LR_SCHEDULES, "mix": MIX_MODES, "device": ("auto", "cpu", "cuda"),
+           "gradient_checkpointing": CHECKPOINTING}
 METAVARS = {"model": "PATH", "data": "FILE", "eval_data": "FILE", "out": "DIR", "cache_dir": "DIR", "text_field": "NAME"}
 
 

@@ -19,6 +19,7 @@ from quietstar.model.config import MIX_MODES, QuietStarConfig
 DTYPES = ("float32", "bf16")
 PACKING = ("pack", "crop")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 def option(default, help: str):
@@ -60,7 +61,7 @@ class TrainConfig:
     policy_temperature: float = option(3.0, "temperature of the REINFORCE log-probabilities (tau)")
     base_loss_weight: float = option(0.5, "weight of the no-thought NLL in the language-model loss")
     mix: str = option("hidden", "hidden: the mixing weight mixes hidden states (the authors' code); logprobs: a sigmoid weight mixes log-probabilities (the paper)")
-    gradient_checkpointing: bool = option(True, "recompute the tree pass's decoder layers in the backward (less memory, one more forward)")
+    gradient_checkpointing: str = option("auto", "on: recompute the tree pass's decoder layers in the backward (less memory, one more forward); off: keep their activations; auto: keep them when they fit in half the free memory")
     dtype: str = option("float32", "float32, or bf16: bfloat16 autocast with float32 master weights")
     seed: int = option(0, "seed of data order, thought sampling and initialisation")
     save_every: int = option(100, "checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)")
@@ -92,7 +93,11 @@ class TrainConfig:
             _check_float(name, value, minimum=0.0)
             if value >= 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        for name, allowed in (("dtype", DTYPES), ("packing", PACKING), ("lr_schedule", LR_SCHEDULES), ("mix", MIX_MODES)):
+        if isinstance(self.gradient_checkpointing, bool):  # YAML's true / false
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        checks = (("dtype", DTYPES), ("packing", PACKING), ("lr_schedule", LR_SCHEDULES), ("mix", MIX_MODES),
+                  ("gradient_checkpointing", CHECKPOINTING))
+        for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -100,6 +105,10 @@ class TrainConfig:
         if self.eval_data and self.eval_fraction:
             raise ValueError("give eval_data or eval_fraction, not both")
         self.quietstar_config()  # its own checks (thought_tokens, talk_tokens, ...)
+
+    def model_checkpointing(self) -> bool | str:
+        """``gradient_checkpointing`` as ``QuietStarModel`` takes it."""
+        return {"auto": "auto", "on": True, "off": False}[self.gradient_checkpointing]
 
     def quietstar_config(self) -> QuietStarConfig:
         """The ``QuietStarConfig`` these options describe."""

@@ -95,7 +95,7 @@ class Trainer:
             qs = load_quietstar(config.model, config.quietstar_config())
         if qs.tokenizer is None:
             raise ValueError("model: it has no tokenizer, which the trainer needs to read the data")
-        qs.gradient_checkpointing = config.gradient_checkpointing
+        qs.gradient_checkpointing = config.model_checkpointing()
         self.qs = qs.to(self.group.device).train()
         self.train_windows, self.eval_windows = self._load_data()
         self.module = wrap(self.qs, self.group, config.fsdp)
