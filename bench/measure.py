@@ -30,8 +30,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(step: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> dict:
-    """Run ``step`` once to warm up, once for peak memory, then ``repeats`` times for time; with
-    ``warmup=False`` (a step long enough to time once) the memory run is the only timed run.
+    """Run ``step`` once to warm up (unless ``warmup=False``: a step long enough to time
+    cold), once for peak memory, which is also the first of the ``repeats`` timed runs, then
+    ``repeats - 1`` more.
 
     Returns:
         ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``.
@@ -56,12 +57,9 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int, warm
         # The kernel's RSS counters are batched per thread: a step that allocates nothing
         # new can read a few pages below ``before``.
         peak = max(0, _proc_status_kib("VmHWM") * 1024 - before)
-    memory_run_s = time.perf_counter() - started
+    times = [time.perf_counter() - started]
     gc.collect()
-    if not warmup:
-        return {"peak_mib": peak / MIB, "times_s": [memory_run_s], "time_s": memory_run_s}
-    times = []
-    for _ in range(repeats):
+    for _ in range(repeats - 1):
         _sync(device)
         start = time.perf_counter()
         step()

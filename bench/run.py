@@ -9,8 +9,8 @@ Each (case, variant) runs in a fresh worker process so that peak memory is its o
 (``bench/measure.py`` says how it is measured). The table reports median time, the speed-up
 ``baseline time / time`` and the memory ratio ``baseline peak / peak`` (the baseline is the
 dense reference, or on CUDA where that cannot fit FlexAttention), the useful TFLOP/s, their
-fraction of the rate of the case's own matrix products (measured in the same run, in its own
-worker), and the time over the case's floor (plain causal attention for tree attention).
+fraction of the rate of the case's own matrix products (measured in the same run, in the
+baseline's worker after its timing), and the time over the case's floor (plain causal attention for tree attention).
 """
 
 from __future__ import annotations
@@ -42,16 +42,17 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def run_worker(spec: dict) -> dict:
     """Body of a worker process: build one variant, measure it, return the record."""
     device = torch.device(spec["device"])
-    if spec.get("matmul"):
-        if "case" not in spec:  # the device's peak: a large bfloat16 product
-            return {"matmul_tflops": matmul_tflops(device, torch.bfloat16, [PEAK_MATMUL])}
-        dtype, shapes = CASES[spec["case"]].matmul_shapes(spec["size"], device)
-        return {"matmul_tflops": matmul_tflops(device, dtype, shapes)}
+    if spec.get("matmul"):  # the device's peak: a large bfloat16 product
+        return {"matmul_tflops": matmul_tflops(device, torch.bfloat16, [PEAK_MATMUL])}
     case = CASES[spec["case"]]
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
-    return {**info, **measure(step, device, spec["repeats"], warmup=not getattr(case, "SINGLE_RUN", False))}
+    record = {**info, **measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False))}
+    if spec.get("matmul_rate"):  # the baseline's worker also measures the case's matmul rate
+        dtype, shapes = case.matmul_shapes(spec["size"], device)
+        record["matmul_tflops"] = matmul_tflops(device, dtype, shapes)
+    return record
 
 
 def spawn_worker(spec: dict) -> dict:
@@ -234,15 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sizes[name]}", flush=True)
         for size in sizes[name]:
             results = []
-            rate = spawn_worker({"matmul": True, "case": name, "size": size, "device": args.device})
-            matmul = rate.get("matmul_tflops")
             for variant in selected(case.variants(device), args.variant, (case.baseline(device), floor)):
                 record = {"case": name, "label": case.label(size), "variant": variant, "size": size}
                 reason = skip(variant, size, device)
                 if reason:
                     record["skipped"] = reason
                 else:
-                    spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats}
+                    spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats,
+                            "matmul_rate": variant == case.baseline(device)}
                     record.update(spawn_worker(spec))
                     if "time_s" in record:
                         record["useful_flops"] = case.useful_flops(size, variant, device)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         record["tokens_per_s"] = case.tokens(size) / record["time_s"]
                 results.append(record)
                 print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
+            matmul = next((r.get("matmul_tflops") for r in results if r["variant"] == case.baseline(device)), None)
             for record in results:
                 record["matmul_tflops"] = matmul
             add_ratios(results, case.baseline(device), floor, matmul)

@@ -38,7 +38,7 @@ def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path
     subprocess.run(command, check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     records = {r["variant"]: r for r in report["results"]}
-    assert set(records) == {"reference", "torch"}
+    assert set(records) == {"reference", "torch", "torch-weighted"}
     assert records["reference"]["speedup"] == 1.0
     torch_record = records["torch"]
     assert torch_record["speedup"] == pytest.approx(records["reference"]["time_s"] / torch_record["time_s"])

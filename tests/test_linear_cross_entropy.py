@@ -8,7 +8,7 @@ import torch
 from helpers import DEVICE, relative_error, requires_triton
 
 import quietstar.ops.linear_cross_entropy_torch as torch_backend
-from quietstar import linear_cross_entropy
+from quietstar import linear_cross_entropy, weighted_linear_cross_entropy
 from quietstar.ops.backends import BACKEND_ENV_VAR
 
 IGNORE = -100
@@ -162,6 +162,53 @@ def test_triton_backend_is_exact_across_vocabulary_chunks(dtype, tile, monkeypat
         monkeypatch.setitem(config, "BLOCK_V", tile)
     assert kernels.chunk_width(20, 101) == 32
     assert_matches_reference("triton", kwargs, temperature=3.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("case", ["mix-bias-T3-masked-ignored", "N50-d72-V150-mix-bias-masked-ignored", "plain"])
+def test_weighted_form_equals_the_weighted_sum_of_the_reference(backend, case, poisoned_allocations):
+    """``weighted_linear_cross_entropy`` (gradients formed in the forward for torch): its loss,
+    NLLs and every gradient, with a backward scale that is not 1."""
+    kwargs, temperature = case_inputs(case, torch.float32, seed=4)
+    rows = kwargs["hidden"].shape[0]
+    weights = torch.randn(rows, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    reference = as_float32_leaves(kwargs)
+    ref_nll = linear_cross_entropy(backend="reference", temperature=temperature, **reference)
+    ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
+    loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend=backend, temperature=temperature, **kwargs)
+    assert not nll.requires_grad and loss.dim() == 0
+    tol = TOLERANCE.get(backend, TOLERANCE["torch"])[torch.float32]
+    assert relative_error(nll, ref_nll) <= tol
+    assert relative_error(loss, (weights * ref_nll).sum()) <= tol
+    grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
+    for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= tol, (name, relative_error(grad, ref_grad))
+
+
+def test_weighted_torch_form_computes_its_gradients_in_the_forward():
+    """The backward only scales: no matrix product runs in it."""
+    kwargs = make_inputs(40, 8, 60, torch.float32, bias=True, masked=True)
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend="torch", **kwargs)
+    with torch.profiler.profile() as profile:
+        loss.backward()
+    assert not {"aten::mm", "aten::addmm", "aten::matmul"} & {e.key for e in profile.key_averages()}
+
+
+def test_weighted_torch_form_refuses_a_second_backward_through_the_same_graph():
+    kwargs = make_inputs(6, 8, 20, torch.float32)
+    loss, _ = weighted_linear_cross_entropy(row_weights=torch.ones(6, device=DEVICE), backend="torch", **kwargs)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="its backward runs once"):
+        loss.backward()
+
+
+def test_weighted_form_rejects_weights_that_are_not_constants():
+    kwargs = make_inputs(4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="row_weights must not require grad"):
+        weighted_linear_cross_entropy(row_weights=torch.ones(4, device=DEVICE, requires_grad=True), **kwargs)
+    with pytest.raises(ValueError, match=r"row_weights must be \[N=4\]"):
+        weighted_linear_cross_entropy(row_weights=torch.ones(5, device=DEVICE), **kwargs)
 
 
 def test_torch_backend_keeps_no_logits_for_backward():

@@ -3,7 +3,8 @@ dense reference.
 
 The step scores ``h = (1 - w) * base_hidden + w * hidden`` against the whole vocabulary with
 the two meta tokens masked, and takes the gradient of ``nll.sum()`` with respect to
-``hidden``, ``base_hidden``, ``w`` and ``lm_weight``. Public alternative on CUDA: Liger
+``hidden``, ``base_hidden``, ``w`` and ``lm_weight``; ``torch-weighted`` is the form the model
+uses (``weighted_linear_cross_entropy``, the gradients formed in the forward). Public alternative on CUDA: Liger
 Kernel's fused linear cross-entropy (when installed), fed the mixed rows that torch computes
 first; it has no vocabulary mask.
 """
@@ -14,7 +15,7 @@ import importlib.util
 
 import torch
 
-from quietstar import linear_cross_entropy
+from quietstar import linear_cross_entropy, weighted_linear_cross_entropy
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 META_TOKENS = 2  # <|startthought|> and <|endthought|>, the last two ids
@@ -29,16 +30,16 @@ def baseline(device: torch.device) -> str:
 
 def variants(device: torch.device) -> list[str]:
     if device.type != "cuda":
-        return ["reference", "torch"]
+        return ["reference", "torch", "torch-weighted"]
     liger = ["liger"] if importlib.util.find_spec("liger_kernel") is not None else []
-    return ["reference", "torch", "triton"] + liger
+    return ["reference", "torch", "torch-weighted", "triton"] + liger
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
     if scale == "quick":
         return [dict(rows=256, width=64, vocab=2048)]
-    if device.type == "cpu":
-        return [dict(rows=4096, width=576, vocab=49152)]  # SmolLM2-135M's width and vocabulary
+    if device.type == "cpu":  # SmolLM2-135M's width and vocabulary
+        return [dict(rows=4096 if scale == "full" else 1024, width=576, vocab=49152)]
     return [dict(rows=8192, width=4096, vocab=vocab) for vocab in GPU_VOCABS]
 
 
@@ -47,8 +48,8 @@ def label(size: dict) -> str:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
-    """The scores' product ``[N, d] x [d, V]`` (on 512 rows: the rate, not the time, matters)."""
-    return DTYPE[device.type], [(1, min(size["rows"], 512), size["width"], size["vocab"])]
+    """The scores' product ``[N, d] x [d, V]``."""
+    return DTYPE[device.type], [(1, size["rows"], size["width"], size["vocab"])]
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
@@ -86,6 +87,16 @@ def build(variant: str, s: dict, device: torch.device):
         return step, {"note": "mixing in torch, no vocabulary mask"}
 
     masked = list(range(s["vocab"] - META_TOKENS, s["vocab"]))
+    if variant == "torch-weighted":  # the model's form: a weighted sum, gradients in the forward
+        weights = torch.ones(s["rows"], device=device)
+
+        def step():
+            loss, _ = weighted_linear_cross_entropy(
+                hidden, lm_weight, targets, weights, mix=(base_hidden, w), masked_vocab=masked, backend="torch"
+            )
+            torch.autograd.grad(loss, inputs)
+
+        return step, {"note": "weighted_linear_cross_entropy: 3 products, gradients in the forward"}
 
     def step():
         nll = linear_cross_entropy(

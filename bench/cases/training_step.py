@@ -53,12 +53,20 @@ def variants(device: torch.device) -> list[str]:
 def sizes(device: torch.device, scale: str) -> list[dict]:
     if scale == "quick":
         return [dict(model="smollm2-135m", batch=1, length=16, thought_tokens=2, talk_tokens=2, n_thoughts=1, layers=2)]
-    if device.type == "cpu":
-        return [dict(model="smollm2-135m", batch=1, length=128, thought_tokens=9, talk_tokens=4, n_thoughts=1, layers=30)]
+    if device.type == "cpu":  # the default scale: 2 of the 30 layers at half the length
+        full = scale == "full"
+        return [dict(model="smollm2-135m", batch=1, length=128 if full else 64, thought_tokens=9, talk_tokens=4,
+                     n_thoughts=1, layers=30 if full else 2)]
     step = dict(model="llama-1b", thought_tokens=9, talk_tokens=4, n_thoughts=2, layers=16)
     # The target size first; the step-by-step reference holds a float32 [L, L * (1 + c)]
     # score matrix per head, layer and step c, so it only fits at a much smaller batch and length.
     return [dict(step, batch=8, length=256), dict(step, batch=1, length=128)]
+
+
+def skip(variant: str, size: dict, device: torch.device) -> str | None:
+    if variant == "quietstar-checkpointing" and device.type == "cpu" and size["layers"] < MODELS[size["model"]]["num_hidden_layers"]:
+        return "--full runs it (with all layers, where memory matters)"
+    return None
 
 
 def label(size: dict) -> str:

@@ -30,7 +30,7 @@ from quietstar.model.generation import generate
 from quietstar.model.mixing import MixingHead
 from quietstar.model.sampling import sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
-from quietstar.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from quietstar.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy, weighted_linear_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -242,9 +242,12 @@ class QuietStarModel(nn.Module):
         targets: torch.Tensor,
         mix: tuple[torch.Tensor, torch.Tensor] | None = None,
         temperature: float = 1.0,
-    ) -> torch.Tensor:
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``linear_cross_entropy`` of ``hidden [..., d]`` (mixed with ``(base [..., d], w [...])``)
-        against ``targets [...]`` with the model's lm_head and masked meta ids; returns ``[...]``."""
+        against ``targets [...]`` with the model's lm_head and masked meta ids; returns the NLL
+        ``[...]``. With ``weights [...]`` (constants), ``weighted_linear_cross_entropy``: returns
+        ``(sum(weights * nll), nll detached)``, with the gradients formed in the forward."""
         weight, bias = self.lm_head
         width = hidden.shape[-1]
         # The op takes one dtype: under autocast the half one (it accumulates in float32).
@@ -253,16 +256,14 @@ class QuietStarModel(nn.Module):
         bias = None if bias is None else bias.to(dtype)
         if mix is not None:
             mix = (mix[0].reshape(-1, width).to(dtype), mix[1].reshape(-1))
-        nll = linear_cross_entropy(
-            hidden.reshape(-1, width),
-            weight,
-            targets.reshape(-1),
-            lm_bias=bias,
-            mix=mix,
-            temperature=temperature,
-            masked_vocab=self.masked_vocab,
+        options = dict(lm_bias=bias, mix=mix, temperature=temperature, masked_vocab=self.masked_vocab)
+        if weights is None:
+            nll = linear_cross_entropy(hidden.reshape(-1, width), weight, targets.reshape(-1), **options)
+            return nll.view(targets.shape)
+        loss, nll = weighted_linear_cross_entropy(
+            hidden.reshape(-1, width), weight, targets.reshape(-1), weights.reshape(-1).detach(), **options
         )
-        return nll.view(targets.shape)
+        return loss, nll.view(targets.shape)
 
     def sample(self, hidden: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False):
         """Thought/next tokens ``[...]`` drawn from the lm_head on ``hidden [..., d]``."""
@@ -396,27 +397,33 @@ class QuietStarModel(nn.Module):
         chain steps ``[B, C, N, L, d]`` (SPEC sections 2 and 3)."""
         cfg = self.config
         n, t_len, k_len = cfg.n_thoughts, cfg.thought_tokens, cfg.talk_tokens
-        nll_base = self.head_nll(h_base, targets.base)  # [B, L]
+        # L_nll's weight of every scored row: the base term's mean and, per talk offset k, its mean.
+        valid_base = targets.base != IGNORE_INDEX
+        valid_talk = targets.talk != IGNORE_INDEX  # [B, L, K]
+        dtype = torch.float64 if h_base.dtype == torch.float64 else torch.float32
+        per_k_counts = (valid_talk.sum(dim=(0, 1)) * n).to(dtype)  # [K]
+        scored_k = (per_k_counts > 0).sum().clamp(min=1)
+        base_weights = valid_base * (cfg.base_loss_weight / valid_base.sum().clamp(min=1).to(dtype))
+        talk_weights = valid_talk[:, None] * ((1 - cfg.base_loss_weight) / (scored_k * per_k_counts.clamp(min=1)))
 
         # Talk: chain step T+2+k predicts x[i+1+k]; the base state is shifted to that target.
         h_talk = h_chain[:, t_len + 1 :].permute(0, 2, 3, 1, 4)  # [B, N, L, K, d]
         h_base_shifted = shift_positions(h_base, k_len)[:, None].expand_as(h_talk)
         talk_targets = targets.talk[:, None].expand(-1, n, -1, -1)
         w = self.mixing_head(h_base_shifted, h_talk)  # [B, N, L, K]
-        if cfg.mix == "hidden":
-            nll_talk = self.head_nll(h_talk, talk_targets, mix=(h_base_shifted, w))
+        if cfg.mix == "hidden":  # every term is a weighted sum of NLLs: gradients in the forward
+            base_loss, nll_base = self.head_nll(h_base, targets.base, weights=base_weights)
+            talk_loss, nll_talk = self.head_nll(
+                h_talk, talk_targets, mix=(h_base_shifted, w), weights=talk_weights.expand_as(talk_targets)
+            )
+            nll_loss = base_loss + talk_loss
         else:  # the paper: interpolate log-probabilities with a sigmoid weight
+            nll_base = self.head_nll(h_base, targets.base)  # [B, L]
             nll_base_shifted = shift_positions(nll_base, k_len)[:, None]
             nll_talk = (1 - w) * nll_base_shifted + w * self.head_nll(h_talk, talk_targets)
             nll_talk = nll_talk * (talk_targets != IGNORE_INDEX)
-
-        valid_base = targets.base != IGNORE_INDEX
-        valid_talk = targets.talk != IGNORE_INDEX  # [B, L, K]
-        base_term = nll_base.sum() / valid_base.sum().clamp(min=1)
-        per_k_counts = valid_talk.sum(dim=(0, 1)) * n  # [K]
-        per_k = nll_talk.sum(dim=(0, 1, 2)) / per_k_counts.clamp(min=1)
-        talk_term = per_k[per_k_counts > 0].mean() if bool((per_k_counts > 0).any()) else per_k.sum() * 0
-        nll_loss = cfg.base_loss_weight * base_term + (1 - cfg.base_loss_weight) * talk_term
+            nll_loss = (base_weights * nll_base).sum() + (talk_weights * nll_talk).sum()
+            nll_base, nll_talk = nll_base.detach(), nll_talk.detach()
 
         # Learn: REINFORCE with the extended-teacher-forcing reward.
         with torch.no_grad():
@@ -429,9 +436,10 @@ class QuietStarModel(nn.Module):
         acting = targets.acting  # [B, L]: the authors' positions (policy_positions)
         h_policy = h_chain[:, :t_len].permute(0, 2, 3, 1, 4)  # step t produced thought token t
         policy_targets = thoughts.masked_fill(~acting[:, None, :, None], IGNORE_INDEX)
-        nll_policy = self.head_nll(h_policy, policy_targets, temperature=cfg.policy_temperature)  # -log p_tau
         n_actions = acting.sum() * n * t_len
-        policy_loss = (rewards[..., None] * nll_policy).sum() / n_actions.clamp(min=1)
+        policy_weights = (rewards / n_actions.clamp(min=1))[..., None].expand_as(policy_targets)
+        # -mean r * log p_tau(thought token) = sum (r / n_actions) * nll_tau
+        policy_loss, _ = self.head_nll(h_policy, policy_targets, temperature=cfg.policy_temperature, weights=policy_weights)
         return QuietStarOutput(
             loss=nll_loss + cfg.policy_weight * policy_loss,
             nll_loss=nll_loss,

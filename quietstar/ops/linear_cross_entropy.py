@@ -58,6 +58,78 @@ def linear_cross_entropy(
         ValueError: a shape, dtype, device, option or target id that does not fit, naming the
             argument; also a target that is a masked id (its NLL would be infinite).
     """
+    args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
+
+        return linear_cross_entropy_reference(*args)
+    if backend == "torch":
+        from quietstar.ops.linear_cross_entropy_torch import linear_cross_entropy_torch
+
+        return linear_cross_entropy_torch(*args)
+    _check_triton_dtype(hidden)
+    from quietstar.ops.linear_cross_entropy_triton import linear_cross_entropy_triton
+
+    return linear_cross_entropy_triton(*args)
+
+
+def weighted_linear_cross_entropy(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    *,
+    lm_bias: torch.Tensor | None = None,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    masked_vocab: Sequence[int] | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_cross_entropy`` summed with known per-row weights, for a loss that is a weighted
+    sum of NLLs: returns ``(loss, nll)`` with ``loss = sum_i row_weights[i] * nll[i]`` (scalar,
+    differentiable) and ``nll`` ``[N]`` (detached).
+
+    Because the weights are known before the head runs, the ``torch`` backend forms every
+    gradient in the forward, as Liger-Kernel's fused linear cross-entropy does: three matrix
+    products per chunk of rows (scores, ``dh``, ``dW``) instead of the four of a backward that
+    recomputes the scores, and the backward only scales the stored gradients. The price is
+    holding ``dW`` (float32 ``[V, d]``) and ``dh`` from the forward to the backward. The
+    ``reference`` and ``triton`` backends sum ``linear_cross_entropy``'s per-row NLLs.
+
+    Args:
+        row_weights: ``[N]`` floating, the rows' weights in the loss (constants: no gradient
+            flows into them; 0 for ignored rows is implied).
+        Other arguments: as ``linear_cross_entropy``.
+
+    Raises:
+        ValueError: as ``linear_cross_entropy``, and ``row_weights`` of another shape, a
+            non-float dtype, another device, or requiring grad.
+    """
+    args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
+    check_tensor("row_weights", row_weights, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+    if row_weights.shape[0] != hidden.shape[0]:
+        raise ValueError(f"row_weights must be [N={hidden.shape[0]}], got {tuple(row_weights.shape)}")
+    if row_weights.requires_grad:
+        raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "torch":
+        from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
+
+        hidden_, weight_, targets_, bias_, base_, w_, *rest = args
+        return weighted_linear_cross_entropy_torch(hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest)
+    nll = linear_cross_entropy(
+        hidden, lm_weight, targets, lm_bias=lm_bias, mix=mix, temperature=temperature, masked_vocab=masked_vocab,
+        ignore_index=ignore_index, backend=backend,
+    )
+    return (row_weights.to(nll.dtype) * nll).sum(), nll.detach()
+
+
+def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index) -> tuple:
+    """Check ``linear_cross_entropy``'s arguments; return them as the backends take them:
+    ``(hidden, lm_weight, targets (int64), lm_bias, base_hidden, w, temperature, masked_ids,
+    ignore_index)``."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     rows, width = hidden.shape
     if rows == 0 or width == 0:
@@ -81,23 +153,12 @@ def linear_cross_entropy(
     targets = targets.long()
     _check_target_values(targets, vocab, ignore_index, masked_ids)
 
-    backend = resolve_backend(backend, device)
-    args = (hidden, lm_weight, targets, lm_bias, base_hidden, mix_weight, temperature, masked_ids, ignore_index)
-    if backend == "reference":
-        from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
+    return hidden, lm_weight, targets, lm_bias, base_hidden, mix_weight, temperature, masked_ids, ignore_index
 
-        return linear_cross_entropy_reference(*args)
-    if backend == "torch":
-        from quietstar.ops.linear_cross_entropy_torch import linear_cross_entropy_torch
 
-        return linear_cross_entropy_torch(*args)
+def _check_triton_dtype(hidden: torch.Tensor) -> None:
     if hidden.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}"
-        )
-    from quietstar.ops.linear_cross_entropy_triton import linear_cross_entropy_triton
-
-    return linear_cross_entropy_triton(*args)
+        raise ValueError(f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}")
 
 
 def _check_mix(mix: object, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -137,6 +137,98 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
         )
 
 
+class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
+    """``sum(row_weights * nll)`` with every gradient formed in the forward (three products
+    per chunk: the scores, ``dh`` and ``dW``; the backward only scales them), for losses whose
+    per-row weights are known before the head runs."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
+        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
+        dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
+        needs = ctx.needs_input_grad
+        need_weight, need_bias = needs[1], needs[4]
+        need_h = needs[0] or needs[5] or needs[6]
+        train = any(needs)  # (grad mode is off inside forward; needs_input_grad says what the caller wants)
+        nll = torch.empty(rows, dtype=dtype, device=device)
+        ignored = targets == ignore_index
+        picked_ids = safe_targets(targets, ignore_index)
+        scale = (row_weights.to(dtype) / temperature).masked_fill(ignored, 0.0)
+        grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if train and need_h else None
+        # Written by the first chunk's product, not zero-filled first ([V, d] is large).
+        grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
+        grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
+        buffer = scorer.buffer()
+        for index, chunk in enumerate(scorer.chunks()):
+            h = scorer.mixed(chunk)
+            z = scorer.scores(h, buffer)
+            picked = z.gather(0, picked_ids[None, chunk])[0]
+            top = z.amax(0, keepdim=True)
+            probs = z.sub_(top).exp_()
+            total = probs.sum(0)
+            nll[chunk] = total.log() + top[0] - picked
+            if not train:
+                continue
+            # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
+            chunk_scale = scale[None, chunk]
+            probs.mul_(chunk_scale / total)
+            probs[picked_ids[chunk], torch.arange(probs.shape[1], device=device)] -= chunk_scale[0]
+            if grad_h is not None:
+                torch.mm(probs.T, scorer.weight, out=grad_h[chunk])
+            if grad_weight is not None:
+                if index == 0:
+                    torch.mm(probs, h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(probs, h)
+            if grad_bias is not None:
+                grad_bias += probs.sum(1)
+        nll.masked_fill_(ignored, 0.0)
+        ctx.mark_non_differentiable(nll)
+        ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
+        # The formed gradients are this node's own (no other node reads them): kept on ctx and
+        # scaled in place by the backward, which therefore runs once.
+        ctx.grads = (grad_h, grad_weight, grad_bias)
+        return (row_weights.to(dtype) * nll).sum(), nll
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad_loss, grad_nll):
+        hidden, lm_weight, lm_bias, base_hidden, w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "weighted_linear_cross_entropy formed its gradients in the forward and scaled them in place: "
+                "its backward runs once (use linear_cross_entropy to backpropagate through the same graph twice)"
+            )
+        grad_h, grad_weight, grad_bias = ctx.grads
+        needs = ctx.needs_input_grad
+        unweighted = (needs[0], needs[1], False, needs[4], needs[5], needs[6])
+        scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_h, grad_weight, grad_bias)]
+        ctx.grads = None
+        hidden_grads = input_gradients(unweighted, *scaled, hidden, lm_weight, lm_bias, base_hidden, w)
+        d_hidden, d_weight, _, d_bias, d_base, d_w = hidden_grads[:6]
+        return d_hidden, d_weight, None, None, d_bias, d_base, d_w, None, None, None
+
+
+def weighted_linear_cross_entropy_torch(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    lm_bias: torch.Tensor | None,
+    base_hidden: torch.Tensor | None,
+    w: torch.Tensor | None,
+    temperature: float,
+    masked_ids: torch.Tensor | None,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(row_weights * nll), nll)`` with the gradients formed in the forward; arguments as
+    ``quietstar.weighted_linear_cross_entropy`` (already checked)."""
+    return WeightedLinearCrossEntropyTorch.apply(
+        hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index
+    )
+
+
 def linear_cross_entropy_torch(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
