@@ -57,7 +57,7 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
-    return size["steps"] * step_flops(size, "quietstar+sampling", device)
+    return size["steps"] * step_flops(size, variant, device)
 
 
 def _corpus(words: int, seed: int = 0) -> str:

@@ -8,7 +8,8 @@ on CUDA (Llama-3.2-1B's shape: 16 layers, width 2048, 32 query / 8 KV heads, voc
 gradients); ``quietstar`` (the fast path with its default ``gradient_checkpointing="auto"``,
 thoughts given as for the reference); ``quietstar+sampling`` (the same including its own
 thought sampling, i.e. a real training step); ``quietstar-checkpointing`` (the fast path with
-checkpointing forced on).
+checkpointing forced on); on CPU ``quietstar+sampling-bf16`` (a real step under bfloat16
+autocast with float32 master weights: fast where the CPU multiplies bfloat16 natively).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def baseline(device: torch.device) -> str:
 
 
 def variants(device: torch.device) -> list[str]:
-    return ["reference", "quietstar", "quietstar+sampling", "quietstar-checkpointing"]
+    autocast = ["quietstar+sampling-bf16"] if device.type == "cpu" else []  # CUDA models are bfloat16 already
+    return ["reference", "quietstar", "quietstar+sampling", "quietstar-checkpointing", *autocast]
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -87,26 +89,25 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
-    """Model FLOPs of one step (no recomputation counted): 3x the forward's matrix products
-    over the tree pass's tokens and the three heads' rows, tree attention's pairs, and for a
-    variant that samples, the think phase's forward passes and sampling logits."""
+    """The step's useful FLOPs, ``3 x (2 P X + 2 d V R + 4 D A)``: forward and backward of the
+    decoder's non-embedding parameters ``P`` over the tree's ``X`` tokens (the text once, every
+    chain slot of every thought), of the lm_head over the ``R`` scored rows (text, talk and
+    thought-token rows), and of attention over the ``A`` visible (query, key) pairs summed over
+    layers and query heads, head size ``D``. Sampling the thoughts and any recomputation are
+    not useful work: the same count holds for every variant."""
     cfg = {**MODELS[size["model"]], "num_hidden_layers": size["layers"]}
     d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = d // heads
-    per_token = 2 * cfg["num_hidden_layers"] * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * cfg["intermediate_size"])
+    params = cfg["num_hidden_layers"] * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * cfg["intermediate_size"])
     batch, length, n = size["batch"], size["length"], size["n_thoughts"]
     t_len, k_len = size["thought_tokens"], size["talk_tokens"]
     n_slots = 1 + (t_len + 1 + k_len) * n
-    head_rows = batch * length * (1 + n * (k_len + t_len))
-    head = 2 * d * cfg["vocab_size"]
+    tokens = batch * n_slots * length
+    rows = batch * length * (1 + n * (k_len + t_len))
     base_pairs = n_slots * length * (length + 1) // 2
     chain_pairs = sum((s - 1) // n + 1 for s in range(1, n_slots)) * length
-    attention = 4 * cfg["num_hidden_layers"] * batch * heads * head_dim * (base_pairs + chain_pairs)
-    flops = 3.0 * (per_token * batch * n_slots * length + head * head_rows + attention)
-    if variant == "quietstar+sampling":
-        think_tokens = batch * length * (1 + t_len * n)
-        flops += per_token * think_tokens + head * batch * length * t_len * n
-    return flops
+    pairs = cfg["num_hidden_layers"] * batch * heads * (base_pairs + chain_pairs)
+    return 3.0 * (2 * params * tokens + 2 * d * cfg["vocab_size"] * rows + 4 * head_dim * pairs)
 
 
 def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str = "auto"):
@@ -143,5 +144,13 @@ def build(variant: str, s: dict, device: torch.device):
         return (lambda: backward(reference_forward(qs, ids, thoughts=thoughts).loss)), {}
     if variant == "quietstar+sampling":
         return (lambda: backward(qs(ids, generator=gen).loss)), {"note": "samples its own thoughts"}
+    if variant == "quietstar+sampling-bf16":
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = qs(ids, generator=gen).loss
+            backward(loss)
+
+        return step, {"note": "samples its own thoughts; bfloat16 autocast, float32 master weights"}
     note = {"note": "layers recomputed in the backward"} if variant == "quietstar-checkpointing" else {}
     return (lambda: backward(qs(ids, thoughts=thoughts).loss)), note
