@@ -2,12 +2,16 @@
 
 Peak memory is measured for real: on CUDA ``torch.cuda.max_memory_allocated`` above what was
 allocated before the step; on CPU the process's peak resident set size (``VmHWM``, reset
-through ``/proc/self/clear_refs``) above its resident size before the step. The worker runs
-with a fixed glibc mmap threshold so freed buffers leave the resident set at once.
+through ``/proc/self/clear_refs``) above its resident size before the step. For that run only,
+glibc is told to hand every freed buffer above 128 KiB back at once (``mallopt``) and to trim
+what it holds, so the resident size is the live data; the timed runs that follow use the
+allocator as a user's process would (returning buffers at once slows an allocation-heavy CPU
+step by up to 1.5x).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import re
 import statistics
@@ -17,11 +21,30 @@ from collections.abc import Callable
 import torch
 
 MIB = 2**20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MEMORY_RUN_MMAP_THRESHOLD = 128 * 2**10  # freed buffers above this leave the resident set at once
+# glibc's own upper bound of its dynamic threshold, restored for the timed runs.
+TIMED_RUN_MMAP_THRESHOLD = 32 * 2**20
 
 
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the resident size is what it is
+        return None
+
+
+def _set_mmap_threshold(threshold: int, trim: bool) -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        if trim:
+            libc.malloc_trim(0)
 
 
 def _sync(device: torch.device) -> None:
@@ -30,15 +53,33 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(step: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> dict:
-    """Run ``step`` once to warm up (unless ``warmup=False``: a step long enough to time
-    cold), once for peak memory, which is also the first of the ``repeats`` timed runs, then
-    ``repeats - 1`` more.
+    """Run ``step`` once for peak memory (which also warms up), then ``repeats`` times for time.
+    ``warmup=False`` (a step long enough to time cold): one run, timed, its memory measured
+    with the allocator as it is.
 
     Returns:
         ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``.
     """
-    if warmup:
+    if not warmup:
+        peak, seconds = _peak_run(step, device)
+        return {"peak_mib": peak / MIB, "times_s": [seconds], "time_s": seconds}
+    if device.type == "cpu":
+        _set_mmap_threshold(MEMORY_RUN_MMAP_THRESHOLD, trim=True)
+    peak, _ = _peak_run(step, device)
+    if device.type == "cpu":
+        _set_mmap_threshold(TIMED_RUN_MMAP_THRESHOLD, trim=False)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
         step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+
+
+def _peak_run(step: Callable[[], object], device: torch.device) -> tuple[int, float]:
+    """One run of ``step``: its extra peak memory in bytes and its seconds."""
     gc.collect()
     if device.type == "cuda":
         _sync(device)
@@ -47,25 +88,16 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int, warm
         started = time.perf_counter()
         step()
         _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # resets VmHWM to the current resident size
-        before = _proc_status_kib("VmRSS") * 1024
-        started = time.perf_counter()
-        step()
-        # The kernel's RSS counters are batched per thread: a step that allocates nothing
-        # new can read a few pages below ``before``.
-        peak = max(0, _proc_status_kib("VmHWM") * 1024 - before)
-    times = [time.perf_counter() - started]
-    gc.collect()
-    for _ in range(repeats - 1):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+        return torch.cuda.max_memory_allocated(device) - before, time.perf_counter() - started
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident size
+    before = _proc_status_kib("VmRSS") * 1024
+    started = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - started
+    # The kernel's RSS counters are batched per thread: a step that allocates nothing new can
+    # read a few pages below ``before``.
+    return max(0, _proc_status_kib("VmHWM") * 1024 - before), seconds
 
 
 def probe_fits(step: Callable[[], object], device: torch.device, budget_bytes: int) -> dict:

@@ -34,9 +34,6 @@ from measure import matmul_tflops, measure, probe_fits  # noqa: E402
 DEFAULT_JSON = HERE / "out" / "results.json"
 PEAK_MATMUL = (1, 8192, 8192, 8192)  # (batch, m, k, n) of the device's reference rate on CUDA
 MAX_LENGTH_JSON = HERE / "out" / "max_length.json"
-# A fixed mmap threshold stops glibc from keeping freed large buffers resident, so the
-# resident-set peak of one step is the step's own.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run_worker(spec: dict) -> dict:
@@ -56,12 +53,10 @@ def run_worker(spec: dict) -> dict:
 
 
 def spawn_worker(spec: dict) -> dict:
-    env = {**os.environ, **WORKER_ENV}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env=env,
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
