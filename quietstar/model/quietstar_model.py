@@ -66,8 +66,9 @@ class QuietStarOutput:
         loss: ``L_nll + policy_weight * L_policy``, scalar.
         nll_loss: ``L_nll``, scalar.
         policy_loss: ``L_policy``, scalar.
-        nll_base: ``[B, L]``, ``-log p_base(x[i+1])``.
-        nll_talk: ``[B, N, L, K]``, ``-log p_mix(x[i+1+k])`` after thought ``t`` at ``i``.
+        nll_base: ``[B, L]``, ``-log p_base(x[i+1])`` (detached: gradients flow through the
+            three losses).
+        nll_talk: ``[B, N, L, K]``, ``-log p_mix(x[i+1+k])`` after thought ``t`` at ``i`` (detached).
         rewards: ``[B, N, L]``, detached, after the baseline and clamping.
         mixing_weight: ``[B, N, L, K]``, the mixing head's ``w``.
         thoughts: ``[B, N, L, T]``, the thought tokens (sampled or given).
