@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--variant", nargs="+", help="run only these variants (the baseline always runs for ratios)")
+    parser.add_argument("--size", nargs="+", metavar="LABEL", help="run only the sizes with these labels, as the tables print them (e.g. 'L=2048', 'B=1 L=128')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_const", const="quick", dest="scale", help="tiny sizes: a smoke run in about two minutes")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results, sizes = [], {}
     for name in args.case:
         case = CASES[name]
-        sizes[name] = case.sizes(device, args.scale or "default")
+        sizes[name] = [size for size in case.sizes(device, args.scale or "default") if args.size is None or case.label(size) in args.size]
         floor = getattr(case, "floor", lambda device: None)(device)
         skip = getattr(case, "skip", lambda variant, size, device: None)
         print(f"{name}: {sizes[name]}", flush=True)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from quietstar import QuietStarConfig
 from quietstar.model.loaders import load_quietstar
+from quietstar.train.distributed import setup
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on the PATH")
 
@@ -62,7 +63,7 @@ def run(workspace, out, processes: int, batch_size: int, *extra: str):
                # Adam's eps far above the gradients makes its step proportional to the gradient:
                # with the default, coordinates whose gradient is float32 noise would move by
                # a whole learning rate in either direction, and the weights could not be compared.
-               "--adam-eps", "1", *extra]
+               "--adam-eps", "1", "--device", "cpu", *extra]  # gloo: two processes need no two GPUs
     launcher = ["torchrun", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
     done = subprocess.run(launcher + [str(workspace / "driver.py")] + options, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -93,3 +94,11 @@ def test_two_processes_of_batch_one_equal_one_process_of_batch_two(workspace, si
         # The meta embeddings sum gradients over every position of every chain step: DDP's
         # average and one batch's mean round those sums differently (float32), about 1.4e-5.
         assert error <= (3e-5 if name == "meta_embeddings" else 1e-5), (name, error)
+
+
+def test_more_processes_than_gpus_is_an_error_naming_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node has 1 CUDA device"):
+        setup("cuda")

@@ -292,3 +292,16 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+@requires_triton
+def test_automatic_backend_falls_back_to_torch_for_inputs_triton_does_not_take(monkeypatch, caplog):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    reason = "q head dim must be one of (16, 32, 64, 128) for the triton backend, got 8"
+    cuda = torch.device("cuda")  # only the device's type is read
+    assert resolve_backend(None, cuda) == "triton"
+    with caplog.at_level("WARNING", logger="quietstar.ops.backends"):
+        assert resolve_backend(None, cuda, reason) == "torch"
+    assert reason in caplog.text
+    with pytest.raises(ValueError, match=r"head dim must be one of .* got 8; use backend='torch'"):
+        resolve_backend("triton", cuda, reason)

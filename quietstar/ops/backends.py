@@ -8,7 +8,9 @@ Each op has three implementations with one signature:
   interpreter, ``TRITON_INTERPRET=1``).
 
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
-``triton`` for CUDA tensors when triton is installed and ``torch`` for everything else.
+``triton`` for CUDA tensors when triton is installed and ``torch`` for everything else; an
+automatic choice falls back to ``torch`` (logged once) for inputs the Triton kernels do not
+take, such as a head dimension they have no tiles for.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 
 import torch
 
 BACKENDS = ("reference", "torch", "triton")
 BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
+
+logger = logging.getLogger(__name__)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -44,13 +49,16 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device, triton_unsupported: str | None = None) -> str:
     """Return the backend to run on ``device``.
 
     Args:
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (environment variable,
             then the best one for the device).
         device: device of the op's inputs.
+        triton_unsupported: why the Triton kernels cannot take these inputs, or None when they
+            can. An automatic choice then falls back to ``torch``; an asked-for ``triton``
+            raises it.
 
     Raises:
         ValueError: unknown name, or ``triton`` where it cannot run.
@@ -61,7 +69,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         source = BACKEND_ENV_VAR
     if backend is None:
         if device.type == "cuda" and triton_available():
-            return "triton"
+            if triton_unsupported is None:
+                return "triton"
+            _log_fallback_once(triton_unsupported)
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
@@ -73,7 +83,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 f"{source}='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
                 "before importing quietstar to run the kernels in the Triton interpreter"
             )
+        if triton_unsupported is not None:
+            raise ValueError(f"{triton_unsupported}; use backend='torch'")
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(reason: str) -> None:
+    logger.warning("using the torch backend: %s", reason)
 
 
 def autocast_off(method):

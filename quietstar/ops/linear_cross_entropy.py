@@ -59,7 +59,7 @@ def linear_cross_entropy(
             argument; also a target that is a masked id (its NLL would be infinite).
     """
     args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
     if backend == "reference":
         from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
 
@@ -68,7 +68,6 @@ def linear_cross_entropy(
         from quietstar.ops.linear_cross_entropy_torch import linear_cross_entropy_torch
 
         return linear_cross_entropy_torch(*args)
-    _check_triton_dtype(hidden)
     from quietstar.ops.linear_cross_entropy_triton import linear_cross_entropy_triton
 
     return linear_cross_entropy_triton(*args)
@@ -113,7 +112,7 @@ def weighted_linear_cross_entropy(
         raise ValueError(f"row_weights must be [N={hidden.shape[0]}], got {tuple(row_weights.shape)}")
     if row_weights.requires_grad:
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
     if backend == "torch":
         from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
 
@@ -156,9 +155,11 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
     return hidden, lm_weight, targets, lm_bias, base_hidden, mix_weight, temperature, masked_ids, ignore_index
 
 
-def _check_triton_dtype(hidden: torch.Tensor) -> None:
+def _triton_unsupported(hidden: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``hidden``, or None when they can."""
     if hidden.dtype not in TRITON_DTYPES:
-        raise ValueError(f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}")
+        return f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}"
+    return None
 
 
 def _check_mix(mix: object, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -82,7 +82,7 @@ def tree_attention(
         check_int("sliding_window", sliding_window, minimum=1)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
 
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, _triton_unsupported(q))
     args = (q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale)
     if backend == "reference":
         from quietstar.ops.tree_attention_reference import tree_attention_reference
@@ -92,15 +92,21 @@ def tree_attention(
         from quietstar.ops.tree_attention_torch import tree_attention_torch
 
         return tree_attention_torch(*args)
-    if head_dim not in TRITON_HEAD_DIMS:
-        raise ValueError(f"q head dim must be one of {TRITON_HEAD_DIMS} for the triton backend, got {head_dim}")
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"q dtype must be float16, bfloat16 or float32 for the triton backend, got {q.dtype}")
-    if batch * q_heads > TRITON_MAX_BATCH_HEADS:
-        raise ValueError(
-            f"q batch x heads must be at most {TRITON_MAX_BATCH_HEADS} for the triton backend, got "
-            f"{batch} x {q_heads}; split the batch or use backend='torch'"
-        )
     from quietstar.ops.tree_attention_triton import tree_attention_triton
 
     return tree_attention_triton(*args)
+
+
+def _triton_unsupported(q: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``q`` ([B, Hq, Sq*L, D]), or None when they can."""
+    batch, q_heads, _, head_dim = q.shape
+    if head_dim not in TRITON_HEAD_DIMS:
+        return f"q head dim must be one of {TRITON_HEAD_DIMS} for the triton backend, got {head_dim}"
+    if q.dtype not in TRITON_DTYPES:
+        return f"q dtype must be float16, bfloat16 or float32 for the triton backend, got {q.dtype}"
+    if batch * q_heads > TRITON_MAX_BATCH_HEADS:
+        return (
+            f"q batch x heads must be at most {TRITON_MAX_BATCH_HEADS} for the triton backend, got "
+            f"{batch} x {q_heads}; split the batch"
+        )
+    return None

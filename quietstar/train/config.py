@@ -64,6 +64,7 @@ class TrainConfig:
     gradient_checkpointing: str = option("auto", "on: recompute the tree pass's decoder layers in the backward (less memory, one more forward); off: keep their activations; auto: keep them when they fit in half the free memory")
     dtype: str = option("float32", "float32, or bf16: bfloat16 autocast with float32 master weights")
     seed: int = option(0, "seed of data order, thought sampling and initialisation")
+    deterministic: bool = option(False, "only deterministic kernels (torch.use_deterministic_algorithms), so that on CUDA a run and its resume repeat bit for bit; slower. CPU runs repeat without it")
     save_every: int = option(100, "checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)")
     keep: int = option(3, "checkpoints to keep (the newest)")
     eval_every: int = option(0, "validate every N steps (0: never)")

@@ -38,7 +38,7 @@ def setup(device: str) -> ProcessGroup:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
 
     Raises:
-        ValueError: ``cuda`` without a CUDA device.
+        ValueError: ``cuda`` without a CUDA device, or more processes on this node than GPUs.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -47,6 +47,11 @@ def setup(device: str) -> ProcessGroup:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): start at most "
+                "one process per GPU (torchrun --nproc-per-node), or use device='cpu'"
+            )
         torch.cuda.set_device(local_rank)
         where = torch.device("cuda", local_rank)
     else:

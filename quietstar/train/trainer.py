@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from quietstar.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"  # the setting PyTorch's reproducibility notes give
 EVAL_SEED_OFFSET = 7919  # thoughts of every validation are drawn from the same seed
 
 
@@ -83,6 +85,9 @@ class Trainer:
             raise ValueError("out: the run needs an output folder")
         self.config = config
         self.out = Path(config.out)
+        if config.deterministic:
+            # cuBLAS picks its reduction order per workspace; a fixed workspace fixes it.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         self.group = setup(config.device)
         if config.dtype == "bf16" and self.group.device.type == "cpu" and not bf16_matmul_on_cpu():
             logger.warning("dtype=bf16: this CPU has no bfloat16 matrix instructions (a bfloat16 GEMM runs ~100x "
@@ -266,6 +271,8 @@ class Trainer:
         in_main = threading.current_thread() is threading.main_thread()
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         records = []
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(was_deterministic or cfg.deterministic)
         progress = tqdm(total=cfg.max_steps, initial=start, disable=not group.is_main, desc="train", unit="step")
         try:
             for step in range(start, cfg.max_steps):
@@ -288,6 +295,7 @@ class Trainer:
                     logger.warning("stopped at step %d; continue with --resume", done)
                     break
         finally:
+            torch.use_deterministic_algorithms(was_deterministic)
             self.writer.wait()
             progress.close()
             log.close()
