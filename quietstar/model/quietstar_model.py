@@ -306,23 +306,79 @@ class QuietStarModel(nn.Module):
     ) -> torch.Tensor:
         """Sample ``[B, N, L, T]`` thought tokens: a base pass, then ``T`` chain steps through
         a KV cache in the tree layout (each step appends ``N * L`` tokens)."""
+        return self._chain_through_cache(input_ids, attention_mask, generator, self.config.thought_tokens)[2]
+
+    def _chain_through_cache(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base pass and the first ``steps`` chain steps through a KV cache in the tree
+        layout, sampling the thought tokens on the way; returns ``h_base [B, L, d]``, the
+        chain steps' hidden states ``[B, steps, N, L, d]`` (those of the tree pass) and the
+        thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
+        thought token ``c`` (``1 <= c <= T``), the end token (``T + 1``), then the talk input
+        ``x[i + c - T - 1]``."""
         cfg = self.config
         batch, length = input_ids.shape
-        n = cfg.n_thoughts
+        n, t_len = cfg.n_thoughts, cfg.thought_tokens
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
         positions = base_positions(attention_mask, batch, length, input_ids.device)
         cache = KVCache()
-        run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
-        step_input = self.meta_embedding(0).expand(batch, n * length, -1)
+        h_base = run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
+        talk_inputs = shift_positions(input_ids, cfg.talk_tokens)  # [B, L, K]: x[i + k]
         step_positions = positions.repeat(1, n)
-        thoughts = []
-        for _ in range(cfg.thought_tokens):
+        hidden_steps, thoughts = [], []
+        for c in range(steps):
+            if c == 0:
+                step_input = self.meta_embedding(0).expand(batch, n * length, -1)
+            elif c <= t_len:
+                step_input = self.embed(thoughts[-1].flatten(1))
+            elif c == t_len + 1:
+                step_input = self.meta_embedding(1).expand(batch, n * length, -1)
+            else:
+                step_input = self.embed(talk_inputs[..., c - t_len - 1].repeat(1, n))
             step_positions = step_positions + 1
             hidden = run_backbone(self.model, step_input, step_positions, cache=cache, tree_layout=layout)
-            tokens = self.sample(hidden, generator)  # [B, N * L]
-            thoughts.append(tokens.view(batch, n, length))
-            step_input = self.embed(tokens)
-        return torch.stack(thoughts, dim=-1)
+            hidden_steps.append(hidden)
+            if c < t_len:
+                thoughts.append(self.sample(hidden, generator).view(batch, n, length))
+        h_chain = torch.stack(hidden_steps, dim=1).unflatten(2, (n, length))
+        return h_base, h_chain, torch.stack(thoughts, dim=-1)
+
+    @torch.no_grad()
+    def next_token_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What predicts ``x[i+1]`` at every position, with and without a thought, as in
+        generation: ``(h_base [B, L, d], h_talk [B, N, L, d], w [B, N, L], thoughts [B, N, L, T])``,
+        ``h_talk`` the hidden state after the thought's end token and ``w`` the mixing head's
+        weight. The thoughts are sampled through a KV cache that carries on to the end token
+        (``T + 2`` chain steps; no talk inputs)."""
+        input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None)
+        t_len = self.config.thought_tokens
+        h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, t_len + 2)
+        h_talk = h_chain[:, t_len + 1]  # [B, N, L, d]
+        w = self.mixing_head(h_base[:, None].expand_as(h_talk), h_talk)
+        return h_base, h_talk, w, thoughts
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> QuietStarOutput:
+        """The forward's outputs without gradients, in one pass over the tree's tokens: the
+        KV cache that samples the thoughts carries on through the end token and the talk
+        inputs, so no second (tree) pass runs. Arguments as ``forward``; losses, NLLs,
+        rewards and mixing weights equal the forward's for the same thoughts."""
+        input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
+        targets = Targets.from_labels(labels, self.config.talk_tokens)
+        h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, self.config.chain_steps)
+        return self.losses(h_base, h_chain, targets, thoughts)
 
     # --- forward --------------------------------------------------------------------
 

@@ -95,7 +95,8 @@ def weighted_linear_cross_entropy(
     products per chunk of rows (scores, ``dh``, ``dW``) instead of the four of a backward that
     recomputes the scores, and the backward only scales the stored gradients. The price is
     holding ``dW`` (float32 ``[V, d]``) and ``dh`` from the forward to the backward. The
-    ``reference`` and ``triton`` backends sum ``linear_cross_entropy``'s per-row NLLs.
+    ``reference`` and ``triton`` backends, and every backend when no gradient is needed, sum
+    ``linear_cross_entropy``'s per-row NLLs.
 
     Args:
         row_weights: ``[N]`` floating, the rows' weights in the loss (constants: no gradient
@@ -113,7 +114,9 @@ def weighted_linear_cross_entropy(
     if row_weights.requires_grad:
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
     backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
-    if backend == "torch":
+    differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    if backend == "torch" and needs_grad:  # without gradients to form, one product per chunk is all
         from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
 
         hidden_, weight_, targets_, bias_, base_, w_, *rest = args

@@ -2,6 +2,7 @@
 
     quietstar train --model PATH --data FILE... --out DIR [--config cfg.yaml] [options]
     quietstar generate --model PATH --prompt TEXT [--max-new-tokens N] [--show-thoughts]
+    quietstar eval {perplexity,gsm8k,csqa,heatmap} --model PATH --data FILE... [--out FILE]
 
 ``quietstar train --help`` lists every option with its default. A flag overrides the config
 file, which overrides the defaults. A user's mistake (a bad path, a bad value, a malformed data
@@ -22,6 +23,7 @@ from quietstar.train.config import CHECKPOINTING, DTYPES, LR_SCHEDULES, PACKING,
 logger = logging.getLogger(__name__)
 
 USAGE_ERROR = 2
+EVAL_TASKS = ("perplexity", "gsm8k", "csqa", "heatmap")
 CHOICES = {"dtype": DTYPES, "packing": PACKING, "lr_schedule": LR_SCHEDULES, "mix": MIX_MODES, "device": ("auto", "cpu", "cuda"),
            "gradient_checkpointing": CHECKPOINTING}
 METAVARS = {"model": "PATH", "data": "FILE", "eval_data": "FILE", "out": "DIR", "cache_dir": "DIR", "text_field": "NAME"}
@@ -58,7 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--thought-tokens", type=int, help="thought length (default: the checkpoint's)")
     generate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_eval_parser(commands) -> None:
+    from quietstar.train.evaluation import DEFAULT_THOUGHT_TEMPERATURE, EvalOptions
+
+    defaults = EvalOptions()
+    evaluate = commands.add_parser(
+        "eval", help="does thinking help? perplexity by difficulty, zero-shot GSM8K / CommonsenseQA, reward heatmaps",
+        description="Score a model with and without thinking (docs/evaluation.md).",
+    )
+    evaluate.add_argument("task", choices=EVAL_TASKS, help="perplexity: held-out text by decile of the base NLL; gsm8k, "
+                          "csqa: the authors' zero-shot scores; heatmap: each token's thought reward as HTML and PNG")
+    evaluate.add_argument("--model", required=True, metavar="PATH", help="a QuietStarModel checkpoint, a Hugging Face model folder or a .gguf file")
+    evaluate.add_argument("--data", required=True, nargs="+", metavar="FILE", help="perplexity, heatmap: text or JSONL files as "
+                          "the trainer reads them (heatmap: the first document); gsm8k: test.jsonl; csqa: dev_rand_split.jsonl")
+    evaluate.add_argument("--out", metavar="FILE", help="where the JSON report goes (heatmap: FILE.html, with .png and .json beside it)")
+    evaluate.add_argument("--thought-tokens", type=int, help="thought length (default: the checkpoint's)")
+    evaluate.add_argument("--temperature", type=float, default=DEFAULT_THOUGHT_TEMPERATURE,
+                          help=f"sampling temperature of the thought tokens (default: {DEFAULT_THOUGHT_TEMPERATURE}, near greedy)")
+    evaluate.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sequences per forward (default: {defaults.batch_size})")
+    evaluate.add_argument("--limit", type=int, help="score a seeded subset of N items (windows for perplexity; default: all)")
+    evaluate.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the subset and the thoughts (default: {defaults.seed})")
+    evaluate.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"tokens per window (perplexity, heatmap; default: {defaults.seq_len})")
+    evaluate.add_argument("--text-field", default="text", metavar="NAME", help="the JSONL field of the text (perplexity, heatmap; default: text)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
 
 
 def _configure_logging() -> None:
@@ -121,12 +149,80 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from quietstar.model.loaders import load_quietstar
+    from quietstar.train.data import find_files, load_token_documents
+    from quietstar.train.eval_data import read_items
+    from quietstar.train.evaluation import EvalOptions, answer_scores, perplexity
+
+    options = EvalOptions(thought_tokens=args.thought_tokens, temperature=args.temperature, batch_size=args.batch_size,
+                          limit=args.limit, seed=args.seed, seq_len=args.seq_len)
+    find_files(args.data)  # a bad path fails before the model loads
+    qs = load_quietstar(args.model)
+    if qs.tokenizer is None:
+        raise ValueError(f"--model {args.model}: it has no tokenizer to read the data")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    qs = qs.to(device)
+    if args.task in ("perplexity", "heatmap"):
+        documents = load_token_documents(args.data, qs.tokenizer, args.text_field, cache_dir=None, workers=0)
+    if args.task == "heatmap":
+        from quietstar.train.heatmap import heatmap_html, reward_heatmap, write_heatmap_png
+
+        heatmap = reward_heatmap(qs, documents[0].tolist(), options)
+        page = Path(args.out or "heatmap.html")
+        page.write_text(heatmap_html(heatmap), encoding="utf-8")
+        page.with_suffix(".json").write_text(json.dumps(heatmap, indent=1), encoding="utf-8")
+        write_heatmap_png(heatmap, page.with_suffix(".png"))
+        print(f"heatmap of {len(heatmap['tokens'])} tokens: {page}, {page.with_suffix('.png')}, {page.with_suffix('.json')}")
+        return 0
+    if args.task == "perplexity":
+        report = perplexity(qs, documents, options)
+    else:
+        report = answer_scores(qs, args.task, read_items(args.task, args.data), options)
+    report["model"] = str(args.model)
+    report["data"] = [str(p) for p in args.data]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(format_summary(report))
+    return 0
+
+
+def format_summary(report: dict) -> str:
+    """One screen: the task's scores with and without thinking (perplexity: and by decile)."""
+    head = f"{report['task']}: {report['items']} items, thought {report['thought_tokens']} tokens at temperature {report['temperature']}"
+    if report["task"] != "perplexity":
+        return "\n".join([
+            head,
+            f"  score (mean renormalised gold probability): base {report['score_base']:.4f}, thinking {report['score_thinking']:.4f}",
+            f"  exact (every gold token the most likely):  base {report['exact_base']:.4f}, thinking {report['exact_thinking']:.4f}",
+        ])
+    lines = [
+        head + f", {report['tokens']} tokens",
+        f"  NLL base {report['score_base']:.4f} (perplexity {report['perplexity_base']:.2f}), thinking "
+        f"{report['score_thinking']:.4f} (perplexity {report['perplexity_thinking']:.2f}); thinking helped on "
+        f"{100 * report['helped_fraction']:.1f}% of tokens",
+        "  decile of base NLL | tokens | NLL base | NLL thinking |  gain  | helped",
+    ]
+    for row in report["by_decile"]:
+        if row["tokens"]:
+            lines.append(f"  {row['decile']:>2} ({row['base_nll_from']:6.2f}-{row['base_nll_to']:6.2f}) | {row['tokens']:>6} | "
+                         f"{row['nll_base']:8.4f} | {row['nll_thinking']:12.4f} | {row['gain']:+.4f} | {100 * row['helped_fraction']:5.1f}%")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging()
+    run = {"train": run_train, "generate": run_generate, "eval": run_eval}[args.command]
     try:
-        return run_train(args) if args.command == "train" else run_generate(args)
+        return run(args)
     except ValueError as error:
         print(f"quietstar {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
