@@ -20,12 +20,13 @@ does not run at a size (None when it does), and ``COLD_START = True``: a step is
 to be timed without a warm-up run.
 """
 
-from cases import linear_cross_entropy, train, training_step, tree_attention
+from cases import evaluation, linear_cross_entropy, train, training_step, tree_attention
 
 CASES = {
     "tree_attention": tree_attention,
     "linear_cross_entropy": linear_cross_entropy,
     "training_step": training_step,
     "train": train,
+    "evaluation": evaluation,
 }
 SCALES = ("quick", "default", "full")

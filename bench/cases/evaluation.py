@@ -1,0 +1,81 @@
+"""The cost of ``quietstar eval perplexity``: next-token NLL with and without thinking over
+held-out text, against a plain forward of the base model over the same tokens (its NLL).
+
+The target: thinking costs at most ``1.2 x (1 + C)`` plain forwards, ``C`` the chain slots per
+position (``T + K + 1``), the tree's own size. The table's ``x floor`` column is the time over
+the plain forward's. SmolLM2-135M's shapes with random weights, one thought of ``T`` tokens
+sampled at every position (its sampling included: evaluation has no thoughts given).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cases.training_step import MODELS, make_model, matmul_shapes as step_matmul_shapes
+
+
+def baseline(device: torch.device) -> str:
+    return "plain-forward"
+
+
+def floor(device: torch.device) -> str:
+    return "plain-forward"
+
+
+def variants(device: torch.device) -> list[str]:
+    return ["plain-forward", "quietstar-eval"]
+
+
+def sizes(device: torch.device, scale: str) -> list[dict]:
+    size = dict(model="smollm2-135m", thought_tokens=9, talk_tokens=4, n_thoughts=1)
+    if scale == "quick":
+        return [dict(size, batch=1, length=16, thought_tokens=2, talk_tokens=2, layers=2)]
+    if device.type == "cpu":
+        return [dict(size, batch=1, length=256 if scale == "full" else 128, layers=30)]
+    return [dict(size, model="llama-1b", batch=8, length=1024, layers=16)]
+
+
+def chain_slots(size: dict) -> int:
+    return size["thought_tokens"] + size["talk_tokens"] + 1
+
+
+def label(size: dict) -> str:
+    return f"B={size['batch']} L={size['length']} T={size['thought_tokens']} (1+C={1 + chain_slots(size)})"
+
+
+def tokens(size: dict) -> int:
+    """Text tokens scored per run."""
+    return size["batch"] * size["length"]
+
+
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+    return step_matmul_shapes(size, device)
+
+
+def useful_flops(size: dict, variant: str, device: torch.device) -> float:
+    """A plain forward's ``2 P X + 2 d V X`` over the text; with thinking, ``1 + C`` times that
+    (every chain slot of the tree once, as the floor the target is set against)."""
+    cfg = MODELS[size["model"]]
+    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    params = size["layers"] * (2 * d * d + 2 * d * kv_heads * (d // heads) + 3 * d * cfg["intermediate_size"])
+    text = tokens(size)
+    plain = 2.0 * params * text + 2.0 * d * cfg["vocab_size"] * text
+    return plain if variant == "plain-forward" else plain * (1 + chain_slots(size))
+
+
+def build(variant: str, s: dict, device: torch.device):
+    from quietstar.train.evaluation import next_token_nll
+
+    qs = make_model(s, device).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, MODELS[s["model"]]["vocab_size"], (s["batch"], s["length"]), generator=gen, device=device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+
+    @torch.no_grad()
+    def plain():
+        logits = qs.model(ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    if variant == "plain-forward":
+        return plain, {"note": "the base model's forward and NLL (full-vocabulary logits)"}
+    return (lambda: next_token_nll(qs, ids, mask, gen)), {"note": f"target <= {1.2 * (1 + chain_slots(s)):.1f}x the plain forward"}
