@@ -307,7 +307,10 @@ def answer_scores(qs: QuietStarModel, task: str, items: list[AnswerItem], option
                 record[f"exact_{name}"] = bool((logp.argmax(-1) == gold_column[span]).all())
             per_item.append(record)
     seconds = time.perf_counter() - start
-    mean = lambda key: sum(float(r[key]) for r in per_item) / len(per_item)  # noqa: E731
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in per_item) / len(per_item)
+
     return {
         "task": task,
         "items": len(per_item),
