@@ -4,18 +4,21 @@ independent per-query implementation of SPEC's tree rule."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import DEVICE, relative_error, requires_triton
+from helpers import DEVICE, relative_error, requires_native, requires_triton
 
 from quietstar import tree_attention
 from quietstar.ops.backends import BACKEND_ENV_VAR, resolve_backend
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton), pytest.param("native", marks=requires_native)]
 
 
 def make_inputs(batch, q_heads, kv_heads, slot_len, n_q, n_k, head_dim, dtype, padded=False, seed=0):
@@ -169,7 +172,7 @@ def test_base_slot_is_causal_attention():
         assert relative_error(tree_attention(q, k, v, 9, backend=backend), expected) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_query_without_visible_key_returns_zeros(backend):
     q, k, v, _ = make_inputs(1, 2, 1, 6, 3, 3, 16, torch.float32)
     mask = torch.tensor([[False, False, False, True, True, True]], device=DEVICE)
@@ -181,14 +184,44 @@ def test_query_without_visible_key_returns_zeros(backend):
         assert torch.isfinite(t.grad).all()
 
 
-def test_torch_backend_passes_gradcheck():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=requires_native)])
+def test_passes_gradcheck_in_float64(backend):
     q, k, v, mask = make_inputs(1, 2, 1, 3, 2, 3, 4, torch.float64, padded=True)
     mask = torch.tensor([[False, True, True]], device=DEVICE)
 
     def fn(q, k, v):
-        return tree_attention(q, k, v, 3, n_thoughts=2, key_padding_mask=mask, sliding_window=2, backend="torch")
+        return tree_attention(q, k, v, 3, n_thoughts=2, key_padding_mask=mask, sliding_window=2, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@requires_native
+@pytest.mark.parametrize("case", ["L100-window-padded-two-branches", "L64-Sq-lt-Sk-two-branches"])
+def test_native_backend_matches_reference_in_float64_across_blocks(case, poisoned_allocations):
+    """Float64 leaves only the kernel's own error: query and key blocks of 64 with padding,
+    a window and Sq < Sk, every block edge crossed."""
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, 130, n_q, n_k, head_dim, torch.float64, padded)
+    out = tree_attention(q, k, v, 130, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window, backend="native")
+    expected = tree_attention(q, k, v, 130, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window, backend="reference")
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)
+    assert relative_error(out, expected) < 1e-12
+    for a, b in zip(got, want):
+        assert relative_error(a, b) < 1e-12
+
+
+def test_native_backend_off_says_why_and_the_default_still_runs():
+    script = (
+        "import torch, quietstar\n"
+        "q = torch.randn(1, 2, 8, 4); k = torch.randn(1, 1, 8, 4)\n"
+        "assert quietstar.tree_attention(q, k, k, 4).shape == q.shape\n"
+        "try:\n    quietstar.tree_attention(q, k, k, 4, backend='native')\n"
+        "except ValueError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "QUIETSTAR_NO_NATIVE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "backend='native' is unavailable: QUIETSTAR_NO_NATIVE=1" in done.stdout
 
 
 @settings(max_examples=25, deadline=None)
@@ -204,13 +237,14 @@ def test_torch_backend_passes_gradcheck():
     padded=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_torch_backend_matches_reference_on_random_shapes(
-    batch, kv_heads, group, slot_len, n_k, q_fraction, n_thoughts, window, padded, seed
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=requires_native)])
+def test_cpu_backends_match_reference_on_random_shapes(
+    backend, batch, kv_heads, group, slot_len, n_k, q_fraction, n_thoughts, window, padded, seed
 ):
     n_q = max(1, math.ceil(q_fraction * n_k))
     q, k, v, mask = make_inputs(batch, kv_heads * group, kv_heads, slot_len, n_q, n_k, 8, torch.float32, padded, seed)
     assert_matches_reference(
-        "torch", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
     )
 
 

@@ -1,4 +1,4 @@
-"""Functional, differentiable ops; each dispatches to a reference, torch or triton backend."""
+"""Functional, differentiable ops; each dispatches to a reference, torch, triton (or native) backend."""
 
 from quietstar.ops.linear_cross_entropy import linear_cross_entropy, weighted_linear_cross_entropy
 from quietstar.ops.tree_attention import tree_attention

@@ -6,6 +6,8 @@ Each op has three implementations with one signature:
 * ``torch``: composed from PyTorch ops without the dense intermediates; the CPU fast path.
 * ``triton``: fused Triton kernels; the CUDA fast path (CPU tensors only under the Triton
   interpreter, ``TRITON_INTERPRET=1``).
+* ``native``: C++ CPU kernels (``quietstar._C``, built by ``CMakeLists.txt``), for
+  ``tree_attention``; an op without native kernels runs its ``torch`` backend under it.
 
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
 ``triton`` for CUDA tensors when triton is installed and ``torch`` for everything else; an
@@ -23,7 +25,7 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "native")
 BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
 
 logger = logging.getLogger(__name__)
@@ -49,19 +51,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str | None, device: torch.device, triton_unsupported: str | None = None) -> str:
+def resolve_backend(
+    backend: str | None, device: torch.device, triton_unsupported: str | None = None, has_native: bool = False
+) -> str:
     """Return the backend to run on ``device``.
 
     Args:
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (environment variable,
+        backend: ``"reference"``, ``"torch"``, ``"triton"``, ``"native"`` or ``None`` (environment variable,
             then the best one for the device).
         device: device of the op's inputs.
         triton_unsupported: why the Triton kernels cannot take these inputs, or None when they
             can. An automatic choice then falls back to ``torch``; an asked-for ``triton``
             raises it.
+        has_native: whether the op has native CPU kernels (else ``native`` means ``torch``).
 
     Raises:
-        ValueError: unknown name, or ``triton`` where it cannot run.
+        ValueError: unknown name, or ``triton`` or ``native`` where it cannot run.
     """
     source = "backend"
     if backend is None:
@@ -85,6 +90,14 @@ def resolve_backend(backend: str | None, device: torch.device, triton_unsupporte
             )
         if triton_unsupported is not None:
             raise ValueError(f"{triton_unsupported}; use backend='torch'")
+    if backend == "native":
+        if not has_native:
+            return "torch"
+        if device.type != "cpu":
+            raise ValueError(f"{source}='native' runs on CPU tensors (got {device.type})")
+        from quietstar.ops.native import require_native
+
+        require_native()
     return backend
 
 

@@ -41,7 +41,8 @@ def tree_attention(
         key_padding_mask: ``[B, slot_len]`` bool, True for real tokens; applies to base keys.
         sliding_window: a base key ``k`` is visible to position ``i`` only if ``i - k < w``.
         scale: softmax scale, ``D ** -0.5`` by default.
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.ops.backends``).
+        backend: ``"reference"``, ``"torch"``, ``"triton"``, ``"native"`` or None (see
+            ``quietstar.ops.backends``).
 
     Returns:
         ``[B, Hq, Sq * slot_len, D]`` in the dtype of ``q``. A query that sees no key (a base
@@ -82,7 +83,7 @@ def tree_attention(
         check_int("sliding_window", sliding_window, minimum=1)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
 
-    backend = resolve_backend(backend, q.device, _triton_unsupported(q))
+    backend = resolve_backend(backend, q.device, _triton_unsupported(q), has_native=True)
     args = (q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale)
     if backend == "reference":
         from quietstar.ops.tree_attention_reference import tree_attention_reference
@@ -92,6 +93,10 @@ def tree_attention(
         from quietstar.ops.tree_attention_torch import tree_attention_torch
 
         return tree_attention_torch(*args)
+    if backend == "native":
+        from quietstar.ops.tree_attention_native import tree_attention_native
+
+        return tree_attention_native(*args)
     from quietstar.ops.tree_attention_triton import tree_attention_triton
 
     return tree_attention_triton(*args)

@@ -1,0 +1,45 @@
+"""The native CPU kernels (``quietstar._C``, built from ``csrc/`` by ``CMakeLists.txt`` during
+``pip install``): whether they are here, and why not when they are not.
+
+Loading the extension registers its custom ops under ``torch.ops.quietstar``. It is optional:
+a build that failed, a source checkout never built, or ``QUIETSTAR_NO_NATIVE=1`` leaves the
+``torch`` backend in charge, and the first caller logs why (once).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+NO_NATIVE_ENV_VAR = "QUIETSTAR_NO_NATIVE"
+
+
+@functools.lru_cache(maxsize=None)
+def native_unavailable() -> str | None:
+    """Why the native kernels cannot run here, or None when they are loaded."""
+    if os.environ.get(NO_NATIVE_ENV_VAR) == "1":
+        reason = f"{NO_NATIVE_ENV_VAR}=1"
+    else:
+        try:
+            importlib.import_module("quietstar._C")
+            return None
+        except ImportError as error:
+            reason = f"the extension quietstar._C is not built ({error}); reinstall with `pip install -e .`"
+    logger.info("native CPU kernels unavailable: %s", reason)
+    return reason
+
+
+def native_available() -> bool:
+    """Whether ``torch.ops.quietstar``'s native CPU kernels are loaded."""
+    return native_unavailable() is None
+
+
+def require_native() -> None:
+    """Load the native kernels, or raise ``ValueError`` saying why they are not here."""
+    reason = native_unavailable()
+    if reason is not None:
+        raise ValueError(f"backend='native' is unavailable: {reason}")
