@@ -37,7 +37,7 @@ def floor(device: torch.device) -> str | None:
 def variants(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["flex", "sdpa-causal", "torch", "triton"]
-    return ["reference", "torch", "flex", "sdpa-causal"]
+    return ["reference", "torch", "native", "flex", "sdpa-causal"]
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -57,6 +57,11 @@ def label(size: dict) -> str:
 
 
 def skip(variant: str, size: dict, device: torch.device) -> str | None:
+    if variant == "native":
+        from quietstar.ops.native import native_unavailable
+
+        if native_unavailable():
+            return f"not built: {native_unavailable()}"
     if variant == "torch" and device.type == "cuda" and size["slot_len"] > TORCH_BACKEND_MAX_LENGTH_CUDA:
         return f"not run above L={TORCH_BACKEND_MAX_LENGTH_CUDA} (one slot's float32 scores alone are B*Hq*L*L*4 bytes)"
     if variant == "flex" and device.type == "cpu" and size["slot_len"] < min(CPU_LENGTHS):
