@@ -115,7 +115,7 @@ def generate(
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
     window = _window(qs)
     text = _TextState(attention_mask)
-    cache = KVCache()
+    cache = KVCache(capacity=prompt_len + max_new_tokens + cfg.thought_tokens + 2)
     layout = TreeLayout(prompt_len, 1, text.key_real)
     h_last = run_backbone(qs.model, qs.embed(input_ids), text.key_pos, cache=cache, tree_layout=layout)[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

@@ -322,7 +322,7 @@ class QuietStarModel(nn.Module):
         n, t_len = cfg.n_thoughts, cfg.thought_tokens
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
         positions = base_positions(attention_mask, batch, length, input_ids.device)
-        cache = KVCache()
+        cache = KVCache(capacity=(1 + steps * n) * length)
         h_base = run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
         talk_inputs = shift_positions(input_ids, cfg.talk_tokens)  # [B, L, K]: x[i + k]
         step_positions = positions.repeat(1, n)
