@@ -211,6 +211,18 @@ def test_native_backend_matches_reference_in_float64_across_blocks(case, poisone
         assert relative_error(a, b) < 1e-12
 
 
+@requires_native
+def test_native_ops_have_fake_shapes_for_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k = torch.empty(2, 4, 3 * 8, 16), torch.empty(2, 2, 5 * 8, 16)
+        out, lse = torch.ops.quietstar.tree_attention_forward(q, k, k, 8, 2, None, 0, 0.25)
+        grads = torch.ops.quietstar.tree_attention_backward(out, q, k, k, out, lse, 8, 2, None, 0, 0.25)
+    assert out.shape == q.shape and lse.shape == (2, 4, 24)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+
+
 def test_native_backend_off_says_why_and_the_default_still_runs():
     script = (
         "import torch, quietstar\n"

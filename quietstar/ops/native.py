@@ -26,11 +26,26 @@ def native_unavailable() -> str | None:
     else:
         try:
             importlib.import_module("quietstar._C")
+            _register_fakes()
             return None
         except ImportError as error:
             reason = f"the extension quietstar._C is not built ({error}); reinstall with `pip install -e .`"
     logger.info("native CPU kernels unavailable: %s", reason)
     return reason
+
+
+def _register_fakes() -> None:
+    """Shapes of the custom ops' outputs without running them, so that ``torch.compile``
+    (FakeTensor tracing) and meta-device runs see through them."""
+    import torch
+
+    @torch.library.register_fake("quietstar::tree_attention_forward")
+    def _forward(q, k, v, slot_len, n_thoughts, key_padding_mask, window, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+    @torch.library.register_fake("quietstar::tree_attention_backward")
+    def _backward(grad_out, q, k, v, out, lse, slot_len, n_thoughts, key_padding_mask, window, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def native_available() -> bool:
