@@ -29,7 +29,7 @@ def plot_training(metrics: Path, out: Path) -> None:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in records if r["split"] == "train"]
     steps = [r["step"] for r in train]
-    panels = [("nll_loss", "language-model loss (nats)"), ("reward_mean", "mean reward (after baseline)"),
+    panels = [("nll_loss", "language-model loss (nats)"), ("reward_mean", "mean reward (after baseline and clamping)"),
               ("mixing_weight_mean", "mean mixing weight w")]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, panels):
