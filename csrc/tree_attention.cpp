@@ -52,12 +52,27 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, d
 constexpr int64_t kBlockM = 64;  // queries per block
 constexpr int64_t kBlockN = 64;  // trunk keys per block
 
+// One task of the per-query-block passes: batch row, query head, query slot, first query and
+// row count, and the flat row of its first query and of its KV head's first key.
+struct QueryBlock {
+  int64_t b, h, j, i0, rows, q_row0, kv_base;
+};
+
 struct Tree {
   int64_t batch, q_heads, kv_heads, q_slots, k_slots, slot_len, dim, n_thoughts, window;
   double scale;
   const bool* padding;  // [B, L] or nullptr
 
   int64_t group() const { return q_heads / kv_heads; }
+  int64_t query_block_tasks() const { return batch * q_heads * q_slots * q_blocks(); }
+  QueryBlock query_block(int64_t task) const {
+    const int64_t block = task % q_blocks();
+    task /= q_blocks();
+    const int64_t j = task % q_slots, h = (task / q_slots) % q_heads, b = task / (q_slots * q_heads);
+    const int64_t i0 = block * kBlockM;
+    return {b, h, j, i0, std::min(kBlockM, slot_len - i0), (b * q_heads + h) * q_slots * slot_len + j * slot_len + i0,
+            (b * kv_heads + h / group()) * k_slots * slot_len};
+  }
   int64_t q_blocks() const { return (slot_len + kBlockM - 1) / kBlockM; }
   int64_t k_blocks() const { return (slot_len + kBlockN - 1) / kBlockN; }
   // Key slot of query slot j.
@@ -203,22 +218,13 @@ void trunk_scores(const Tree& t, int64_t b, int64_t i0, int64_t rows, int64_t k0
 
 template <typename T>
 void forward_kernel(const Tree& t, const T* q, const T* k, const T* v, T* out, T* lse) {
-  const int64_t L = t.slot_len, D = t.dim, qb = t.q_blocks();
-  const int64_t tasks = t.batch * t.q_heads * t.q_slots * qb;
+  const int64_t L = t.slot_len, D = t.dim;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, t.query_block_tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kBlockM * kBlockN), acc(kBlockM * D), row_max(kBlockM), row_sum(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
-      int64_t rest = task;
-      const int64_t block = rest % qb; rest /= qb;
-      const int64_t j = rest % t.q_slots; rest /= t.q_slots;
-      const int64_t h = rest % t.q_heads;
-      const int64_t b = rest / t.q_heads;
-      const int64_t hk = h / t.group();
-      const int64_t i0 = block * kBlockM, rows = std::min(kBlockM, L - i0);
-      const int64_t q_row0 = ((b * t.q_heads + h) * t.q_slots * L) + j * L + i0;
+      const auto [b, h, j, i0, rows, q_row0, kv_base] = t.query_block(task);
       const T* qb_ptr = q + q_row0 * D;
-      const int64_t kv_base = (b * t.kv_heads + hk) * t.k_slots * L;
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
@@ -293,19 +299,12 @@ void trunk_probabilities(const Tree& t, int64_t rows, int64_t cols, const T* lse
 template <typename T>
 void backward_kernel(const Tree& t, const T* q, const T* k, const T* v, const T* grad_out, const T* lse,
                      const T* delta, T* grad_q, T* grad_k, T* grad_v) {
-  const int64_t L = t.slot_len, D = t.dim, qb = t.q_blocks(), kb = t.k_blocks(), G = t.group();
+  const int64_t L = t.slot_len, D = t.dim, kb = t.k_blocks(), G = t.group();
   // dQ: per query block, trunk then chain.
-  at::parallel_for(0, t.batch * t.q_heads * t.q_slots * qb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, t.query_block_tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockM * kBlockN), grad_scores(kBlockM * kBlockN);
     for (int64_t task = begin; task < end; ++task) {
-      int64_t rest = task;
-      const int64_t block = rest % qb; rest /= qb;
-      const int64_t j = rest % t.q_slots; rest /= t.q_slots;
-      const int64_t h = rest % t.q_heads;
-      const int64_t b = rest / t.q_heads;
-      const int64_t i0 = block * kBlockM, rows = std::min(kBlockM, L - i0);
-      const int64_t q_row0 = ((b * t.q_heads + h) * t.q_slots * L) + j * L + i0;
-      const int64_t kv_base = (b * t.kv_heads + h / G) * t.k_slots * L;
+      const auto [b, h, j, i0, rows, q_row0, kv_base] = t.query_block(task);
       for (int64_t k0 = t.first_key(i0) / kBlockN * kBlockN; k0 <= i0 + rows - 1; k0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, L - k0);
         trunk_scores<T>(t, b, i0, rows, k0, cols, q + q_row0 * D, k + (kv_base + k0) * D, probs.data());
