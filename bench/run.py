@@ -188,7 +188,9 @@ def add_ratios(results: list[dict], baseline: str, floor: str | None, matmul: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    default_cases = [name for name, case in CASES.items() if getattr(case, "IN_DEFAULT_RUN", True)]
+    parser.add_argument("--case", nargs="+", choices=list(CASES), default=default_cases,
+                        help=f"cases to run (default: {' '.join(default_cases)})")
     parser.add_argument("--variant", nargs="+", help="run only these variants (the baseline always runs for ratios)")
     parser.add_argument("--size", nargs="+", metavar="LABEL", help="run only the sizes with these labels, as the tables print them (e.g. 'L=2048', 'B=1 L=128')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

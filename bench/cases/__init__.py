@@ -16,8 +16,8 @@
 
 and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
 table shows each variant's time over it), ``skip(variant, size, device)``: why a variant
-does not run at a size (None when it does), and ``COLD_START = True``: a step is long enough
-to be timed without a warm-up run.
+does not run at a size (None when it does), ``COLD_START = True``: a step is long enough
+to be timed without a warm-up run, and ``IN_DEFAULT_RUN = False``: only ``--case`` runs it.
 """
 
 from cases import evaluation, linear_cross_entropy, train, training_step, tree_attention

@@ -13,6 +13,8 @@ import torch
 
 from cases.training_step import MODELS, make_model, matmul_shapes as step_matmul_shapes
 
+IN_DEFAULT_RUN = False  # about 40 s on 2 CPU cores: `bench/run.py --case evaluation` runs it
+
 
 def baseline(device: torch.device) -> str:
     return "plain-forward"
