@@ -9,6 +9,7 @@ from helpers import DEVICE, relative_error, requires_triton
 
 import quietstar.ops.linear_cross_entropy_torch as torch_backend
 from quietstar import linear_cross_entropy, weighted_linear_cross_entropy
+from quietstar.ops import backends
 from quietstar.ops.backends import BACKEND_ENV_VAR
 
 IGNORE = -100
@@ -90,6 +91,22 @@ def assert_matches_reference(backend, kwargs, **options):
         assert relative_error(grad, ref_grads[name]) <= tol, (f"d{name}", relative_error(grad, ref_grads[name]))
 
 
+def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature):
+    """``weighted_linear_cross_entropy``'s loss, NLLs and every gradient (with a backward scale
+    that is not 1) against the reference's weighted sum in float32."""
+    reference = as_float32_leaves(kwargs)
+    ref_nll = linear_cross_entropy(backend="reference", temperature=temperature, **reference)
+    ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
+    loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend=backend, temperature=temperature, **kwargs)
+    assert not nll.requires_grad and loss.dim() == 0
+    tol = TOLERANCE.get(backend, TOLERANCE["torch"])[kwargs["hidden"].dtype]
+    assert relative_error(nll, ref_nll) <= tol
+    assert relative_error(loss, (weights * ref_nll).sum()) <= tol
+    grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
+    for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= tol, (name, relative_error(grad, ref_grad))
+
+
 # (rows, width, vocab, mix, bias, temperature, masked, ignored); no size is a multiple of a
 # Triton block size, and vocab 101 spans a partial last vocabulary tile.
 CASES = {
@@ -125,6 +142,39 @@ HALF_CASES = ["mix-bias-T3-masked-ignored", "bias-T3-ignored"]
 def test_matches_float32_reference_in_half_precision(backend, dtype, case, poisoned_allocations):
     kwargs, temperature = case_inputs(case, dtype)
     assert_matches_reference(backend, kwargs, temperature=temperature)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "float32-products"])
+def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fast_bf16, monkeypatch, poisoned_allocations):
+    """On a CPU with bfloat16 matrix instructions the products run in bfloat16 (softmax and
+    sums in float32); without them in float32 (a bfloat16 GEMM would be ~100x slower). Both
+    match the float32 reference at bfloat16 tolerance, loss and every gradient."""
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.bfloat16)
+    scorer = torch_backend._Scores(kwargs["hidden"], kwargs["lm_weight"], kwargs["lm_bias"], *kwargs["mix"], temperature, None)
+    assert scorer.product_dtype == (torch.bfloat16 if fast_bf16 or DEVICE.type == "cuda" else torch.float32)
+    assert_matches_reference("torch", kwargs, temperature=temperature)
+    weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_master_weights_next_to_half_hidden_states(backend, dtype, poisoned_allocations):
+    """As under autocast: half-precision hidden states with the float32 lm_head and bias. The
+    result matches the float32 reference at the half dtype's tolerance, and the weight's and
+    bias's gradients come back in float32."""
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", dtype)
+    for name in ("lm_weight", "lm_bias"):
+        kwargs[name] = kwargs[name].detach().float().requires_grad_()
+    assert_matches_reference(backend, kwargs, temperature=temperature)
+
+
+def test_lm_weight_of_another_dtype_is_rejected():
+    kwargs, _ = case_inputs("plain", torch.float32)
+    kwargs["lm_weight"] = kwargs["lm_weight"].detach().double()
+    with pytest.raises(ValueError, match="lm_weight"):
+        linear_cross_entropy(**kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -170,19 +220,8 @@ def test_weighted_form_equals_the_weighted_sum_of_the_reference(backend, case, p
     """``weighted_linear_cross_entropy`` (gradients formed in the forward for torch): its loss,
     NLLs and every gradient, with a backward scale that is not 1."""
     kwargs, temperature = case_inputs(case, torch.float32, seed=4)
-    rows = kwargs["hidden"].shape[0]
-    weights = torch.randn(rows, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    reference = as_float32_leaves(kwargs)
-    ref_nll = linear_cross_entropy(backend="reference", temperature=temperature, **reference)
-    ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
-    loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend=backend, temperature=temperature, **kwargs)
-    assert not nll.requires_grad and loss.dim() == 0
-    tol = TOLERANCE.get(backend, TOLERANCE["torch"])[torch.float32]
-    assert relative_error(nll, ref_nll) <= tol
-    assert relative_error(loss, (weights * ref_nll).sum()) <= tol
-    grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
-    for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
-        assert relative_error(grad, ref_grad) <= tol, (name, relative_error(grad, ref_grad))
+    weights = torch.randn(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert_weighted_form_matches_reference(backend, kwargs, weights, temperature)
 
 
 def test_weighted_torch_form_computes_its_gradients_in_the_forward():

@@ -30,7 +30,12 @@ from quietstar.model.generation import generate
 from quietstar.model.mixing import MixingHead
 from quietstar.model.sampling import sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
-from quietstar.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy, weighted_linear_cross_entropy
+from quietstar.ops.linear_cross_entropy import (
+    IGNORE_INDEX,
+    head_dtypes,
+    linear_cross_entropy,
+    weighted_linear_cross_entropy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +256,12 @@ class QuietStarModel(nn.Module):
         ``(sum(weights * nll), nll detached)``, with the gradients formed in the forward."""
         weight, bias = self.lm_head
         width = hidden.shape[-1]
-        # The op takes one dtype: under autocast the half one (it accumulates in float32).
+        # Under autocast the op takes half-precision hidden states next to the float32 master
+        # weights: it multiplies in the half dtype and accumulates, and returns dW, in float32.
         dtype = autocast_dtype(hidden.device) or hidden.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        hidden = hidden.to(dtype)
+        if weight.dtype not in head_dtypes(dtype):
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         if mix is not None:
             mix = (mix[0].reshape(-1, width).to(dtype), mix[1].reshape(-1))
         options = dict(lm_bias=bias, mix=mix, temperature=temperature, masked_vocab=self.masked_vocab)

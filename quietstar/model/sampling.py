@@ -18,7 +18,9 @@ def head_logits(
     """Float32 logits ``[N, V]`` (float64 for float64 inputs) of ``hidden [N, d]`` divided by
     ``temperature``, masked ids -inf."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = (hidden @ lm_weight.T).to(dtype)
+    # ``linear`` hands autocast the weight itself (a leaf), whose cast autocast then caches for
+    # the rest of its region; a transposed view would be cast again at every call.
+    logits = torch.nn.functional.linear(hidden, lm_weight).to(dtype)
     if lm_bias is not None:
         logits = logits + lm_bias.to(dtype)
     if temperature != 1.0:

@@ -42,9 +42,11 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``[N, d]`` float16, bfloat16, float32 or float64.
-        lm_weight: ``[V, d]``, dtype of ``hidden``.
+        lm_weight: ``[V, d]``, dtype of ``hidden``; or float32 master weights next to float16
+            or bfloat16 ``hidden`` (the products then run in ``hidden``'s dtype where the
+            device multiplies it fast, and the weight's gradient comes back in float32).
         targets: ``[N]`` integer ids in ``[0, V)``, or ``ignore_index``.
-        lm_bias: ``[V]``, dtype of ``hidden``.
+        lm_bias: ``[V]``, dtype of ``lm_weight``.
         mix: ``(base_hidden [N, d] in the dtype of hidden, w [N] floating)``.
         temperature: logits are divided by it before the softmax; finite and > 0.
         masked_vocab: ids that get ``-inf`` logits: a sequence of ints or a 1-D integer tensor.
@@ -137,7 +139,7 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
     if rows == 0 or width == 0:
         raise ValueError(f"hidden must be [N, d] with N, d >= 1, got {tuple(hidden.shape)}")
     device = hidden.device
-    check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=device)
+    check_tensor("lm_weight", lm_weight, ndim=2, dtypes=head_dtypes(hidden.dtype), device=device)
     vocab = lm_weight.shape[0]
     if vocab == 0 or lm_weight.shape[1] != width:
         raise ValueError(f"lm_weight must be [V, d={width}] with V >= 1, got {tuple(lm_weight.shape)}")
@@ -145,7 +147,7 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
     if targets.shape[0] != rows:
         raise ValueError(f"targets must be [N={rows}], got {tuple(targets.shape)}")
     if lm_bias is not None:
-        check_tensor("lm_bias", lm_bias, ndim=1, dtypes=(hidden.dtype,), device=device)
+        check_tensor("lm_bias", lm_bias, ndim=1, dtypes=(lm_weight.dtype,), device=device)
         if lm_bias.shape[0] != vocab:
             raise ValueError(f"lm_bias must be [V={vocab}], got {tuple(lm_bias.shape)}")
     base_hidden, mix_weight = _check_mix(mix, hidden)
@@ -156,6 +158,12 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
     _check_target_values(targets, vocab, ignore_index, masked_ids)
 
     return hidden, lm_weight, targets, lm_bias, base_hidden, mix_weight, temperature, masked_ids, ignore_index
+
+
+def head_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes ``lm_weight`` may have next to ``hidden`` of ``dtype``: the same, or float32
+    master weights next to half-precision hidden states (as under autocast)."""
+    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
 
 
 def _triton_unsupported(hidden: torch.Tensor) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from quietstar.ops.backends import autocast_off
+from quietstar.ops.backends import autocast_off, fast_half_matmul
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     compute_dtype,
@@ -31,6 +31,9 @@ CHUNK_BYTES = 64 * 2**20
 # Chunks of a multiple of this many rows: CPU matrix products slow down markedly (about 1.5x
 # measured with MKL) on odd row counts such as 341.
 CHUNK_ROW_MULTIPLE = 64
+# Rows of a float32 gradient updated at a time from a half-precision product: the promoted
+# copy of each block stays small enough for the allocator to reuse.
+ACCUMULATE_BLOCK_BYTES = 8 * 2**20
 
 
 def _chunks(rows: int, vocab: int, itemsize: int) -> Iterator[slice]:
@@ -43,20 +46,30 @@ def _chunks(rows: int, vocab: int, itemsize: int) -> Iterator[slice]:
 
 
 class _Scores:
-    """One call's inputs in the accumulation dtype: mixed rows and their scores, chunk by chunk.
+    """One call's inputs and their scores, chunk by chunk.
 
     Scores are kept vocabulary-major (``[V, c]``, one column per row): ``W @ h.T`` runs
     markedly faster on CPU than ``h @ W.T``, and the reductions over the vocabulary then
     vectorise along the buffer's contiguous rows.
+
+    Precision: the softmax, the log-sum-exp and every accumulation run in ``dtype`` (float32,
+    float64 for float64 inputs). The matrix products run in ``product_dtype``: the inputs'
+    half dtype where the device multiplies it faster than float32 (``fast_half_matmul``), as a
+    half-precision lm_head would (each product accumulates in float32 inside the GEMM and is
+    rounded to the half dtype once); ``dtype`` otherwise.
     """
 
     def __init__(self, hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids):
         self.dtype = compute_dtype(hidden.dtype)
+        self.product_dtype = hidden.dtype if fast_half_matmul(hidden.dtype, hidden.device) else self.dtype
         self.hidden, self.base_hidden, self.w = hidden, base_hidden, w
-        self.weight = lm_weight.to(self.dtype)
+        self.weight = lm_weight.to(self.product_dtype)
         self.inv_temperature = 1.0 / temperature
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, self.dtype, hidden.device)
         self.offset = None if offset is None else offset[:, None]
+        # Half-precision scratch, reused from chunk to chunk: fresh buffers of this size cost a
+        # page fault per 4 KiB on CPU (glibc maps them anew each time).
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def chunks(self) -> Iterator[slice]:
         return _chunks(self.hidden.shape[0], self.weight.shape[0], self.dtype.itemsize)
@@ -67,20 +80,49 @@ class _Scores:
         return torch.empty(self.weight.shape[0] * first.stop, dtype=self.dtype, device=self.weight.device)
 
     def mixed(self, rows: slice) -> torch.Tensor:
-        """``h = (1 - w) * base_hidden + w * hidden`` of ``rows``: ``[c, d]``."""
+        """``h = (1 - w) * base_hidden + w * hidden`` of ``rows``: ``[c, d]`` in ``dtype``."""
         h = self.hidden[rows].to(self.dtype)
         if self.w is None:
             return h
         return torch.lerp(self.base_hidden[rows].to(self.dtype), h, self.w[rows, None].to(self.dtype))
 
+    def half(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Reused ``product_dtype`` scratch ``name`` of ``shape`` (at most its first use's size)."""
+        numel = shape[0] * shape[1]
+        if name not in self._scratch:
+            self._scratch[name] = torch.empty(numel, dtype=self.product_dtype, device=self.weight.device)
+        return self._scratch[name][:numel].view(shape)
+
+    def as_product(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[V, c]`` chunk in ``product_dtype`` (in the scores' scratch, free once they are read)."""
+        if self.product_dtype == self.dtype:
+            return t
+        return self.half("scores", t.shape).copy_(t)
+
     def scores(self, h: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """``(h @ W.T / T + offset).T``: ``[V, c]``, written into the front of ``buffer``."""
+        """``(h @ W.T / T + offset).T``: ``[V, c]`` in ``dtype``, written into the front of ``buffer``."""
         vocab, rows = self.weight.shape[0], h.shape[0]
         out = buffer[: vocab * rows].view(vocab, rows)
-        scaled = h.T * self.inv_temperature
+        scaled = (h.T * self.inv_temperature).to(self.product_dtype)
+        if self.product_dtype != self.dtype:
+            out.copy_(torch.mm(self.weight, scaled, out=self.half("scores", (vocab, rows))))
+            return out if self.offset is None else out.add_(self.offset)
         if self.offset is None:
             return torch.mm(self.weight, scaled, out=out)
         return torch.addmm(self.offset, self.weight, scaled, out=out)
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+        """``out = a @ b`` (``out += a @ b`` with ``accumulate``), the product in ``product_dtype``
+        (``a`` and ``b`` already in it), ``out`` in ``dtype``."""
+        if self.product_dtype == self.dtype:
+            out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+            return
+        result = torch.mm(a, b, out=self.half(f"product{tuple(out.shape)}", out.shape))
+        # Block by block: adding a half tensor to a float32 one makes a float32 copy of it first.
+        step = max(1, ACCUMULATE_BLOCK_BYTES // (out.shape[1] * out.element_size()))
+        for start in range(0, out.shape[0], step):
+            block = slice(start, start + step)
+            out[block].add_(result[block]) if accumulate else out[block].copy_(result[block])
 
 
 class LinearCrossEntropyTorch(torch.autograd.Function):
@@ -126,10 +168,11 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
             # d(raw logits) = scale * (softmax - onehot(target)), formed in place.
             z.sub_(lse[None, chunk]).exp_().mul_(chunk_scale)
             z[picked_ids[chunk], torch.arange(z.shape[1], device=device)] -= chunk_scale[0]
+            dz = scorer.as_product(z)
             if grad_h is not None:
-                torch.mm(z.T, scorer.weight, out=grad_h[chunk])
+                scorer.product(dz.T, scorer.weight, grad_h[chunk])
             if grad_weight is not None:
-                grad_weight.addmm_(z, h)
+                scorer.product(dz, h.to(scorer.product_dtype), grad_weight, accumulate=True)
             if grad_bias is not None:
                 grad_bias += z.sum(1)
         return input_gradients(
@@ -174,13 +217,11 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
             chunk_scale = scale[None, chunk]
             probs.mul_(chunk_scale / total)
             probs[picked_ids[chunk], torch.arange(probs.shape[1], device=device)] -= chunk_scale[0]
+            d_probs = scorer.as_product(probs)
             if grad_h is not None:
-                torch.mm(probs.T, scorer.weight, out=grad_h[chunk])
+                scorer.product(d_probs.T, scorer.weight, grad_h[chunk])
             if grad_weight is not None:
-                if index == 0:
-                    torch.mm(probs, h, out=grad_weight)
-                else:
-                    grad_weight.addmm_(probs, h)
+                scorer.product(d_probs, h.to(scorer.product_dtype), grad_weight, accumulate=index > 0)
             if grad_bias is not None:
                 grad_bias += probs.sum(1)
         nll.masked_fill_(ignored, 0.0)

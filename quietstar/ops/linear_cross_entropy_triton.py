@@ -60,6 +60,10 @@ def linear_cross_entropy_triton(
     ignore_index: int,
 ) -> torch.Tensor:
     """Fused linear cross-entropy; arguments as ``quietstar.linear_cross_entropy`` (already checked)."""
+    # The kernels take one dtype: float32 master weights are cast to the hidden states' (the
+    # cast's backward returns their gradient in float32).
+    lm_weight = lm_weight.to(hidden.dtype)
+    lm_bias = None if lm_bias is None else lm_bias.to(hidden.dtype)
     contiguous = [None if t is None else t.contiguous() for t in (hidden, lm_weight, targets, base_hidden, w)]
     hidden, lm_weight, targets, base_hidden, w = contiguous
     return LinearCrossEntropyTriton.apply(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from quietstar.model.loaders import load_quietstar
 from quietstar.model.quietstar_model import QuietStarModel, Targets, policy_positions
+from quietstar.ops.backends import bf16_matmul_on_cpu
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 from quietstar.train import checkpoints
 from quietstar.train.config import TrainConfig
@@ -35,16 +36,6 @@ logger = logging.getLogger(__name__)
 
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"  # the setting PyTorch's reproducibility notes give
 EVAL_SEED_OFFSET = 7919  # thoughts of every validation are drawn from the same seed
-
-
-def bf16_matmul_on_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it a bfloat16
-    GEMM is about 100x slower than a float32 one."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown: do not warn
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_optimizer(qs: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
