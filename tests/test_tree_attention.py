@@ -102,6 +102,17 @@ def test_matches_reference_bfloat16(backend, poisoned_allocations):
     assert_matches_reference(backend, q, k, v, 7, n_thoughts=2, key_padding_mask=mask)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_inputs_in_the_models_memory_layout(backend, dtype, poisoned_allocations):
+    """Half-precision q, k, v as a decoder layer hands them over: ``[B, T, H, D]`` memory seen
+    as ``[B, H, T, D]`` (not contiguous); the CPU torch backend computes them in float32."""
+    q, k, v, mask = make_inputs(2, 4, 2, 7, 5, 5, 32, dtype, padded=True)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    assert not q.is_contiguous()
+    assert_matches_reference(backend, q, k, v, 7, n_thoughts=2, key_padding_mask=mask)
+
+
 @pytest.mark.parametrize("case", ["L7-two-branches-padded", "L64-Sq-lt-Sk-two-branches", "L100-window-padded-two-branches"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_torch_backend_composed_trunk_matches_reference(case, dtype, monkeypatch, poisoned_allocations):
