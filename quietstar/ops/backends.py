@@ -10,9 +10,10 @@ Each op has three implementations with one signature:
   ``tree_attention``; an op without native kernels runs its ``torch`` backend under it.
 
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
-``triton`` for CUDA tensors when triton is installed and ``torch`` for everything else; an
-automatic choice falls back to ``torch`` (logged once) for inputs the Triton kernels do not
-take, such as a head dimension they have no tiles for.
+``triton`` for CUDA tensors when triton is installed, ``native`` for CPU tensors of an op with
+native kernels when the extension is built (measured the fastest on CPU), and ``torch`` for
+everything else; an automatic choice falls back to ``torch`` (logged once) for inputs the
+Triton kernels do not take, such as a head dimension they have no tiles for.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def resolve_backend(
             if triton_unsupported is None:
                 return "triton"
             _log_fallback_once(triton_unsupported)
+        if device.type == "cpu" and has_native:
+            from quietstar.ops.native import native_available
+
+            if native_available():
+                return "native"
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")

@@ -39,12 +39,12 @@ def _register_fakes() -> None:
     (FakeTensor tracing) and meta-device runs see through them."""
     import torch
 
-    @torch.library.register_fake("quietstar::tree_attention_forward")
-    def _forward(q, k, v, slot_len, n_thoughts, key_padding_mask, window, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:3])
+    @torch.library.register_fake("quietstar::tree_attention_chain_forward")
+    def _forward(q, k, v, trunk_out, trunk_lse, slot_len, n_thoughts, scale):
+        return torch.empty_like(q), torch.empty_like(trunk_lse)
 
-    @torch.library.register_fake("quietstar::tree_attention_backward")
-    def _backward(grad_out, q, k, v, out, lse, slot_len, n_thoughts, key_padding_mask, window, scale):
+    @torch.library.register_fake("quietstar::tree_attention_chain_backward")
+    def _backward(grad_out, q, k, v, out, lse, slot_len, n_thoughts, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

@@ -1,6 +1,12 @@
-"""``tree_attention`` on the CPU by the native kernels (``csrc/tree_attention.cpp``): one pass
-per block of queries over the trunk blocks it can see and its own chain keys, with an online
-softmax; a FlashAttention-2-style backward from the saved log-sum-exp. GQA without copies.
+"""``tree_attention`` on the CPU with the native chain kernels (``csrc/tree_attention.cpp``).
+
+The trunk (every query slot's causal attention over the text's keys) runs through PyTorch's
+flash kernel, as in the ``torch`` backend, and returns its output and log-sum-exp. The native
+forward starts each query's online softmax from that state and folds in the query's own chain
+keys in one pass, with no copies of K/V and no score matrix; the ``torch`` backend instead
+gathers the chain into position-major copies and runs batched products and a separate merge.
+The backward gives both parts the merged output and log-sum-exp: the flash backward the
+trunk's gradients, the native one the chain's, and they add.
 
 Float32 and float64 run natively; float16 and bfloat16 inputs run in float32 (cast in, cast
 out). What autograd keeps per call is ``q, k, v``, the output and one float per query.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from quietstar.ops.backends import autocast_off
+from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
 
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -24,21 +31,31 @@ class TreeAttentionNative(torch.autograd.Function):
     @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         q_, k_, v_ = _native(q), _native(k), _native(v)
-        mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-        window = sliding_window or 0
-        out, lse = torch.ops.quietstar.tree_attention_forward(q_, k_, v_, slot_len, n_thoughts, mask, window, scale)
-        ctx.save_for_backward(q_, k_, v_, out, lse, mask)
-        ctx.options = (slot_len, n_thoughts, window, scale)
+        tree = TreeViews(q_, k_, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
+        out_t, lse_t = trunk_forward(tree, q_, k_, v_, scale)
+        # [B, Hq, Sq * L, D] and [B, Hq, Sq * L] (copies: the flash kernel's layout is slot-major)
+        out_t = out_t.reshape(q_.shape).contiguous()
+        lse_t = lse_t.to(q_.dtype).reshape(q_.shape[:3]).contiguous()
+        out, lse = torch.ops.quietstar.tree_attention_chain_forward(q_, k_, v_, out_t, lse_t, slot_len, n_thoughts, scale)
+        ctx.save_for_backward(q_, k_, v_, out, lse, key_padding_mask)
+        ctx.options = (slot_len, n_thoughts, sliding_window, scale)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         return out.to(q.dtype)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        slot_len, n_thoughts, window, scale = ctx.options
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        slot_len, n_thoughts, sliding_window, scale = ctx.options
         grad = grad_out.to(q.dtype).contiguous()
-        dq, dk, dv = torch.ops.quietstar.tree_attention_backward(grad, q, k, v, out, lse, slot_len, n_thoughts, mask, window, scale)
+        tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
+        # The flash backward reads a query that saw nothing as lse 0 (its output is 0 too).
+        merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
+        dq_t, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
+        dq, dk, dv = torch.ops.quietstar.tree_attention_chain_backward(grad, q, k, v, out, lse, slot_len, n_thoughts, scale)
+        dq += dq_t.reshape(q.shape)
+        dk[:, :, :slot_len] += dk_t
+        dv[:, :, :slot_len] += dv_t
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None
 

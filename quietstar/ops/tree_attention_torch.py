@@ -43,7 +43,7 @@ def has_flash_kernel(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-class _Tree:
+class TreeViews:
     """One call's shapes and masks, and the views of ``q``, ``k``, ``v`` the two parts use.
 
     Head-major: ``q`` as ``[B, Hq, Sq, L, D]`` (``Hq = Hkv * G``); position-major (the
@@ -125,7 +125,7 @@ class _Tree:
 # --- the trunk: flash kernel, or composed in chunks -------------------------------------------
 
 
-def _trunk_forward(tree: _Tree, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def trunk_forward(tree: TreeViews, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Trunk output ``[B, Hq, Sq, L, D]`` (q's dtype) and log-sum-exp ``[B, Hq, Sq, L]`` (float32
     or float64; ``-inf`` for a query that sees no text key)."""
     compute = _compute_dtype(q.dtype)
@@ -147,7 +147,7 @@ def _trunk_forward(tree: _Tree, q, k, v, scale: float) -> tuple[torch.Tensor, to
     return _batch(outs), lse
 
 
-def _trunk_backward(tree: _Tree, grad_out, q, k, v, out, lse, scale: float):
+def trunk_backward(tree: TreeViews, grad_out, q, k, v, out, lse, scale: float):
     """``(dq [B, Hq, Sq, L, D], dk, dv [B, Hkv, L, D])``: the trunk's share, given the merged
     output and log-sum-exp."""
     if not tree.use_flash:
@@ -171,7 +171,7 @@ def _batch(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0][None] if len(rows) == 1 else torch.stack(rows)
 
 
-def _trunk_chunks(tree: _Tree):
+def _trunk_chunks(tree: TreeViews):
     """Slices of the KV heads whose query heads' float32 scores fit CHUNK_BYTES."""
     per_head = 4 * tree.batch * tree.group * tree.n_q_slots * tree.slot_len**2
     heads = max(1, CHUNK_BYTES // per_head)
@@ -179,13 +179,13 @@ def _trunk_chunks(tree: _Tree):
         yield slice(start, min(start + heads, tree.kv_heads))
 
 
-def _composed_view(tree: _Tree, t: torch.Tensor, kv: slice, compute: torch.dtype) -> torch.Tensor:
+def _composed_view(tree: TreeViews, t: torch.Tensor, kv: slice, compute: torch.dtype) -> torch.Tensor:
     """Query-side ``[B, Hq, ...]`` rows of the KV heads ``kv`` as ``[B, kv, G * Sq, L, D]``."""
     shape = (tree.batch, tree.kv_heads, tree.group * tree.n_q_slots, tree.slot_len, -1)
     return t.reshape(shape)[:, kv].to(compute)
 
 
-def _composed_scores(tree: _Tree, q_c, k_c, scale):
+def _composed_scores(tree: TreeViews, q_c, k_c, scale):
     """Masked trunk scores of a chunk: ``[B, kv, G * Sq, L, L]``."""
     scores = torch.einsum("bhgid,bhkd->bhgik", q_c, k_c) * scale
     visible = torch.ones(tree.slot_len, tree.slot_len, dtype=torch.bool, device=q_c.device).tril()
@@ -194,7 +194,7 @@ def _composed_scores(tree: _Tree, q_c, k_c, scale):
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def _composed_trunk_forward(tree: _Tree, q, k, v, scale):
+def _composed_trunk_forward(tree: TreeViews, q, k, v, scale):
     compute = _compute_dtype(q.dtype)
     out = torch.empty(tree.slots_shape, dtype=compute, device=q.device)
     lse = torch.empty(tree.slots_shape[:-1], dtype=compute, device=q.device)
@@ -208,7 +208,7 @@ def _composed_trunk_forward(tree: _Tree, q, k, v, scale):
     return out, lse
 
 
-def _composed_trunk_backward(tree: _Tree, grad_out, q, k, v, out, lse, scale):
+def _composed_trunk_backward(tree: TreeViews, grad_out, q, k, v, out, lse, scale):
     compute = _compute_dtype(q.dtype)
     dq = torch.empty(tree.slots_shape, dtype=compute, device=q.device)
     dk = torch.empty(tree.batch, tree.kv_heads, tree.slot_len, tree.head_dim, dtype=compute, device=q.device)
@@ -234,9 +234,9 @@ class TreeAttentionTorch(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, use_flash):
-        tree = _Tree(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash)
+        tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash)
         compute = _compute_dtype(q.dtype)
-        out_t, lse_t = _trunk_forward(tree, q, k, v, scale)
+        out_t, lse_t = trunk_forward(tree, q, k, v, scale)
         if tree.n_k_slots > 1:
             scores = tree.chain_scores(tree.to_positions(q, compute), tree.chain_keys(k, compute), scale)
             top = scores.amax(-1, keepdim=True)
@@ -262,10 +262,10 @@ class TreeAttentionTorch(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         slot_len, n_thoughts, sliding_window, scale, use_flash = ctx.options
-        tree = _Tree(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash)
+        tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash)
         compute = _compute_dtype(q.dtype)
         grad_out = grad_out.contiguous()
-        dq, dk_text, dv_text = _trunk_backward(tree, grad_out, q, k, v, out, lse, scale)
+        dq, dk_text, dv_text = trunk_backward(tree, grad_out, q, k, v, out, lse, scale)
         dq = dq.to(compute)
         if tree.n_k_slots > 1:
             q_pos, do_pos = tree.to_positions(q, compute), tree.to_positions(grad_out, compute)
