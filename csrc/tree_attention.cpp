@@ -19,8 +19,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -29,130 +30,169 @@ struct Tree {
   double scale;
 
   int64_t group() const { return q_heads / kv_heads; }
-  int64_t query_rows() const { return batch * q_heads * q_slots * slot_len; }
   // Key slot of query slot j.
   int64_t key_slot(int64_t j) const { return k_slots - q_slots + j; }
   // Whether chain key slot s2 (>= 1) is on the branch of key slot s (>= 1) and not after it.
   bool sees_chain(int64_t s, int64_t s2) const {
     return s >= 1 && s2 >= 1 && s2 <= s && (s - 1) % n_thoughts == (s2 - 1) % n_thoughts;
   }
-  // Query row -> (query slot j, position i, flat row of its KV head's first key).
-  struct Row {
-    int64_t j, i, kv_base;
-  };
-  Row row(int64_t r) const {
-    const int64_t i = r % slot_len, j = (r / slot_len) % q_slots, h = (r / (slot_len * q_slots)) % q_heads;
-    const int64_t b = r / (slot_len * q_slots * q_heads);
-    return {j, i, (b * kv_heads + h / group()) * k_slots * slot_len};
-  }
 };
 
-// Vector loops. Float32 ones are compiled for AVX-512, AVX2 + FMA and baseline x86-64 and
-// picked at load time by the CPU's features (GCC function multiversioning); float64 ones (the
-// gradcheck path) are plain loops.
+// Vector loops, inlined into the per-position task functions below. The float32 tasks are
+// compiled for AVX-512, AVX2 + FMA and baseline x86-64 and picked at load time by the CPU's
+// features (GCC function multiversioning); float64 (the gradcheck path) is compiled once.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QUIETSTAR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define QUIETSTAR_INLINE inline __attribute__((always_inline))
 #else
 #define QUIETSTAR_CLONES
+#define QUIETSTAR_INLINE inline
 #endif
 
-QUIETSTAR_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float s = 0;
+template <typename T>
+QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
   return s;
 }
 
-double dot(const double* a, const double* b, int64_t n) {
-  double s = 0;
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
-QUIETSTAR_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename T>
+QUIETSTAR_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
-void axpy(double alpha, const double* x, double* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+// y = alpha * x (x may be y).
+template <typename T>
+QUIETSTAR_INLINE void scaled_copy(T alpha, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] = alpha * x[d];
 }
 
+// The work is split by (batch row, KV head, position): every query head of the group and every
+// query slot at that position read the same chain keys (those of the position), so a task reads
+// them once while they sit in L1, and owns their gradients and its queries' (no atomics).
+struct Position {
+  int64_t b, hk, i;
+};
+
+// Arguments of one call, as raw pointers.
 template <typename T>
-void chain_forward_kernel(const Tree& t, const T* q, const T* k, const T* v, const T* trunk_out, const T* trunk_lse,
-                          T* out, T* lse) {
-  const int64_t L = t.slot_len, D = t.dim;
+struct ChainForward {
+  const T *q, *k, *v, *trunk_out, *trunk_lse;
+  T *out, *lse;
+};
+
+template <typename T>
+struct ChainBackward {
+  const T *q, *k, *v, *grad_out, *lse, *delta;
+  T *grad_q, *grad_k, *grad_v;
+};
+
+// Forward of one position: each query's softmax starts from its trunk's state (one more "key"
+// with score trunk_lse and value trunk_out) and takes in its chain keys; scores is scratch of
+// k_slots values.
+template <typename T>
+QUIETSTAR_INLINE void forward_position(const Tree& t, const ChainForward<T>& a, Position p, T* scores) {
+  const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const T neg_inf = -std::numeric_limits<T>::infinity(), scale = static_cast<T>(t.scale);
-  at::parallel_for(0, t.query_rows(), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto [j, i, kv_base] = t.row(r);
-      const T* q_row = q + r * D;
-      T* o = out + r * D;
-      // The trunk's state: max = its lse, sum = 1 (0 if it saw nothing), accumulator = its output.
-      T row_max = trunk_lse[r], row_sum = std::isinf(row_max) ? T(0) : T(1);
-      std::copy(trunk_out + r * D, trunk_out + (r + 1) * D, o);
-      const int64_t s_q = t.key_slot(j);
-      for (int64_t s2 = 1; s2 <= s_q; ++s2) {
-        if (!t.sees_chain(s_q, s2)) continue;
-        const int64_t key = kv_base + s2 * L + i;
-        const T score = dot(q_row, k + key * D, D) * scale;
-        const T m = std::max(row_max, score);
-        const T correction = std::exp(row_max - m), p = std::exp(score - m);
-        for (int64_t d = 0; d < D; ++d) o[d] *= correction;
-        axpy(p, v + key * D, o, D);
-        row_sum = row_sum * correction + p;
-        row_max = m;
-      }
-      if (row_sum == T(0)) {  // no visible key: zeros, and -inf so the backward gives 0
+  const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
+  for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
+    for (int64_t j = 0; j < t.q_slots; ++j) {
+      const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + p.i, s_q = t.key_slot(j);
+      const T* q_row = a.q + r * D;
+      T m = a.trunk_lse[r];
+      for (int64_t s2 = 1; s2 <= s_q; ++s2)
+        if (t.sees_chain(s_q, s2)) {
+          scores[s2] = dot(q_row, a.k + (kv_base + s2 * L + p.i) * D, D) * scale;
+          m = std::max(m, scores[s2]);
+        }
+      T* o = a.out + r * D;
+      if (m == neg_inf) {  // no visible key: zeros, and -inf so the backward gives 0
         std::fill(o, o + D, T(0));
-        lse[r] = neg_inf;
-      } else {
-        for (int64_t d = 0; d < D; ++d) o[d] /= row_sum;
-        lse[r] = row_max + std::log(row_sum);
+        a.lse[r] = neg_inf;
+        continue;
       }
+      T sum = std::exp(a.trunk_lse[r] - m);
+      if (sum > T(0))
+        scaled_copy(sum, a.trunk_out + r * D, o, D);
+      else  // the trunk saw nothing (or counts for nothing): its output is not read
+        std::fill(o, o + D, T(0));
+      for (int64_t s2 = 1; s2 <= s_q; ++s2)
+        if (t.sees_chain(s_q, s2)) {
+          const T prob = std::exp(scores[s2] - m);
+          axpy(prob, a.v + (kv_base + s2 * L + p.i) * D, o, D);
+          sum += prob;
+        }
+      scaled_copy(T(1) / sum, o, o, D);
+      a.lse[r] = m + std::log(sum);
     }
-  });
 }
 
+// Backward of one position from the merged output's lse and delta = rowsum(dO * O): dQ of its
+// queries from their chain keys, dK/dV of its chain keys from their queries.
 template <typename T>
-void chain_backward_kernel(const Tree& t, const T* q, const T* k, const T* v, const T* grad_out, const T* lse,
-                           const T* delta, T* grad_q, T* grad_k, T* grad_v) {
+QUIETSTAR_INLINE void backward_position(const Tree& t, const ChainBackward<T>& a, Position p) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const T scale = static_cast<T>(t.scale);
-  // dQ: per query row, from its chain keys.
-  at::parallel_for(0, t.query_rows(), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (std::isinf(lse[r])) continue;
-      const auto [j, i, kv_base] = t.row(r);
-      const int64_t s_q = t.key_slot(j);
+  const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
+  for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
+    for (int64_t j = 0; j < t.q_slots; ++j) {
+      const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + p.i, s_q = t.key_slot(j);
+      if (std::isinf(a.lse[r])) continue;
+      const T *q_row = a.q + r * D, *do_row = a.grad_out + r * D;
       for (int64_t s2 = 1; s2 <= s_q; ++s2) {
         if (!t.sees_chain(s_q, s2)) continue;
-        const int64_t key = kv_base + s2 * L + i;
-        const T p = std::exp(dot(q + r * D, k + key * D, D) * scale - lse[r]);
-        const T ds = p * (dot(grad_out + r * D, v + key * D, D) - delta[r]) * scale;
-        axpy(ds, k + key * D, grad_q + r * D, D);
+        const int64_t key = kv_base + s2 * L + p.i;
+        const T prob = std::exp(dot(q_row, a.k + key * D, D) * scale - a.lse[r]);
+        const T ds = prob * (dot(do_row, a.v + key * D, D) - a.delta[r]) * scale;
+        axpy(ds, a.k + key * D, a.grad_q + r * D, D);
+        axpy(prob, do_row, a.grad_v + key * D, D);
+        axpy(ds, q_row, a.grad_k + key * D, D);
       }
+    }
+}
+
+QUIETSTAR_CLONES void forward_position_f32(const Tree& t, const ChainForward<float>& a, Position p, float* scores) {
+  forward_position(t, a, p, scores);
+}
+void forward_position_f64(const Tree& t, const ChainForward<double>& a, Position p, double* scores) {
+  forward_position(t, a, p, scores);
+}
+QUIETSTAR_CLONES void backward_position_f32(const Tree& t, const ChainBackward<float>& a, Position p) {
+  backward_position(t, a, p);
+}
+void backward_position_f64(const Tree& t, const ChainBackward<double>& a, Position p) { backward_position(t, a, p); }
+
+template <typename F>
+void for_each_position(const Tree& t, F&& body) {
+  at::parallel_for(0, t.batch * t.kv_heads * t.slot_len, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % t.slot_len, hk = (task / t.slot_len) % t.kv_heads, b = task / (t.slot_len * t.kv_heads);
+      body(Position{b, hk, i});
     }
   });
-  // dK, dV of the chain keys: per position, from the queries of its own chain.
-  at::parallel_for(0, t.batch * t.kv_heads * L, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task % L, hk = (task / L) % t.kv_heads, b = task / (L * t.kv_heads);
-      const int64_t kv_base = (b * t.kv_heads + hk) * t.k_slots * L;
-      for (int64_t s2 = 1; s2 < t.k_slots; ++s2) {
-        const int64_t key = kv_base + s2 * L + i;
-        for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
-          for (int64_t j = 0; j < t.q_slots; ++j) {
-            if (!t.sees_chain(t.key_slot(j), s2)) continue;
-            const int64_t row = ((b * t.q_heads + h) * t.q_slots * L) + j * L + i;
-            if (std::isinf(lse[row])) continue;
-            const T p = std::exp(dot(q + row * D, k + key * D, D) * scale - lse[row]);
-            const T ds = p * (dot(grad_out + row * D, v + key * D, D) - delta[row]) * scale;
-            axpy(p, grad_out + row * D, grad_v + key * D, D);
-            axpy(ds, q + row * D, grad_k + key * D, D);
-          }
-      }
-    }
+}
+
+template <typename T>
+void chain_forward_kernel(const Tree& t, const ChainForward<T>& a) {
+  for_each_position(t, [&](Position p) {
+    std::vector<T> scores(t.k_slots);
+    if constexpr (std::is_same_v<T, float>)
+      forward_position_f32(t, a, p, scores.data());
+    else
+      forward_position_f64(t, a, p, scores.data());
+  });
+}
+
+template <typename T>
+void chain_backward_kernel(const Tree& t, const ChainBackward<T>& a) {
+  for_each_position(t, [&](Position p) {
+    if constexpr (std::is_same_v<T, float>)
+      backward_position_f32(t, a, p);
+    else
+      backward_position_f64(t, a, p);
   });
 }
 
@@ -182,9 +222,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_chain_forward(const at::Tensor
   auto out = at::empty_like(q);
   auto lse = at::empty_like(trunk_lse);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_forward", [&] {
-    chain_forward_kernel<scalar_t>(t, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                   trunk_out.data_ptr<scalar_t>(), trunk_lse.data_ptr<scalar_t>(),
-                                   out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    chain_forward_kernel<scalar_t>(
+        t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), trunk_out.data_ptr<scalar_t>(),
+            trunk_lse.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()});
   });
   return {out, lse};
 }
@@ -198,10 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_chain_backward(
   auto delta = (grad * out).sum(-1).contiguous();
   auto grad_q = at::zeros_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_backward", [&] {
-    chain_backward_kernel<scalar_t>(t, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                    grad.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                                    grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
-                                    grad_v.data_ptr<scalar_t>());
+    chain_backward_kernel<scalar_t>(
+        t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+            lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
   });
   return {grad_q, grad_k, grad_v};
 }
