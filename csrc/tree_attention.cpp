@@ -86,7 +86,7 @@ struct ChainForward {
 
 template <typename T>
 struct ChainBackward {
-  const T *q, *k, *v, *grad_out, *lse, *delta;
+  const T *q, *k, *v, *grad_out, *out, *lse, *trunk_grad_q;
   T *grad_q, *grad_k, *grad_v;
 };
 
@@ -130,8 +130,8 @@ QUIETSTAR_INLINE void forward_position(const Tree& t, const ChainForward<T>& a, 
     }
 }
 
-// Backward of one position from the merged output's lse and delta = rowsum(dO * O): dQ of its
-// queries from their chain keys, dK/dV of its chain keys from their queries.
+// Backward of one position from the merged output and lse: dQ of its queries (the trunk's
+// share plus their chain keys'), dK/dV of its chain keys from their queries.
 template <typename T>
 QUIETSTAR_INLINE void backward_position(const Tree& t, const ChainBackward<T>& a, Position p) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
@@ -140,13 +140,15 @@ QUIETSTAR_INLINE void backward_position(const Tree& t, const ChainBackward<T>& a
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
       const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + p.i, s_q = t.key_slot(j);
+      std::copy(a.trunk_grad_q + r * D, a.trunk_grad_q + (r + 1) * D, a.grad_q + r * D);
       if (std::isinf(a.lse[r])) continue;
       const T *q_row = a.q + r * D, *do_row = a.grad_out + r * D;
+      const T delta = dot(do_row, a.out + r * D, D);
       for (int64_t s2 = 1; s2 <= s_q; ++s2) {
         if (!t.sees_chain(s_q, s2)) continue;
         const int64_t key = kv_base + s2 * L + p.i;
         const T prob = std::exp(dot(q_row, a.k + key * D, D) * scale - a.lse[r]);
-        const T ds = prob * (dot(do_row, a.v + key * D, D) - a.delta[r]) * scale;
+        const T ds = prob * (dot(do_row, a.v + key * D, D) - delta) * scale;
         axpy(ds, a.k + key * D, a.grad_q + r * D, D);
         axpy(prob, do_row, a.grad_v + key * D, D);
         axpy(ds, q_row, a.grad_k + key * D, D);
@@ -231,17 +233,18 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_chain_forward(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_chain_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, int64_t slot_len, int64_t n_thoughts, double scale) {
+    const at::Tensor& lse, const at::Tensor& trunk_grad_q, int64_t slot_len, int64_t n_thoughts, double scale) {
   const Tree t = make_tree(q, k, v, slot_len, n_thoughts, scale);
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous(), "lse must be contiguous [B, Hq, Sq*L]");
-  auto grad = grad_out.contiguous();
-  auto delta = (grad * out).sum(-1).contiguous();
-  auto grad_q = at::zeros_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
+  for (const auto* x : {&grad_out, &out, &trunk_grad_q})
+    TORCH_CHECK(x->sizes() == q.sizes() && x->is_contiguous() && x->scalar_type() == q.scalar_type(),
+                "grad_out, out and trunk_grad_q must be contiguous, shaped and typed as q");
+  auto grad_q = at::empty_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_backward", [&] {
     chain_backward_kernel<scalar_t>(
-        t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-            lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
-            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
+        t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), trunk_grad_q.data_ptr<scalar_t>(),
+            grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
   });
   return {grad_q, grad_k, grad_v};
 }
@@ -254,7 +257,7 @@ TORCH_LIBRARY(quietstar, m) {
       "int n_thoughts, float scale) -> (Tensor, Tensor)");
   m.def(
       "tree_attention_chain_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "int slot_len, int n_thoughts, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor trunk_grad_q, int slot_len, int n_thoughts, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(quietstar, CPU, m) {

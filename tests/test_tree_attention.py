@@ -229,7 +229,7 @@ def test_native_ops_have_fake_shapes_for_tracing():
     with FakeTensorMode():
         q, k = torch.empty(2, 4, 3 * 8, 16), torch.empty(2, 2, 5 * 8, 16)
         out, lse = torch.ops.quietstar.tree_attention_chain_forward(q, k, k, q, q[..., 0], 8, 2, 0.25)
-        grads = torch.ops.quietstar.tree_attention_chain_backward(out, q, k, k, out, lse, 8, 2, 0.25)
+        grads = torch.ops.quietstar.tree_attention_chain_backward(out, q, k, k, out, lse, q, 8, 2, 0.25)
     assert out.shape == q.shape and lse.shape == (2, 4, 24)
     assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
 

@@ -44,7 +44,7 @@ def _register_fakes() -> None:
         return torch.empty_like(q), torch.empty_like(trunk_lse)
 
     @torch.library.register_fake("quietstar::tree_attention_chain_backward")
-    def _backward(grad_out, q, k, v, out, lse, slot_len, n_thoughts, scale):
+    def _backward(grad_out, q, k, v, out, lse, trunk_grad_q, slot_len, n_thoughts, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

@@ -52,8 +52,10 @@ class TreeAttentionNative(torch.autograd.Function):
         # The flash backward reads a query that saw nothing as lse 0 (its output is 0 too).
         merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
         dq_t, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
-        dq, dk, dv = torch.ops.quietstar.tree_attention_chain_backward(grad, q, k, v, out, lse, slot_len, n_thoughts, scale)
-        dq += dq_t.reshape(q.shape)
+        dq_t = dq_t.reshape(q.shape).contiguous()  # the flash kernel's layout is slot-major
+        dq, dk, dv = torch.ops.quietstar.tree_attention_chain_backward(
+            grad, q, k, v, out, lse, dq_t, slot_len, n_thoughts, scale
+        )
         dk[:, :, :slot_len] += dk_t
         dv[:, :, :slot_len] += dv_t
         q_dtype, k_dtype, v_dtype = ctx.dtypes
