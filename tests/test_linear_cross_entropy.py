@@ -144,11 +144,12 @@ def test_matches_float32_reference_in_half_precision(backend, dtype, case, poiso
     assert_matches_reference(backend, kwargs, temperature=temperature)
 
 
-@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "float32-products"])
+@pytest.mark.parametrize("fast_bf16", [True, False, None], ids=["bf16-products", "float32-products", "unknown-cpu"])
 def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fast_bf16, monkeypatch, poisoned_allocations):
     """On a CPU with bfloat16 matrix instructions the products run in bfloat16 (softmax and
     sums in float32); without them in float32 (a bfloat16 GEMM would be ~100x slower). Both
-    match the float32 reference at bfloat16 tolerance, loss and every gradient."""
+    match the float32 reference at bfloat16 tolerance, loss and every gradient. A CPU whose
+    features cannot be read gets float32 products."""
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
     kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.bfloat16)
     scorer = torch_backend._Scores(kwargs["hidden"], kwargs["lm_weight"], kwargs["lm_bias"], *kwargs["mix"], temperature, None)

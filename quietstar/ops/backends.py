@@ -109,24 +109,25 @@ def resolve_backend(
 
 
 @functools.lru_cache(maxsize=None)
-def bf16_matmul_on_cpu() -> bool:
+def bf16_matmul_on_cpu() -> bool | None:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it a bfloat16
-    GEMM is about 100x slower than a float32 one."""
+    GEMM is about 100x slower than a float32 one. None where ``/proc/cpuinfo`` cannot tell."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return True  # unknown: assume a current CPU
+        return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def fast_half_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether matrix products in ``dtype`` run faster than in float32 on ``device``: float16 and
-    bfloat16 on CUDA, bfloat16 on a CPU that multiplies it natively."""
+    bfloat16 on CUDA, bfloat16 on a CPU known to multiply it natively (float32 where unknown:
+    always correct, never 100x slow)."""
     if dtype not in (torch.float16, torch.bfloat16):
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_matmul_on_cpu()
+    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_matmul_on_cpu() is True
 
 
 @functools.lru_cache(maxsize=None)

@@ -80,7 +80,7 @@ class Trainer:
             # cuBLAS picks its reduction order per workspace; a fixed workspace fixes it.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         self.group = setup(config.device)
-        if config.dtype == "bf16" and self.group.device.type == "cpu" and not bf16_matmul_on_cpu():
+        if config.dtype == "bf16" and self.group.device.type == "cpu" and bf16_matmul_on_cpu() is False:
             logger.warning("dtype=bf16: this CPU has no bfloat16 matrix instructions (a bfloat16 GEMM runs ~100x "
                            "slower than float32 here); use --dtype float32")
         find_files(config.data + config.eval_data)  # a bad path fails now, before the model loads
