@@ -49,6 +49,22 @@ def _base_kv_block(
 
 
 @triton.jit
+def _query_program(L, SQ, SK, GROUP: tl.constexpr):
+    """Which query block a forward or dQ program owns: ``(pid_m, j, bh, kv_rows)``.
+
+    The grid is ``(GROUP * SQ, query blocks, B * Hkv)`` with the (head of the group, slot) pair
+    fastest, so the programs in flight at once share one KV head and one position block: they
+    read the same base keys and the same chain keys (L2 hits instead of DRAM reads). Query
+    blocks run last to first, so the longest (causal) programs start first."""
+    item = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    bhk = tl.program_id(2)
+    bh = bhk * GROUP + item // SQ
+    kv_rows = bhk.to(tl.int64) * SK * L
+    return pid_m, item % SQ, bh, kv_rows
+
+
+@triton.jit
 def _fwd_base_block(
     acc, l_i, m_i, q, K, V, KPM, kv_rows, start_n, offs_m, offs_d, b, L, WINDOW, qk_scale,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
@@ -84,14 +100,9 @@ def _tree_attention_fwd(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    j = tl.program_id(1)
-    bh = tl.program_id(2)
+    pid_m, j, bh, kv_rows = _query_program(L, SQ, SK, GROUP)
     b = bh // HQ
-    hk = (bh % HQ) // GROUP
-    kv_heads = HQ // GROUP
     q_rows = (bh.to(tl.int64) * SQ + j) * L
-    kv_rows = (b * kv_heads + hk).to(tl.int64) * SK * L
     s_abs = SK - SQ + j
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,14 +210,9 @@ def _tree_attention_bwd_dq(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    j = tl.program_id(1)
-    bh = tl.program_id(2)
+    pid_m, j, bh, kv_rows = _query_program(L, SQ, SK, GROUP)
     b = bh // HQ
-    hk = (bh % HQ) // GROUP
-    kv_heads = HQ // GROUP
     q_rows = (bh.to(tl.int64) * SQ + j) * L
-    kv_rows = (b * kv_heads + hk).to(tl.int64) * SK * L
     s_abs = SK - SQ + j
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -362,10 +368,11 @@ def _tree_attention_bwd_dkdv_chain(
     L, SQ, SK, NT, HQ, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dK, dV of chain key slot ``program_id(1) + 1``: summed over the later slots of the same
-    branch at the same position, for every query head of the group."""
-    pid_m = tl.program_id(0)
-    key_slot = tl.program_id(1) + 1
+    """dK, dV of chain key slot ``program_id(0) + 1``: summed over the later slots of the same
+    branch at the same position, for every query head of the group. The key slot is the grid's
+    fastest axis, so the programs in flight read the same query blocks (L2 hits)."""
+    key_slot = tl.program_id(0) + 1
+    pid_m = tl.program_id(1)
     bhk = tl.program_id(2)
     kv_heads = HQ // GROUP
     b = bhk // kv_heads
@@ -501,7 +508,7 @@ def tree_attention_forward(
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     kpm, window, flags = _mask_args(key_padding_mask, sliding_window, q)
     cfg = kernel_config("fwd", head_dim, q.dtype, interpret)
-    grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_q_slots, batch * q_heads)
+    grid = (n_q_slots * q_heads // k.shape[1], triton.cdiv(slot_len, cfg["BLOCK_M"]), batch * k.shape[1])
     _tree_attention_fwd[grid](
         q, k, v, out, lse, kpm,
         slot_len, n_q_slots, n_k_slots, n_thoughts, q_heads, window, scale * LOG2E,
@@ -547,7 +554,7 @@ def tree_attention_backward(
 
     dq = torch.empty_like(q)
     cfg = kernel_config("dq", head_dim, q.dtype, interpret)
-    grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_q_slots, batch * q_heads)
+    grid = (common["GROUP"] * n_q_slots, triton.cdiv(slot_len, cfg["BLOCK_M"]), batch * kv_heads)
     _tree_attention_bwd_dq[grid](
         q, k, v, grad_out, dq, lse, delta, kpm,
         *sizes, n_thoughts, q_heads, window, scale * LOG2E, scale,
@@ -571,7 +578,7 @@ def tree_attention_backward(
 
     if n_k_slots > 1:
         cfg = kernel_config("chain", head_dim, q.dtype, interpret)
-        grid = (triton.cdiv(slot_len, cfg["BLOCK_M"]), n_k_slots - 1, batch * kv_heads)
+        grid = (n_k_slots - 1, triton.cdiv(slot_len, cfg["BLOCK_M"]), batch * kv_heads)
         _tree_attention_bwd_dkdv_chain[grid](
             q, k, v, grad_out, dk, dv, lse, delta,
             *sizes, n_thoughts, q_heads, scale * LOG2E, scale,

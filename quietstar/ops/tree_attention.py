@@ -8,8 +8,8 @@ from quietstar._checks import FLOAT_DTYPES, check_int, check_positive_float, che
 from quietstar.ops.backends import resolve_backend
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
-# The kernels put batch x heads on the launch grid's third axis, which CUDA caps at 65535.
-TRITON_MAX_BATCH_HEADS = 65535
+# The kernels put batch x KV heads on a launch grid axis that CUDA caps at 65535.
+TRITON_MAX_BATCH_KV_HEADS = 65535
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -83,7 +83,7 @@ def tree_attention(
         check_int("sliding_window", sliding_window, minimum=1)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
 
-    backend = resolve_backend(backend, q.device, _triton_unsupported(q), has_native=True)
+    backend = resolve_backend(backend, q.device, _triton_unsupported(q, k), has_native=True)
     args = (q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale)
     if backend == "reference":
         from quietstar.ops.tree_attention_reference import tree_attention_reference
@@ -102,16 +102,18 @@ def tree_attention(
     return tree_attention_triton(*args)
 
 
-def _triton_unsupported(q: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take ``q`` ([B, Hq, Sq*L, D]), or None when they can."""
-    batch, q_heads, _, head_dim = q.shape
+def _triton_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``q`` ([B, Hq, Sq*L, D]) and ``k`` ([B, Hkv, Sk*L, D]),
+    or None when they can."""
+    batch, _, _, head_dim = q.shape
+    kv_heads = k.shape[1]
     if head_dim not in TRITON_HEAD_DIMS:
         return f"q head dim must be one of {TRITON_HEAD_DIMS} for the triton backend, got {head_dim}"
     if q.dtype not in TRITON_DTYPES:
         return f"q dtype must be float16, bfloat16 or float32 for the triton backend, got {q.dtype}"
-    if batch * q_heads > TRITON_MAX_BATCH_HEADS:
+    if batch * kv_heads > TRITON_MAX_BATCH_KV_HEADS:
         return (
-            f"q batch x heads must be at most {TRITON_MAX_BATCH_HEADS} for the triton backend, got "
-            f"{batch} x {q_heads}; split the batch"
+            f"k batch x heads must be at most {TRITON_MAX_BATCH_KV_HEADS} for the triton backend, got "
+            f"{batch} x {kv_heads}; split the batch"
         )
     return None
