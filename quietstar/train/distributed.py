@@ -74,11 +74,15 @@ def wrap(qs: nn.Module, group: ProcessGroup, fsdp: bool) -> nn.Module:
             logger.warning("fsdp needs several processes (torchrun); running unsharded")
         return qs
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The mesh on the run's own device: fully_shard's default mesh is CUDA wherever a GPU
+        # exists, also for a CPU (gloo) run, whose second process then has no GPU of its own.
+        mesh = init_device_mesh(group.device.type, (group.world,))
         for layer in qs.model.model.layers:
-            fully_shard(layer)
-        fully_shard(qs)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(qs, mesh=mesh)
         return qs
     from torch.nn.parallel import DistributedDataParallel
 
