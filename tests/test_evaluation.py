@@ -57,13 +57,15 @@ def test_one_pass_evaluation_equals_the_training_forward_for_its_thoughts(model_
         tree = qs(ids, mask, labels, thoughts=fast.thoughts)
     sampled = qs.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
     assert torch.equal(fast.thoughts, sampled)
-    for field in ("nll_base", "nll_talk", "mixing_weight", "nll_loss", "policy_loss"):
+    for field in ("nll_base", "nll_talk", "mixing_weight", "nll_loss"):
         assert relative_error(getattr(fast, field), getattr(tree, field)) < 1e-5, field
-    # Rewards are differences of NLLs about a thousand times larger than themselves: their
-    # float32 rounding is the NLLs' (1e-4 relative to the rewards on one CPU), so they are
-    # held to the NLLs' scale.
+    # Rewards are differences of NLLs about a thousand times larger than themselves, so their
+    # float32 rounding is the NLLs': 1e-4 relative to the rewards on an Intel Xeon (different
+    # GEMM kernels for the two passes' shapes), where the NLLs agree to 2e-8. They are held to
+    # the NLLs' scale, and the reward-weighted policy loss to 1e-3 (7.6e-5 seen there).
     reward_error = (fast.rewards - tree.rewards).abs().max() / tree.nll_talk.abs().max()
     assert reward_error < 1e-6
+    assert relative_error(fast.policy_loss, tree.policy_loss) < 1e-3
 
 
 @pytest.mark.parametrize("mix", ["hidden", "logprobs"])
