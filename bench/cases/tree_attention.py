@@ -18,7 +18,11 @@ from quietstar import tree_attention
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 GPU_LENGTHS = (4096, 2048, 1024)  # the target size first: a run cut short keeps it
-CPU_LENGTHS = (256, 1024)  # the full scale; the default runs L=128
+CPU_LENGTHS = (256, 1024, 4096)  # the full scale; the default runs L=128
+# bfloat16 on CPU (--full, where the CPU multiplies it natively): the ops compute it in float32.
+CPU_HALF_LENGTHS = (256, 1024)
+# FlexAttention on CPU builds its block mask from a dense [Sq*L, Sk*L] bool mask (1.2 GB at L=1024).
+FLEX_MAX_LENGTH_CPU = 1024
 # The dense reference's float32 scores alone are B*Hq*(29L)^2*4 bytes: 31 GiB at L=1024.
 REFERENCE_MAX_LENGTH_CPU = 256
 # The torch backend holds one slot's float32 scores at a time: B*Hq*L*L*4 bytes (17 GiB at
@@ -46,14 +50,25 @@ def sizes(device: torch.device, scale: str) -> list[dict]:
     if device.type == "cpu":
         # The paper's setting: two branches of 14 chain steps (29 slots) at length 256.
         layer = dict(batch=1, n_slots=29, n_thoughts=2, q_heads=9, kv_heads=3, head_dim=64)
-        return [dict(layer, slot_len=length) for length in (CPU_LENGTHS if scale == "full" else (128,))]
+        if scale != "full":
+            return [dict(layer, slot_len=128)]
+        from quietstar.ops.backends import bf16_matmul_on_cpu
+
+        half = CPU_HALF_LENGTHS if bf16_matmul_on_cpu() else ()
+        return [dict(layer, slot_len=length) for length in CPU_LENGTHS] + [
+            dict(layer, slot_len=length, dtype="bfloat16") for length in half
+        ]
     # A 7B-class layer.
     layer = dict(batch=8, n_slots=29, n_thoughts=2, q_heads=32, kv_heads=8, head_dim=128)
     return [dict(layer, slot_len=length) for length in GPU_LENGTHS]
 
 
 def label(size: dict) -> str:
-    return f"L={size['slot_len']}"
+    return f"L={size['slot_len']}" + (f" {size['dtype']}" if "dtype" in size else "")
+
+
+def _dtype(size: dict, device: torch.device) -> torch.dtype:
+    return getattr(torch, size["dtype"]) if "dtype" in size else DTYPE[device.type]
 
 
 def skip(variant: str, size: dict, device: torch.device) -> str | None:
@@ -66,6 +81,10 @@ def skip(variant: str, size: dict, device: torch.device) -> str | None:
         return f"not run above L={TORCH_BACKEND_MAX_LENGTH_CUDA} (one slot's float32 scores alone are B*Hq*L*L*4 bytes)"
     if variant == "flex" and device.type == "cpu" and size["slot_len"] < min(CPU_LENGTHS):
         return "forward only on CPU, and compiling takes longer than the rest of the case: --full runs it"
+    if variant == "flex" and device.type == "cpu" and size["slot_len"] > FLEX_MAX_LENGTH_CPU:
+        return f"not run above L={FLEX_MAX_LENGTH_CPU} on CPU (its block mask starts as a dense [29L, 29L] bool mask)"
+    if variant == "reference" and "dtype" in size:
+        return "not run in half precision (the floor is the comparison there)"
     if variant == "reference" and device.type == "cpu" and size["slot_len"] > REFERENCE_MAX_LENGTH_CPU:
         return f"not run above L={REFERENCE_MAX_LENGTH_CPU} (its dense scores alone are B*Hq*(29L)^2*4 bytes)"
     return None
@@ -84,7 +103,7 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
     """The products of attention over one query slot: scores ``[L, D] x [D, L]`` and output
     ``[L, L] x [L, D]`` per head."""
     length, dim, heads = size["slot_len"], size["head_dim"], size["batch"] * size["q_heads"]
-    return DTYPE[device.type], [(heads, length, dim, length), (heads, length, length, dim)]
+    return _dtype(size, device), [(heads, length, dim, length), (heads, length, length, dim)]
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
@@ -99,7 +118,7 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
 
 def _inputs(s: dict, device: torch.device):
     gen = torch.Generator(device=device).manual_seed(0)
-    dtype = DTYPE[device.type]
+    dtype = _dtype(s, device)
     length = s["n_slots"] * s["slot_len"]
 
     def randn(heads):
@@ -151,7 +170,7 @@ def _sdpa_causal_step(s: dict, device: torch.device):
 
     def randn(heads):
         shape = (rows, heads, s["slot_len"], s["head_dim"])
-        return torch.randn(shape, generator=gen, device=device, dtype=DTYPE[device.type])
+        return torch.randn(shape, generator=gen, device=device, dtype=_dtype(s, device))
 
     q, k, v, grad = randn(s["q_heads"]), randn(s["kv_heads"]), randn(s["kv_heads"]), randn(s["q_heads"])
     inputs = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
