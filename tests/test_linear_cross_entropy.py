@@ -3,6 +3,7 @@ and the reference against a plain float64 formula of SPEC sections 2 and 3."""
 
 from __future__ import annotations
 
+import gc
 import pytest
 import torch
 from helpers import DEVICE, relative_error, requires_triton
@@ -157,6 +158,29 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
     assert_matches_reference("torch", kwargs, temperature=temperature)
     weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2)).to(DEVICE)
     assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the scratch is kept on CPU only")
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "float32-products"])
+def test_torch_backend_keeps_cpu_scratch_with_the_weight_and_reads_the_weight_anew(fast_bf16, monkeypatch):
+    """The CPU scratch stays with its weight between calls and goes with it; a weight changed
+    in place, even through ``.data`` (which its version counter does not see), gives the new
+    weight's result on the next call."""
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.bfloat16)
+    for name in ("lm_weight", "lm_bias"):  # float32 master weights, as under autocast
+        kwargs[name] = kwargs[name].detach().float().requires_grad_()
+    weight = kwargs["lm_weight"]
+    assert_matches_reference("torch", kwargs, temperature=temperature)
+    scratch = torch_backend._WORKSPACES[weight]
+    assert {"scores"} <= set(scratch) and ("weight" in scratch) == fast_bf16
+    weight.data.mul_(-0.5)
+    assert_matches_reference("torch", kwargs, temperature=temperature)
+    assert torch_backend._WORKSPACES[weight] is scratch
+    held = len(torch_backend._WORKSPACES)
+    del kwargs, weight
+    gc.collect()
+    assert len(torch_backend._WORKSPACES) == held - 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,6 +7,12 @@ chunk's scores into the same buffer, turns them into ``scale * (softmax - onehot
 (reusing the saved log-sum-exp, no second reduction) and accumulates ``dh``, ``dW`` and ``db``
 by matrix products. Peak extra memory is one chunk of scores plus the float32 gradients of the
 weights and of ``hidden``: no ``N x V`` term.
+
+On CPU a call's scratch (one chunk's scores, their copies in the product dtype and the weight
+cast to it) stays with the weight for its next call, as long as the weight lives: at most
+``1.5 * CHUNK_BYTES`` plus twice the weight's size in the product dtype (none of the latter in
+float32). Fresh buffers of that size cost a page fault per 4 KiB there (glibc maps them anew
+for each allocation and unmaps them when freed).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul
 from quietstar.ops.linear_cross_entropy_common import (
@@ -34,6 +41,9 @@ CHUNK_ROW_MULTIPLE = 64
 # Rows of a float32 gradient updated at a time from a half-precision product: the promoted
 # copy of each block stays small enough for the allocator to reuse.
 ACCUMULATE_BLOCK_BYTES = 8 * 2**20
+# CPU scratch per lm_weight, between calls: {name: flat tensor}. A call takes its weight's entry
+# out and puts it back when done, so concurrent calls never share one.
+_WORKSPACES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _chunks(rows: int, vocab: int, itemsize: int) -> Iterator[slice]:
@@ -63,13 +73,33 @@ class _Scores:
         self.dtype = compute_dtype(hidden.dtype)
         self.product_dtype = hidden.dtype if fast_half_matmul(hidden.dtype, hidden.device) else self.dtype
         self.hidden, self.base_hidden, self.w = hidden, base_hidden, w
-        self.weight = lm_weight.to(self.product_dtype)
         self.inv_temperature = 1.0 / temperature
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, self.dtype, hidden.device)
         self.offset = None if offset is None else offset[:, None]
-        # Half-precision scratch, reused from chunk to chunk: fresh buffers of this size cost a
-        # page fault per 4 KiB on CPU (glibc maps them anew each time).
+        # Scratch reused from chunk to chunk and, on CPU, from call to call (the module's
+        # docstring says why); handed back when the ``with`` block ends.
+        self._owner = lm_weight if hidden.device.type == "cpu" else None
         self._scratch: dict[str, torch.Tensor] = {}
+        if self._owner is not None:
+            self._scratch = _WORKSPACES.pop(self._owner, None) or {}
+        self.weight = lm_weight
+        if self.product_dtype != lm_weight.dtype:
+            self.weight = self._flat("weight", lm_weight.numel(), self.product_dtype).view(lm_weight.shape).copy_(lm_weight)
+
+    def __enter__(self) -> _Scores:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Hand the scratch back for the weight's next call (CPU)."""
+        if self._owner is not None:
+            _WORKSPACES[self._owner] = self._scratch
+
+    def _flat(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``numel`` elements of scratch ``name`` (grown when too small)."""
+        flat = self._scratch.get(name)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype:
+            flat = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.hidden.device)
+        return flat[:numel]
 
     def chunks(self) -> Iterator[slice]:
         return _chunks(self.hidden.shape[0], self.weight.shape[0], self.dtype.itemsize)
@@ -77,7 +107,7 @@ class _Scores:
     def buffer(self) -> torch.Tensor:
         """Flat scratch for the scores of the largest chunk."""
         first = next(self.chunks())
-        return torch.empty(self.weight.shape[0] * first.stop, dtype=self.dtype, device=self.weight.device)
+        return self._flat("scores", self.weight.shape[0] * first.stop, self.dtype)
 
     def mixed(self, rows: slice) -> torch.Tensor:
         """``h = (1 - w) * base_hidden + w * hidden`` of ``rows``: ``[c, d]`` in ``dtype``."""
@@ -87,11 +117,8 @@ class _Scores:
         return torch.lerp(self.base_hidden[rows].to(self.dtype), h, self.w[rows, None].to(self.dtype))
 
     def half(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Reused ``product_dtype`` scratch ``name`` of ``shape`` (at most its first use's size)."""
-        numel = shape[0] * shape[1]
-        if name not in self._scratch:
-            self._scratch[name] = torch.empty(numel, dtype=self.product_dtype, device=self.weight.device)
-        return self._scratch[name][:numel].view(shape)
+        """Reused ``product_dtype`` scratch ``name`` of ``shape``."""
+        return self._flat(f"half {name}", shape[0] * shape[1], self.product_dtype).view(shape)
 
     def as_product(self, t: torch.Tensor) -> torch.Tensor:
         """A ``[V, c]`` chunk in ``product_dtype`` (in the scores' scratch, free once they are read)."""
@@ -117,7 +144,8 @@ class _Scores:
         if self.product_dtype == self.dtype:
             out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
             return
-        result = torch.mm(a, b, out=self.half(f"product{tuple(out.shape)}", out.shape))
+        role = "weight" if out.shape == self.weight.shape else "rows"  # one scratch per role, whatever the rows
+        result = torch.mm(a, b, out=self.half(f"product {role}", out.shape))
         # Block by block: adding a half tensor to a float32 one makes a float32 copy of it first.
         step = max(1, ACCUMULATE_BLOCK_BYTES // (out.shape[1] * out.element_size()))
         for start in range(0, out.shape[0], step):
@@ -129,23 +157,23 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, hidden, lm_weight, targets, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
-        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
-        rows = hidden.shape[0]
-        lse = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
-        nll = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
-        picked_ids = safe_targets(targets, ignore_index)
-        buffer = scorer.buffer()
-        for chunk in scorer.chunks():
-            z = scorer.scores(scorer.mixed(chunk), buffer)
-            picked = z.gather(0, picked_ids[None, chunk])[0]
-            top = z.amax(0, keepdim=True)
-            chunk_lse = z.sub_(top).exp_().sum(0).log_().add_(top[0])
-            lse[chunk] = chunk_lse
-            nll[chunk] = chunk_lse - picked
-        nll.masked_fill_(targets == ignore_index, 0.0)
-        ctx.save_for_backward(hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse)
-        ctx.options = (temperature, ignore_index)
-        return nll
+        with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
+            rows = hidden.shape[0]
+            lse = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
+            nll = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
+            picked_ids = safe_targets(targets, ignore_index)
+            buffer = scorer.buffer()
+            for chunk in scorer.chunks():
+                z = scorer.scores(scorer.mixed(chunk), buffer)
+                picked = z.gather(0, picked_ids[None, chunk])[0]
+                top = z.amax(0, keepdim=True)
+                chunk_lse = z.sub_(top).exp_().sum(0).log_().add_(top[0])
+                lse[chunk] = chunk_lse
+                nll[chunk] = chunk_lse - picked
+            nll.masked_fill_(targets == ignore_index, 0.0)
+            ctx.save_for_backward(hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse)
+            ctx.options = (temperature, ignore_index)
+            return nll
 
     @staticmethod
     @autocast_off
@@ -153,31 +181,31 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
         hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse = ctx.saved_tensors
         temperature, ignore_index = ctx.options
         need_h, need_weight, need_bias = gradients_needed(ctx.needs_input_grad)
-        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
-        dtype, device = scorer.dtype, hidden.device
-        scale = row_scale(grad_nll, targets, ignore_index, temperature, dtype)
-        picked_ids = safe_targets(targets, ignore_index)
-        grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
-        grad_weight = torch.zeros(lm_weight.shape, dtype=dtype, device=device) if need_weight else None
-        grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if need_bias else None
-        buffer = scorer.buffer()
-        for chunk in scorer.chunks():
-            h = scorer.mixed(chunk)
-            z = scorer.scores(h, buffer)
-            chunk_scale = scale[None, chunk]
-            # d(raw logits) = scale * (softmax - onehot(target)), formed in place.
-            z.sub_(lse[None, chunk]).exp_().mul_(chunk_scale)
-            z[picked_ids[chunk], torch.arange(z.shape[1], device=device)] -= chunk_scale[0]
-            dz = scorer.as_product(z)
-            if grad_h is not None:
-                scorer.product(dz.T, scorer.weight, grad_h[chunk])
-            if grad_weight is not None:
-                scorer.product(dz, h.to(scorer.product_dtype), grad_weight, accumulate=True)
-            if grad_bias is not None:
-                grad_bias += z.sum(1)
-        return input_gradients(
-            ctx.needs_input_grad, grad_h, grad_weight, grad_bias, hidden, lm_weight, lm_bias, base_hidden, w
-        )
+        with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
+            dtype, device = scorer.dtype, hidden.device
+            scale = row_scale(grad_nll, targets, ignore_index, temperature, dtype)
+            picked_ids = safe_targets(targets, ignore_index)
+            grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
+            grad_weight = torch.zeros(lm_weight.shape, dtype=dtype, device=device) if need_weight else None
+            grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if need_bias else None
+            buffer = scorer.buffer()
+            for chunk in scorer.chunks():
+                h = scorer.mixed(chunk)
+                z = scorer.scores(h, buffer)
+                chunk_scale = scale[None, chunk]
+                # d(raw logits) = scale * (softmax - onehot(target)), formed in place.
+                z.sub_(lse[None, chunk]).exp_().mul_(chunk_scale)
+                z[picked_ids[chunk], torch.arange(z.shape[1], device=device)] -= chunk_scale[0]
+                dz = scorer.as_product(z)
+                if grad_h is not None:
+                    scorer.product(dz.T, scorer.weight, grad_h[chunk])
+                if grad_weight is not None:
+                    scorer.product(dz, h.to(scorer.product_dtype), grad_weight, accumulate=True)
+                if grad_bias is not None:
+                    grad_bias += z.sum(1)
+            return input_gradients(
+                ctx.needs_input_grad, grad_h, grad_weight, grad_bias, hidden, lm_weight, lm_bias, base_hidden, w
+            )
 
 
 class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
@@ -188,49 +216,49 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
-        scorer = _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids)
-        dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
-        needs = ctx.needs_input_grad
-        need_weight, need_bias = needs[1], needs[4]
-        need_h = needs[0] or needs[5] or needs[6]
-        train = any(needs)  # (grad mode is off inside forward; needs_input_grad says what the caller wants)
-        nll = torch.empty(rows, dtype=dtype, device=device)
-        ignored = targets == ignore_index
-        picked_ids = safe_targets(targets, ignore_index)
-        scale = (row_weights.to(dtype) / temperature).masked_fill(ignored, 0.0)
-        grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if train and need_h else None
-        # Written by the first chunk's product, not zero-filled first ([V, d] is large).
-        grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
-        grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
-        buffer = scorer.buffer()
-        for index, chunk in enumerate(scorer.chunks()):
-            h = scorer.mixed(chunk)
-            z = scorer.scores(h, buffer)
-            picked = z.gather(0, picked_ids[None, chunk])[0]
-            top = z.amax(0, keepdim=True)
-            probs = z.sub_(top).exp_()
-            total = probs.sum(0)
-            nll[chunk] = total.log() + top[0] - picked
-            if not train:
-                continue
-            # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
-            chunk_scale = scale[None, chunk]
-            probs.mul_(chunk_scale / total)
-            probs[picked_ids[chunk], torch.arange(probs.shape[1], device=device)] -= chunk_scale[0]
-            d_probs = scorer.as_product(probs)
-            if grad_h is not None:
-                scorer.product(d_probs.T, scorer.weight, grad_h[chunk])
-            if grad_weight is not None:
-                scorer.product(d_probs, h.to(scorer.product_dtype), grad_weight, accumulate=index > 0)
-            if grad_bias is not None:
-                grad_bias += probs.sum(1)
-        nll.masked_fill_(ignored, 0.0)
-        ctx.mark_non_differentiable(nll)
-        ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
-        # The formed gradients are this node's own (no other node reads them): kept on ctx and
-        # scaled in place by the backward, which therefore runs once.
-        ctx.grads = (grad_h, grad_weight, grad_bias)
-        return (row_weights.to(dtype) * nll).sum(), nll
+        with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
+            dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
+            needs = ctx.needs_input_grad
+            need_weight, need_bias = needs[1], needs[4]
+            need_h = needs[0] or needs[5] or needs[6]
+            train = any(needs)  # (grad mode is off inside forward; needs_input_grad says what the caller wants)
+            nll = torch.empty(rows, dtype=dtype, device=device)
+            ignored = targets == ignore_index
+            picked_ids = safe_targets(targets, ignore_index)
+            scale = (row_weights.to(dtype) / temperature).masked_fill(ignored, 0.0)
+            grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if train and need_h else None
+            # Written by the first chunk's product, not zero-filled first ([V, d] is large).
+            grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
+            grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
+            buffer = scorer.buffer()
+            for index, chunk in enumerate(scorer.chunks()):
+                h = scorer.mixed(chunk)
+                z = scorer.scores(h, buffer)
+                picked = z.gather(0, picked_ids[None, chunk])[0]
+                top = z.amax(0, keepdim=True)
+                probs = z.sub_(top).exp_()
+                total = probs.sum(0)
+                nll[chunk] = total.log() + top[0] - picked
+                if not train:
+                    continue
+                # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
+                chunk_scale = scale[None, chunk]
+                probs.mul_(chunk_scale / total)
+                probs[picked_ids[chunk], torch.arange(probs.shape[1], device=device)] -= chunk_scale[0]
+                d_probs = scorer.as_product(probs)
+                if grad_h is not None:
+                    scorer.product(d_probs.T, scorer.weight, grad_h[chunk])
+                if grad_weight is not None:
+                    scorer.product(d_probs, h.to(scorer.product_dtype), grad_weight, accumulate=index > 0)
+                if grad_bias is not None:
+                    grad_bias += probs.sum(1)
+            nll.masked_fill_(ignored, 0.0)
+            ctx.mark_non_differentiable(nll)
+            ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
+            # The formed gradients are this node's own (no other node reads them): kept on ctx and
+            # scaled in place by the backward, which therefore runs once.
+            ctx.grads = (grad_h, grad_weight, grad_bias)
+            return (row_weights.to(dtype) * nll).sum(), nll
 
     @staticmethod
     @autocast_off
