@@ -113,3 +113,30 @@ def test_base_slot_of_a_tree_pass_equals_the_plain_model():
         positions = tree_position_ids(torch.arange(9)[None], 3, 1)
         hidden = run_backbone(model, torch.cat([embeds, chain], 1), positions, tree_layout=TreeLayout(9))
     torch.testing.assert_close(hidden[:, :9], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_attention_takes_float32_on_cpu_under_bfloat16_autocast(monkeypatch):
+    """Every CPU backend computes half precision in float32: under autocast q and k (float32
+    from RoPE) reach the op unrounded, v is cast up once, and the pass stays within bfloat16
+    precision of the float32 one."""
+    import quietstar.model.attention as attention
+
+    seen = []
+    real = attention.tree_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "tree_attention", spy)
+    model = patch(tiny_causal_lm("llama"))
+    gen = torch.Generator().manual_seed(3)
+    embeds = torch.randn(1, 3 * 9, model.config.hidden_size, generator=gen)
+    positions = tree_position_ids(torch.arange(9)[None], 3, 1)
+    with torch.no_grad():
+        full = run_backbone(model, embeds, positions, tree_layout=TreeLayout(9))
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = run_backbone(model, embeds, positions, tree_layout=TreeLayout(9))
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+    assert ((half.float() - full).norm() / full.norm()).item() < 2e-2

@@ -57,9 +57,15 @@ def quietstar_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
             **kwargs,
         )
-    # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half: the op
-    # takes one dtype, the autocast one.
-    dtype = autocast_dtype(query.device) or query.dtype
+    # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half; the op
+    # takes one dtype. On CUDA the autocast one (the kernels multiply in it); on CPU, where
+    # every backend computes half precision in float32, float32: v is cast up once instead of
+    # q and k making a round trip through the half dtype.
+    dtype = autocast_dtype(query.device)
+    if dtype is None:
+        dtype = query.dtype
+    elif query.device.type == "cpu":
+        dtype = torch.float32
     query, key, value = (t.to(dtype) for t in (query, key, value))
     out = tree_attention(
         query,
