@@ -50,3 +50,24 @@ def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path
     table = out.with_suffix(".md").read_text()
     assert f"torch {torch.__version__}" in table
     assert re.search(r"^\|\s*linear_cross_entropy\s*\|\s*V=2048\s*\|\s*torch\s*\|", table, re.MULTILINE)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False, None], ids=["bf16-cpu", "no-bf16-cpu", "unknown-cpu"])
+def test_full_tree_attention_sizes_add_bfloat16_only_on_a_cpu_that_multiplies_it(fast_bf16, monkeypatch):
+    from cases import tree_attention
+
+    from quietstar.ops import backends
+
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    sizes = tree_attention.sizes(CPU, "full")
+    labels = [tree_attention.label(size) for size in sizes]
+    half = ["L=256 bfloat16", "L=1024 bfloat16"] if fast_bf16 else []
+    assert labels == ["L=256", "L=1024", "L=4096"] + half
+    for size in sizes:
+        q, *_ = tree_attention._inputs(dict(size, slot_len=4, n_slots=3), CPU)  # tiny, same dtype rule
+        assert q.dtype == (torch.bfloat16 if "dtype" in size else torch.float32)
+    by_label = dict(zip(labels, sizes))
+    assert "dense" in tree_attention.skip("flex", by_label["L=4096"], CPU)
+    assert tree_attention.skip("flex", by_label["L=1024"], CPU) is None
+    if fast_bf16:
+        assert "half precision" in tree_attention.skip("reference", by_label["L=256 bfloat16"], CPU)
