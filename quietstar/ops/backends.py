@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from quietstar._checks import HALF_DTYPES
+
 BACKENDS = ("reference", "torch", "triton", "native")
 BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
 
@@ -123,7 +125,7 @@ def fast_half_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether matrix products in ``dtype`` run faster than in float32 on ``device``: float16 and
     bfloat16 on CUDA, bfloat16 on a CPU known to multiply it natively (float32 where unknown:
     always correct, never 100x slow)."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in HALF_DTYPES:
         return False
     if device.type == "cuda":
         return True

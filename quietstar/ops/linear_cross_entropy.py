@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from quietstar._checks import FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
+from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
 from quietstar.ops.backends import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -163,7 +163,7 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
 def head_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The dtypes ``lm_weight`` may have next to ``hidden`` of ``dtype``: the same, or float32
     master weights next to half-precision hidden states (as under autocast)."""
-    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+    return (dtype, torch.float32) if dtype in HALF_DTYPES else (dtype,)
 
 
 def _triton_unsupported(hidden: torch.Tensor) -> str | None:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import torch
 
+from quietstar._checks import HALF_DTYPES
 from quietstar.ops.backends import autocast_off
 from quietstar.ops.layout import base_visibility, chain_visibility
 
 # Bytes of float32 scores one chunk of the composed trunk may take (several buffers of this
 # size live at once in its backward).
 CHUNK_BYTES = 64 * 2**20
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
