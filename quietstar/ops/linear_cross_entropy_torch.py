@@ -10,9 +10,10 @@ weights and of ``hidden``: no ``N x V`` term.
 
 On CPU a call's scratch (one chunk's scores, their copies in the product dtype and the weight
 cast to it) stays with the weight for its next call, as long as the weight lives: at most
-``1.5 * CHUNK_BYTES`` plus twice the weight's size in the product dtype (none of the latter in
-float32). Fresh buffers of that size cost a page fault per 4 KiB there (glibc maps them anew
-for each allocation and unmaps them when freed).
+``CHUNK_BYTES`` of scores; with half-precision products, half that again and two ``[V, d]``
+arrays in the product dtype (the weight and one ``dW`` product); with products in another
+dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page fault
+per 4 KiB there (glibc maps them anew for each allocation and unmaps them when freed).
 """
 
 from __future__ import annotations
