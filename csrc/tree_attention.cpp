@@ -9,8 +9,13 @@
 // of the chain keys per position, from the queries of their own chain. GQA reads the shared K/V
 // heads in place (no copies); no score matrix exists.
 //
+// Both ops work in place on the trunk's results, which the caller owns: the forward turns the
+// trunk's output and log-sum-exp into the merged ones, the backward adds the chain's share to the
+// trunk's dQ (and writes the chain keys' dK/dV into zeroed gradients). A fresh tensor of q's
+// size costs its page faults on every call; these are already resident.
+//
 // Shapes (contiguous): q [B, Hq, Sq*L, D], k and v [B, Hkv, Sk*L, D], query slot j is key slot
-// Sk - Sq + j; trunk_out like q, trunk_lse [B, Hq, Sq*L] (-inf where a query sees no text key).
+// Sk - Sq + j; out like q, lse [B, Hq, Sq*L] (the trunk's: -inf where a query sees no text key).
 
 #include <ATen/Parallel.h>
 #include <Python.h>
@@ -19,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -28,34 +34,88 @@ namespace {
 struct Tree {
   int64_t batch, q_heads, kv_heads, q_slots, k_slots, slot_len, dim, n_thoughts;
   double scale;
+  // The chain key slots query slot j sees: chain[chain_begin[j] .. chain_begin[j + 1]).
+  std::vector<int64_t> chain, chain_begin;
+
+  Tree(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_slots, int64_t k_slots, int64_t slot_len,
+       int64_t dim, int64_t n_thoughts, double scale)
+      : batch(batch), q_heads(q_heads), kv_heads(kv_heads), q_slots(q_slots), k_slots(k_slots), slot_len(slot_len),
+        dim(dim), n_thoughts(n_thoughts), scale(scale) {
+    // Key slot s >= 1 is thought (s - 1) % N's chain step; a query sees the chain keys of its
+    // own thought up to its own slot (SPEC section 1). The base slot (0) sees none.
+    for (int64_t j = 0; j < q_slots; ++j) {
+      chain_begin.push_back(static_cast<int64_t>(chain.size()));
+      const int64_t s = key_slot(j);
+      for (int64_t s2 = 1; s >= 1 && s2 <= s; ++s2)
+        if ((s - 1) % n_thoughts == (s2 - 1) % n_thoughts) chain.push_back(s2);
+    }
+    chain_begin.push_back(static_cast<int64_t>(chain.size()));
+  }
 
   int64_t group() const { return q_heads / kv_heads; }
   // Key slot of query slot j.
   int64_t key_slot(int64_t j) const { return k_slots - q_slots + j; }
-  // Whether chain key slot s2 (>= 1) is on the branch of key slot s (>= 1) and not after it.
-  bool sees_chain(int64_t s, int64_t s2) const {
-    return s >= 1 && s2 >= 1 && s2 <= s && (s - 1) % n_thoughts == (s2 - 1) % n_thoughts;
-  }
 };
 
-// Vector loops, inlined into the per-position task functions below. The float32 tasks are
-// compiled for AVX-512, AVX2 + FMA and baseline x86-64 and picked at load time by the CPU's
-// features (GCC function multiversioning); float64 (the gradcheck path) is compiled once.
+// Vector loops, inlined into the task functions below. The float32 tasks are compiled for the
+// x86-64 feature levels v4 (AVX-512), v3 (AVX2 + FMA) and the baseline, and picked at load time
+// by the CPU's features (GCC function multiversioning); float64 (the gradcheck path) is compiled
+// once. Levels, not CPU names: a clone for "arch=skylake-avx512" is picked only on that Intel
+// model, so an AMD EPYC with AVX-512 ran the baseline SSE2 clone.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QUIETSTAR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define QUIETSTAR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define QUIETSTAR_INLINE inline __attribute__((always_inline))
 #else
 #define QUIETSTAR_CLONES
 #define QUIETSTAR_INLINE inline
 #endif
 
+#if defined(__GNUC__)
+// One 512-bit vector of T (GCC/Clang vector extensions: AVX-512 in the v4 clone, two or four
+// narrower registers in the others).
+template <typename T, int N>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+template <typename T, int N>
+using Vector = typename VectorOf<T, N>::type;
+
+// Sum of a vector's lanes as a tree of register halves (an `omp simd` reduction spills the
+// vector and adds its lanes one after another).
+template <typename T, int N>
+QUIETSTAR_INLINE T lane_sum(const Vector<T, N>& x) {
+  if constexpr (N == 2) {
+    return x[0] + x[1];
+  } else {
+    Vector<T, N / 2> low, high;
+    std::memcpy(&low, &x, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof(low), sizeof(high));
+    return lane_sum<T, N / 2>(low + high);
+  }
+}
+
+template <typename T>
+QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 64 / sizeof(T);
+  Vector<T, kLanes> acc = {}, x, y;
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    std::memcpy(&x, a + d, sizeof(x));
+    std::memcpy(&y, b + d, sizeof(y));
+    acc += x * y;
+  }
+  T s = lane_sum<T, kLanes>(acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+#else
 template <typename T>
 QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
-#pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
   return s;
 }
+#endif
 
 template <typename T>
 QUIETSTAR_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {
@@ -70,131 +130,146 @@ QUIETSTAR_INLINE void scaled_copy(T alpha, const T* x, T* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] = alpha * x[d];
 }
 
-// The work is split by (batch row, KV head, position): every query head of the group and every
-// query slot at that position read the same chain keys (those of the position), so a task reads
-// them once while they sit in L1, and owns their gradients and its queries' (no atomics).
-struct Position {
-  int64_t b, hk, i;
+// The work is split by (batch row, KV head, block of positions): every query head of the group
+// and every query slot at a position read the same chain keys (those of the position), so a task
+// reads its block's chain keys once into L2 and owns their gradients and its queries' (no
+// atomics). Inside a task the positions are the innermost loop, so each query head and slot
+// streams through consecutive rows of q, the outputs and the keys (one row per position, every
+// slot's rows L rows apart): the hardware prefetchers follow them, where one task per position
+// read rows a page apart.
+struct Positions {
+  int64_t b, hk, begin, end;
 };
+
+// Positions per task: the block's chain keys and values (2 * (Sk - 1) * 16 rows of D values,
+// about 230 KB at Sk = 29, D = 64 in float32) stay in a core's L2.
+constexpr int64_t kPositionsPerTask = 16;
 
 // Arguments of one call, as raw pointers.
 template <typename T>
 struct ChainForward {
-  const T *q, *k, *v, *trunk_out, *trunk_lse;
-  T *out, *lse;
+  const T *q, *k, *v;
+  T *out, *lse;  // in: the trunk's; out: merged
 };
 
 template <typename T>
 struct ChainBackward {
-  const T *q, *k, *v, *grad_out, *out, *lse, *trunk_grad_q;
-  T *grad_q, *grad_k, *grad_v;
+  const T *q, *k, *v, *grad_out, *out, *lse;
+  T *grad_q;  // in: the trunk's share; out: with the chain's added
+  T *grad_k, *grad_v;  // zeroed; out: the chain keys' rows
 };
 
-// Forward of one position: each query's softmax starts from its trunk's state (one more "key"
-// with score trunk_lse and value trunk_out) and takes in its chain keys; scores is scratch of
-// k_slots values.
+// Forward of a block of positions: each query's softmax starts from its trunk's state (one more
+// "key" with score trunk_lse and value trunk_out) and takes in its chain keys; scores is scratch
+// of k_slots values.
 template <typename T>
-QUIETSTAR_INLINE void forward_position(const Tree& t, const ChainForward<T>& a, Position p, T* scores) {
+QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<T>& a, Positions p, T* scores) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const T neg_inf = -std::numeric_limits<T>::infinity(), scale = static_cast<T>(t.scale);
   const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
-      const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + p.i, s_q = t.key_slot(j);
-      const T* q_row = a.q + r * D;
-      T m = a.trunk_lse[r];
-      for (int64_t s2 = 1; s2 <= s_q; ++s2)
-        if (t.sees_chain(s_q, s2)) {
-          scores[s2] = dot(q_row, a.k + (kv_base + s2 * L + p.i) * D, D) * scale;
-          m = std::max(m, scores[s2]);
+      const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
+      for (int64_t i = p.begin; i < p.end; ++i) {
+        const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + i;
+        const T* q_row = a.q + r * D;
+        const T trunk_lse = a.lse[r];
+        T m = trunk_lse;
+        for (const int64_t* s2 = first; s2 != last; ++s2) {
+          scores[*s2] = dot(q_row, a.k + (kv_base + *s2 * L + i) * D, D) * scale;
+          m = std::max(m, scores[*s2]);
         }
-      T* o = a.out + r * D;
-      if (m == neg_inf) {  // no visible key: zeros, and -inf so the backward gives 0
-        std::fill(o, o + D, T(0));
-        a.lse[r] = neg_inf;
-        continue;
-      }
-      T sum = std::exp(a.trunk_lse[r] - m);
-      if (sum > T(0))
-        scaled_copy(sum, a.trunk_out + r * D, o, D);
-      else  // the trunk saw nothing (or counts for nothing): its output is not read
-        std::fill(o, o + D, T(0));
-      for (int64_t s2 = 1; s2 <= s_q; ++s2)
-        if (t.sees_chain(s_q, s2)) {
-          const T prob = std::exp(scores[s2] - m);
-          axpy(prob, a.v + (kv_base + s2 * L + p.i) * D, o, D);
+        T* o = a.out + r * D;
+        if (m == neg_inf) {  // no visible key: zeros, and -inf so the backward gives 0
+          std::fill(o, o + D, T(0));
+          a.lse[r] = neg_inf;
+          continue;
+        }
+        T sum = std::exp(trunk_lse - m);
+        if (sum > T(0))
+          scaled_copy(sum, o, o, D);
+        else  // the trunk saw nothing (or counts for nothing): its output is not read
+          std::fill(o, o + D, T(0));
+        for (const int64_t* s2 = first; s2 != last; ++s2) {
+          const T prob = std::exp(scores[*s2] - m);
+          axpy(prob, a.v + (kv_base + *s2 * L + i) * D, o, D);
           sum += prob;
         }
-      scaled_copy(T(1) / sum, o, o, D);
-      a.lse[r] = m + std::log(sum);
+        scaled_copy(T(1) / sum, o, o, D);
+        a.lse[r] = m + std::log(sum);
+      }
     }
 }
 
-// Backward of one position from the merged output and lse: dQ of its queries (the trunk's
-// share plus their chain keys'), dK/dV of its chain keys from their queries.
+// Backward of a block of positions from the merged output and lse: dQ of its queries (the
+// trunk's share plus their chain keys'), dK/dV of its chain keys from their queries.
 template <typename T>
-QUIETSTAR_INLINE void backward_position(const Tree& t, const ChainBackward<T>& a, Position p) {
+QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<T>& a, Positions p) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const T scale = static_cast<T>(t.scale);
   const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
-      const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + p.i, s_q = t.key_slot(j);
-      std::copy(a.trunk_grad_q + r * D, a.trunk_grad_q + (r + 1) * D, a.grad_q + r * D);
-      if (std::isinf(a.lse[r])) continue;
-      const T *q_row = a.q + r * D, *do_row = a.grad_out + r * D;
-      const T delta = dot(do_row, a.out + r * D, D);
-      for (int64_t s2 = 1; s2 <= s_q; ++s2) {
-        if (!t.sees_chain(s_q, s2)) continue;
-        const int64_t key = kv_base + s2 * L + p.i;
-        const T prob = std::exp(dot(q_row, a.k + key * D, D) * scale - a.lse[r]);
-        const T ds = prob * (dot(do_row, a.v + key * D, D) - delta) * scale;
-        axpy(ds, a.k + key * D, a.grad_q + r * D, D);
-        axpy(prob, do_row, a.grad_v + key * D, D);
-        axpy(ds, q_row, a.grad_k + key * D, D);
+      const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
+      for (int64_t i = p.begin; i < p.end; ++i) {
+        const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + i;
+        T* dq_row = a.grad_q + r * D;
+        if (std::isinf(a.lse[r])) continue;
+        const T *q_row = a.q + r * D, *do_row = a.grad_out + r * D;
+        const T delta = dot(do_row, a.out + r * D, D);
+        for (const int64_t* s2 = first; s2 != last; ++s2) {
+          const int64_t key = kv_base + *s2 * L + i;
+          const T prob = std::exp(dot(q_row, a.k + key * D, D) * scale - a.lse[r]);
+          const T ds = prob * (dot(do_row, a.v + key * D, D) - delta) * scale;
+          axpy(ds, a.k + key * D, dq_row, D);
+          axpy(prob, do_row, a.grad_v + key * D, D);
+          axpy(ds, q_row, a.grad_k + key * D, D);
+        }
       }
     }
 }
 
-QUIETSTAR_CLONES void forward_position_f32(const Tree& t, const ChainForward<float>& a, Position p, float* scores) {
-  forward_position(t, a, p, scores);
+QUIETSTAR_CLONES void forward_positions_f32(const Tree& t, const ChainForward<float>& a, Positions p, float* scores) {
+  forward_positions(t, a, p, scores);
 }
-void forward_position_f64(const Tree& t, const ChainForward<double>& a, Position p, double* scores) {
-  forward_position(t, a, p, scores);
+void forward_positions_f64(const Tree& t, const ChainForward<double>& a, Positions p, double* scores) {
+  forward_positions(t, a, p, scores);
 }
-QUIETSTAR_CLONES void backward_position_f32(const Tree& t, const ChainBackward<float>& a, Position p) {
-  backward_position(t, a, p);
+QUIETSTAR_CLONES void backward_positions_f32(const Tree& t, const ChainBackward<float>& a, Positions p) {
+  backward_positions(t, a, p);
 }
-void backward_position_f64(const Tree& t, const ChainBackward<double>& a, Position p) { backward_position(t, a, p); }
+void backward_positions_f64(const Tree& t, const ChainBackward<double>& a, Positions p) { backward_positions(t, a, p); }
 
 template <typename F>
-void for_each_position(const Tree& t, F&& body) {
-  at::parallel_for(0, t.batch * t.kv_heads * t.slot_len, 8, [&](int64_t begin, int64_t end) {
+void for_each_block(const Tree& t, F&& body) {
+  const int64_t blocks = (t.slot_len + kPositionsPerTask - 1) / kPositionsPerTask;
+  at::parallel_for(0, t.batch * t.kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task % t.slot_len, hk = (task / t.slot_len) % t.kv_heads, b = task / (t.slot_len * t.kv_heads);
-      body(Position{b, hk, i});
+      const int64_t block = task % blocks, hk = (task / blocks) % t.kv_heads, b = task / (blocks * t.kv_heads);
+      const int64_t first = block * kPositionsPerTask;
+      body(Positions{b, hk, first, std::min(first + kPositionsPerTask, t.slot_len)});
     }
   });
 }
 
 template <typename T>
 void chain_forward_kernel(const Tree& t, const ChainForward<T>& a) {
-  for_each_position(t, [&](Position p) {
+  for_each_block(t, [&](Positions p) {
     std::vector<T> scores(t.k_slots);
     if constexpr (std::is_same_v<T, float>)
-      forward_position_f32(t, a, p, scores.data());
+      forward_positions_f32(t, a, p, scores.data());
     else
-      forward_position_f64(t, a, p, scores.data());
+      forward_positions_f64(t, a, p, scores.data());
   });
 }
 
 template <typename T>
 void chain_backward_kernel(const Tree& t, const ChainBackward<T>& a) {
-  for_each_position(t, [&](Position p) {
+  for_each_block(t, [&](Positions p) {
     if constexpr (std::is_same_v<T, float>)
-      backward_position_f32(t, a, p);
+      backward_positions_f32(t, a, p);
     else
-      backward_position_f64(t, a, p);
+      backward_positions_f64(t, a, p);
   });
 }
 
@@ -207,62 +282,58 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
   TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
-  return Tree{q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
-              n_thoughts, scale};
+  return Tree(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
+              n_thoughts, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_attention_chain_forward(const at::Tensor& q, const at::Tensor& k,
-                                                                const at::Tensor& v, const at::Tensor& trunk_out,
-                                                                const at::Tensor& trunk_lse, int64_t slot_len,
-                                                                int64_t n_thoughts, double scale) {
+void tree_attention_chain_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                   at::Tensor& lse, int64_t slot_len, int64_t n_thoughts, double scale) {
   const Tree t = make_tree(q, k, v, slot_len, n_thoughts, scale);
-  TORCH_CHECK(trunk_out.sizes() == q.sizes() && trunk_out.is_contiguous(), "trunk_out must be contiguous, shaped as q");
-  TORCH_CHECK(trunk_lse.sizes() == q.sizes().slice(0, 3) && trunk_lse.is_contiguous(),
-              "trunk_lse must be contiguous [B, Hq, Sq*L]");
-  TORCH_CHECK(trunk_out.scalar_type() == q.scalar_type() && trunk_lse.scalar_type() == q.scalar_type(),
-              "trunk_out and trunk_lse must have q's dtype");
-  auto out = at::empty_like(q);
-  auto lse = at::empty_like(trunk_lse);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_forward", [&] {
-    chain_forward_kernel<scalar_t>(
-        t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), trunk_out.data_ptr<scalar_t>(),
-            trunk_lse.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()});
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
+              "out (the trunk's output) must be contiguous, shaped and typed as q");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == q.scalar_type(),
+              "lse (the trunk's log-sum-exp) must be contiguous [B, Hq, Sq*L] with q's dtype");
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_forward_", [&] {
+    chain_forward_kernel<scalar_t>(t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                       out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()});
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_chain_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& trunk_grad_q, int64_t slot_len, int64_t n_thoughts, double scale) {
+void tree_attention_chain_backward_(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, int64_t slot_len,
+                                    int64_t n_thoughts, double scale) {
   const Tree t = make_tree(q, k, v, slot_len, n_thoughts, scale);
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous(), "lse must be contiguous [B, Hq, Sq*L]");
-  for (const auto* x : {&grad_out, &out, &trunk_grad_q})
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == q.scalar_type(),
+              "lse must be contiguous [B, Hq, Sq*L] with q's dtype");
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_out, &out, &grad_q})
     TORCH_CHECK(x->sizes() == q.sizes() && x->is_contiguous() && x->scalar_type() == q.scalar_type(),
-                "grad_out, out and trunk_grad_q must be contiguous, shaped and typed as q");
-  auto grad_q = at::empty_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_backward", [&] {
+                "grad_out, out and grad_q must be contiguous, shaped and typed as q");
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_k, &grad_v})
+    TORCH_CHECK(x->sizes() == k.sizes() && x->is_contiguous() && x->scalar_type() == k.scalar_type(),
+                "grad_k and grad_v must be contiguous, shaped and typed as k");
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_backward_", [&] {
     chain_backward_kernel<scalar_t>(
         t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), trunk_grad_q.data_ptr<scalar_t>(),
-            grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
+            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
   });
-  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(quietstar, m) {
   m.def(
-      "tree_attention_chain_forward(Tensor q, Tensor k, Tensor v, Tensor trunk_out, Tensor trunk_lse, int slot_len, "
-      "int n_thoughts, float scale) -> (Tensor, Tensor)");
+      "tree_attention_chain_forward_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, int slot_len, "
+      "int n_thoughts, float scale) -> ()");
   m.def(
-      "tree_attention_chain_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor trunk_grad_q, int slot_len, int n_thoughts, float scale) -> (Tensor, Tensor, Tensor)");
+      "tree_attention_chain_backward_(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, int slot_len, int n_thoughts, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(quietstar, CPU, m) {
-  m.impl("tree_attention_chain_forward", &tree_attention_chain_forward);
-  m.impl("tree_attention_chain_backward", &tree_attention_chain_backward);
+  m.impl("tree_attention_chain_forward_", &tree_attention_chain_forward_);
+  m.impl("tree_attention_chain_backward_", &tree_attention_chain_backward_);
 }
 
 // `import quietstar._C` loads the library, which registers the ops above under torch.ops.quietstar.

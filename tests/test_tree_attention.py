@@ -223,15 +223,28 @@ def test_native_backend_matches_reference_in_float64_across_flash_blocks(case, p
 
 
 @requires_native
-def test_native_ops_have_fake_shapes_for_tracing():
+def test_native_ops_trace_under_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         q, k = torch.empty(2, 4, 3 * 8, 16), torch.empty(2, 2, 5 * 8, 16)
-        out, lse = torch.ops.quietstar.tree_attention_chain_forward(q, k, k, q, q[..., 0], 8, 2, 0.25)
-        grads = torch.ops.quietstar.tree_attention_chain_backward(out, q, k, k, out, lse, q, 8, 2, 0.25)
+        out, lse = torch.empty_like(q), torch.empty(2, 4, 24)
+        torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+        torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
     assert out.shape == q.shape and lse.shape == (2, 4, 24)
     assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+
+
+@requires_native
+def test_native_ops_name_the_argument_of_a_wrong_shape():
+    q, k = torch.randn(1, 2, 2 * 4, 8), torch.randn(1, 1, 3 * 4, 8)
+    with pytest.raises(RuntimeError, match="lse"):
+        torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 7), 4, 2, 0.5)
+    with pytest.raises(RuntimeError, match="grad_k"):
+        torch.ops.quietstar.tree_attention_chain_backward_(
+            q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros(1, 1, 4, 8), torch.zeros_like(k), 4, 2, 0.5
+        )
 
 
 def test_native_backend_off_says_why_and_the_default_still_runs():

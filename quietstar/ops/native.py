@@ -35,17 +35,18 @@ def native_unavailable() -> str | None:
 
 
 def _register_fakes() -> None:
-    """Shapes of the custom ops' outputs without running them, so that ``torch.compile``
-    (FakeTensor tracing) and meta-device runs see through them."""
+    """The custom ops without running them, so that ``torch.compile`` (FakeTensor tracing) and
+    meta-device runs see through them. Both work in place on tensors they are given, as their
+    schemas declare (``Tensor(a!)``), so their fakes return nothing."""
     import torch
 
-    @torch.library.register_fake("quietstar::tree_attention_chain_forward")
-    def _forward(q, k, v, trunk_out, trunk_lse, slot_len, n_thoughts, scale):
-        return torch.empty_like(q), torch.empty_like(trunk_lse)
+    @torch.library.register_fake("quietstar::tree_attention_chain_forward_")
+    def _forward(q, k, v, out, lse, slot_len, n_thoughts, scale):
+        return None  # in place on out and lse
 
-    @torch.library.register_fake("quietstar::tree_attention_chain_backward")
-    def _backward(grad_out, q, k, v, out, lse, trunk_grad_q, slot_len, n_thoughts, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    @torch.library.register_fake("quietstar::tree_attention_chain_backward_")
+    def _backward(grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, slot_len, n_thoughts, scale):
+        return None  # in place on grad_q, grad_k and grad_v
 
 
 def native_available() -> bool:

@@ -32,11 +32,12 @@ class TreeAttentionNative(torch.autograd.Function):
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         q_, k_, v_ = _native(q), _native(k), _native(v)
         tree = TreeViews(q_, k_, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
-        out_t, lse_t = trunk_forward(tree, q_, k_, v_, scale)
-        # [B, Hq, Sq * L, D] and [B, Hq, Sq * L] (copies: the flash kernel's layout is slot-major)
-        out_t = out_t.reshape(q_.shape).contiguous()
-        lse_t = lse_t.to(q_.dtype).reshape(q_.shape[:3]).contiguous()
-        out, lse = torch.ops.quietstar.tree_attention_chain_forward(q_, k_, v_, out_t, lse_t, slot_len, n_thoughts, scale)
+        out, lse = trunk_forward(tree, q_, k_, v_, scale)
+        # [B, Hq, Sq * L, D] and [B, Hq, Sq * L], ours to overwrite (the flash kernel's results;
+        # copies when it returns another layout or dtype)
+        out = out.reshape(q_.shape).contiguous()
+        lse = lse.to(q_.dtype).reshape(q_.shape[:3]).contiguous()
+        torch.ops.quietstar.tree_attention_chain_forward_(q_, k_, v_, out, lse, slot_len, n_thoughts, scale)
         ctx.save_for_backward(q_, k_, v_, out, lse, key_padding_mask)
         ctx.options = (slot_len, n_thoughts, sliding_window, scale)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -51,11 +52,10 @@ class TreeAttentionNative(torch.autograd.Function):
         tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
         # The flash backward reads a query that saw nothing as lse 0 (its output is 0 too).
         merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
-        dq_t, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
-        dq_t = dq_t.reshape(q.shape).contiguous()  # the flash kernel's layout is slot-major
-        dq, dk, dv = torch.ops.quietstar.tree_attention_chain_backward(
-            grad, q, k, v, out, lse, dq_t, slot_len, n_thoughts, scale
-        )
+        dq, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
+        dq = dq.reshape(q.shape).contiguous()  # ours to add to (the flash kernel's result)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        torch.ops.quietstar.tree_attention_chain_backward_(grad, q, k, v, out, lse, dq, dk, dv, slot_len, n_thoughts, scale)
         dk[:, :, :slot_len] += dk_t
         dv[:, :, :slot_len] += dv_t
         q_dtype, k_dtype, v_dtype = ctx.dtypes
