@@ -135,8 +135,7 @@ QUIETSTAR_INLINE void scaled_copy(T alpha, const T* x, T* y, int64_t n) {
 // reads its block's chain keys once into L2 and owns their gradients and its queries' (no
 // atomics). Inside a task the positions are the innermost loop, so each query head and slot
 // streams through consecutive rows of q, the outputs and the keys (one row per position, every
-// slot's rows L rows apart): the hardware prefetchers follow them, where one task per position
-// read rows a page apart.
+// slot's rows L rows apart).
 struct Positions {
   int64_t b, hk, begin, end;
 };
@@ -145,57 +144,127 @@ struct Positions {
 // about 230 KB at Sk = 29, D = 64 in float32) stay in a core's L2.
 constexpr int64_t kPositionsPerTask = 16;
 
+// Tensors are stored as In (float, double, bfloat16 or float16) and computed in Acc: float, or
+// double for double. Log-sum-exps and the chain keys' gradients are stored as Acc.
+template <typename In>
+using AccOf = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
 // Arguments of one call, as raw pointers.
-template <typename T>
+template <typename In>
 struct ChainForward {
-  const T *q, *k, *v;
-  T *out, *lse;  // in: the trunk's; out: merged
+  const In *q, *k, *v;
+  In* out;              // in: the trunk's output; out: merged
+  AccOf<In>* lse;       // in: the trunk's log-sum-exp; out: merged
 };
 
-template <typename T>
+template <typename In>
 struct ChainBackward {
-  const T *q, *k, *v, *grad_out, *out, *lse;
-  T *grad_q;  // in: the trunk's share; out: with the chain's added
-  T *grad_k, *grad_v;  // zeroed; out: the chain keys' rows
+  const In *q, *k, *v, *grad_out, *out;
+  const AccOf<In>* lse;
+  In* grad_q;                     // in: the trunk's share; out: with the chain's added
+  AccOf<In> *grad_k, *grad_v;     // zeroed; out: the chain keys' rows
 };
+
+// A row as Acc: the row itself when it is stored as Acc, else converted into `buffer`.
+template <typename Acc, typename In>
+QUIETSTAR_INLINE const Acc* acc_row(const In* row, Acc* buffer, int64_t n) {
+  if constexpr (std::is_same_v<In, Acc>) {
+    return row;
+  } else {
+    for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<Acc>(row[d]);
+    return buffer;
+  }
+}
+
+// A row to update in Acc: the row itself, or `buffer` holding it converted (see store_row).
+template <typename Acc, typename In>
+QUIETSTAR_INLINE Acc* acc_row_mut(In* row, Acc* buffer, int64_t n) {
+  if constexpr (std::is_same_v<In, Acc>)
+    return row;
+  else
+    return const_cast<Acc*>(acc_row(row, buffer, n));
+}
+
+// Writes back what acc_row_mut returned (nothing to do when it was the row itself).
+template <typename Acc, typename In>
+QUIETSTAR_INLINE void store_row(const Acc* values, In* row, int64_t n) {
+  if constexpr (!std::is_same_v<In, Acc>)
+    for (int64_t d = 0; d < n; ++d) row[d] = static_cast<In>(values[d]);
+}
+
+// The chain keys (or values) of one task's KV head and positions, as Acc rows: in place when
+// stored as Acc, else converted once per task into scratch (each is read by every query of the
+// group and its branch at that position).
+template <typename Acc>
+struct KeyRows {
+  const Acc* base;
+  int64_t slot_stride, first, dim;
+
+  const Acc* at(int64_t slot, int64_t i) const { return base + (slot * slot_stride + i - first) * dim; }
+};
+
+template <typename Acc, typename In>
+QUIETSTAR_INLINE KeyRows<Acc> key_rows(const Tree& t, const In* keys, Positions p, Acc* scratch) {
+  const In* head = keys + (p.b * t.kv_heads + p.hk) * t.k_slots * t.slot_len * t.dim;
+  if constexpr (std::is_same_v<In, Acc>) {
+    return {head, t.slot_len, 0, t.dim};
+  } else {
+    const int64_t n = p.end - p.begin;
+    for (int64_t s = 1; s < t.k_slots; ++s)
+      for (int64_t i = p.begin; i < p.end; ++i)
+        acc_row(head + (s * t.slot_len + i) * t.dim, scratch + (s * n + i - p.begin) * t.dim, t.dim);
+    return {scratch, n, p.begin, t.dim};
+  }
+}
+
+// Scratch one worker thread needs, in Acc values: scores, four rows, and the converted chain
+// keys and values of a task when the inputs are not stored as Acc.
+template <typename In>
+int64_t scratch_size(const Tree& t) {
+  const int64_t keys = std::is_same_v<In, AccOf<In>> ? 0 : 2 * t.k_slots * kPositionsPerTask * t.dim;
+  return t.k_slots + 4 * t.dim + keys;
+}
 
 // Forward of a block of positions: each query's softmax starts from its trunk's state (one more
-// "key" with score trunk_lse and value trunk_out) and takes in its chain keys; scores is scratch
-// of k_slots values.
-template <typename T>
-QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<T>& a, Positions p, T* scores) {
+// "key" with score trunk_lse and value trunk_out) and takes in its chain keys.
+template <typename In, typename Acc = AccOf<In>>
+QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<In>& a, Positions p, Acc* scratch) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
-  const T neg_inf = -std::numeric_limits<T>::infinity(), scale = static_cast<T>(t.scale);
-  const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity(), scale = static_cast<Acc>(t.scale);
+  Acc *scores = scratch, *q_buffer = scores + t.k_slots, *o_buffer = q_buffer + D, *key_scratch = o_buffer + 3 * D;
+  const KeyRows<Acc> keys = key_rows(t, a.k, p, key_scratch);
+  const KeyRows<Acc> values = key_rows(t, a.v, p, key_scratch + t.k_slots * kPositionsPerTask * D);
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
       const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
       for (int64_t i = p.begin; i < p.end; ++i) {
         const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + i;
-        const T* q_row = a.q + r * D;
-        const T trunk_lse = a.lse[r];
-        T m = trunk_lse;
+        const Acc* q_row = acc_row(a.q + r * D, q_buffer, D);
+        const Acc trunk_lse = a.lse[r];
+        Acc m = trunk_lse;
         for (const int64_t* s2 = first; s2 != last; ++s2) {
-          scores[*s2] = dot(q_row, a.k + (kv_base + *s2 * L + i) * D, D) * scale;
+          scores[*s2] = dot(q_row, keys.at(*s2, i), D) * scale;
           m = std::max(m, scores[*s2]);
         }
-        T* o = a.out + r * D;
+        In* out_row = a.out + r * D;
         if (m == neg_inf) {  // no visible key: zeros, and -inf so the backward gives 0
-          std::fill(o, o + D, T(0));
+          std::fill(out_row, out_row + D, In(0));
           a.lse[r] = neg_inf;
           continue;
         }
-        T sum = std::exp(trunk_lse - m);
-        if (sum > T(0))
+        Acc* o = acc_row_mut(out_row, o_buffer, D);
+        Acc sum = std::exp(trunk_lse - m);
+        if (sum > Acc(0))
           scaled_copy(sum, o, o, D);
         else  // the trunk saw nothing (or counts for nothing): its output is not read
-          std::fill(o, o + D, T(0));
+          std::fill(o, o + D, Acc(0));
         for (const int64_t* s2 = first; s2 != last; ++s2) {
-          const T prob = std::exp(scores[*s2] - m);
-          axpy(prob, a.v + (kv_base + *s2 * L + i) * D, o, D);
+          const Acc prob = std::exp(scores[*s2] - m);
+          axpy(prob, values.at(*s2, i), o, D);
           sum += prob;
         }
-        scaled_copy(T(1) / sum, o, o, D);
+        scaled_copy(Acc(1) / sum, o, o, D);
+        store_row(o, out_row, D);
         a.lse[r] = m + std::log(sum);
       }
     }
@@ -203,74 +272,75 @@ QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<T>& a,
 
 // Backward of a block of positions from the merged output and lse: dQ of its queries (the
 // trunk's share plus their chain keys'), dK/dV of its chain keys from their queries.
-template <typename T>
-QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<T>& a, Positions p) {
+template <typename In, typename Acc = AccOf<In>>
+QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>& a, Positions p, Acc* scratch) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
-  const T scale = static_cast<T>(t.scale);
+  const Acc scale = static_cast<Acc>(t.scale);
   const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
+  Acc *q_buffer = scratch + t.k_slots, *do_buffer = q_buffer + D, *out_buffer = do_buffer + D,
+      *dq_buffer = out_buffer + D, *key_scratch = dq_buffer + D;
+  const KeyRows<Acc> keys = key_rows(t, a.k, p, key_scratch);
+  const KeyRows<Acc> values = key_rows(t, a.v, p, key_scratch + t.k_slots * kPositionsPerTask * D);
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
       const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
+      if (first == last) continue;  // no chain keys: dQ is the trunk's
       for (int64_t i = p.begin; i < p.end; ++i) {
         const int64_t r = ((p.b * t.q_heads + h) * t.q_slots + j) * L + i;
-        T* dq_row = a.grad_q + r * D;
         if (std::isinf(a.lse[r])) continue;
-        const T *q_row = a.q + r * D, *do_row = a.grad_out + r * D;
-        const T delta = dot(do_row, a.out + r * D, D);
+        const Acc *q_row = acc_row(a.q + r * D, q_buffer, D), *do_row = acc_row(a.grad_out + r * D, do_buffer, D);
+        const Acc delta = dot(do_row, acc_row(a.out + r * D, out_buffer, D), D);
+        Acc* dq_row = acc_row_mut(a.grad_q + r * D, dq_buffer, D);
         for (const int64_t* s2 = first; s2 != last; ++s2) {
+          const Acc *k_row = keys.at(*s2, i), *v_row = values.at(*s2, i);
           const int64_t key = kv_base + *s2 * L + i;
-          const T prob = std::exp(dot(q_row, a.k + key * D, D) * scale - a.lse[r]);
-          const T ds = prob * (dot(do_row, a.v + key * D, D) - delta) * scale;
-          axpy(ds, a.k + key * D, dq_row, D);
+          const Acc prob = std::exp(dot(q_row, k_row, D) * scale - a.lse[r]);
+          const Acc ds = prob * (dot(do_row, v_row, D) - delta) * scale;
+          axpy(ds, k_row, dq_row, D);
           axpy(prob, do_row, a.grad_v + key * D, D);
           axpy(ds, q_row, a.grad_k + key * D, D);
         }
+        store_row(dq_row, a.grad_q + r * D, D);
       }
     }
 }
 
-QUIETSTAR_CLONES void forward_positions_f32(const Tree& t, const ChainForward<float>& a, Positions p, float* scores) {
-  forward_positions(t, a, p, scores);
-}
-void forward_positions_f64(const Tree& t, const ChainForward<double>& a, Positions p, double* scores) {
-  forward_positions(t, a, p, scores);
-}
-QUIETSTAR_CLONES void backward_positions_f32(const Tree& t, const ChainBackward<float>& a, Positions p) {
-  backward_positions(t, a, p);
-}
-void backward_positions_f64(const Tree& t, const ChainBackward<double>& a, Positions p) { backward_positions(t, a, p); }
+// One task per storage type, compiled once per vector clone (float64 once).
+#define QUIETSTAR_TASKS(In, CLONES)                                                                         \
+  CLONES void forward_task(const Tree& t, const ChainForward<In>& a, Positions p, AccOf<In>* scratch) {    \
+    forward_positions(t, a, p, scratch);                                                                    \
+  }                                                                                                         \
+  CLONES void backward_task(const Tree& t, const ChainBackward<In>& a, Positions p, AccOf<In>* scratch) {  \
+    backward_positions(t, a, p, scratch);                                                                   \
+  }
+QUIETSTAR_TASKS(float, QUIETSTAR_CLONES)
+QUIETSTAR_TASKS(c10::BFloat16, QUIETSTAR_CLONES)
+QUIETSTAR_TASKS(c10::Half, QUIETSTAR_CLONES)
+QUIETSTAR_TASKS(double, )
+#undef QUIETSTAR_TASKS
 
-template <typename F>
+// Runs `body(positions, scratch)` over every task, in parallel; scratch is one buffer per thread.
+template <typename In, typename F>
 void for_each_block(const Tree& t, F&& body) {
   const int64_t blocks = (t.slot_len + kPositionsPerTask - 1) / kPositionsPerTask;
   at::parallel_for(0, t.batch * t.kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<AccOf<In>> scratch(scratch_size<In>(t));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks, hk = (task / blocks) % t.kv_heads, b = task / (blocks * t.kv_heads);
       const int64_t first = block * kPositionsPerTask;
-      body(Positions{b, hk, first, std::min(first + kPositionsPerTask, t.slot_len)});
+      body(Positions{b, hk, first, std::min(first + kPositionsPerTask, t.slot_len)}, scratch.data());
     }
   });
 }
 
-template <typename T>
-void chain_forward_kernel(const Tree& t, const ChainForward<T>& a) {
-  for_each_block(t, [&](Positions p) {
-    std::vector<T> scores(t.k_slots);
-    if constexpr (std::is_same_v<T, float>)
-      forward_positions_f32(t, a, p, scores.data());
-    else
-      forward_positions_f64(t, a, p, scores.data());
-  });
+template <typename In>
+void chain_forward_kernel(const Tree& t, const ChainForward<In>& a) {
+  for_each_block<In>(t, [&](Positions p, AccOf<In>* scratch) { forward_task(t, a, p, scratch); });
 }
 
-template <typename T>
-void chain_backward_kernel(const Tree& t, const ChainBackward<T>& a) {
-  for_each_block(t, [&](Positions p) {
-    if constexpr (std::is_same_v<T, float>)
-      backward_positions_f32(t, a, p);
-    else
-      backward_positions_f64(t, a, p);
-  });
+template <typename In>
+void chain_backward_kernel(const Tree& t, const ChainBackward<In>& a) {
+  for_each_block<In>(t, [&](Positions p, AccOf<In>* scratch) { backward_task(t, a, p, scratch); });
 }
 
 Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t slot_len, int64_t n_thoughts,
@@ -279,6 +349,7 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S*L, D]");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k and v must be contiguous");
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
   TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
   TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
@@ -286,16 +357,20 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
               n_thoughts, scale);
 }
 
+c10::ScalarType acc_type(c10::ScalarType in) {
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void tree_attention_chain_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                                    at::Tensor& lse, int64_t slot_len, int64_t n_thoughts, double scale) {
   const Tree t = make_tree(q, k, v, slot_len, n_thoughts, scale);
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
               "out (the trunk's output) must be contiguous, shaped and typed as q");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == q.scalar_type(),
-              "lse (the trunk's log-sum-exp) must be contiguous [B, Hq, Sq*L] with q's dtype");
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_forward_", [&] {
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == acc_type(q.scalar_type()),
+              "lse (the trunk's log-sum-exp) must be contiguous [B, Hq, Sq*L], float64 for float64 q, else float32");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tree_attention_chain_forward_", [&] {
     chain_forward_kernel<scalar_t>(t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                       out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()});
+                                       out.data_ptr<scalar_t>(), lse.data_ptr<AccOf<scalar_t>>()});
   });
 }
 
@@ -304,19 +379,21 @@ void tree_attention_chain_backward_(const at::Tensor& grad_out, const at::Tensor
                                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, int64_t slot_len,
                                     int64_t n_thoughts, double scale) {
   const Tree t = make_tree(q, k, v, slot_len, n_thoughts, scale);
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == q.scalar_type(),
-              "lse must be contiguous [B, Hq, Sq*L] with q's dtype");
+  const c10::ScalarType acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == acc,
+              "lse must be contiguous [B, Hq, Sq*L], float64 for float64 q, else float32");
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_out, &out, &grad_q})
     TORCH_CHECK(x->sizes() == q.sizes() && x->is_contiguous() && x->scalar_type() == q.scalar_type(),
                 "grad_out, out and grad_q must be contiguous, shaped and typed as q");
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_k, &grad_v})
-    TORCH_CHECK(x->sizes() == k.sizes() && x->is_contiguous() && x->scalar_type() == k.scalar_type(),
-                "grad_k and grad_v must be contiguous, shaped and typed as k");
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tree_attention_chain_backward_", [&] {
+    TORCH_CHECK(x->sizes() == k.sizes() && x->is_contiguous() && x->scalar_type() == acc,
+                "grad_k and grad_v must be contiguous, shaped as k, float64 for float64 q, else float32");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tree_attention_chain_backward_", [&] {
+    using Acc = AccOf<scalar_t>;
     chain_backward_kernel<scalar_t>(
         t, {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
-            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>()});
+            out.data_ptr<scalar_t>(), lse.data_ptr<Acc>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<Acc>(),
+            grad_v.data_ptr<Acc>()});
   });
 }
 

@@ -115,10 +115,12 @@ def test_base_slot_of_a_tree_pass_equals_the_plain_model():
     torch.testing.assert_close(hidden[:, :9], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tree_attention_takes_float32_on_cpu_under_bfloat16_autocast(monkeypatch):
-    """Every CPU backend computes half precision in float32: under autocast q and k (float32
-    from RoPE) reach the op unrounded, v is cast up once, and the pass stays within bfloat16
-    precision of the float32 one."""
+@pytest.mark.parametrize(("half_pays", "expected"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_tree_attention_under_cpu_bfloat16_autocast_gets_the_dtype_it_computes_in(monkeypatch, half_pays, expected):
+    """Where the CPU op computes half precision in float32 (short slots, or no bfloat16
+    matmuls), q and k (float32 from RoPE) reach it unrounded and v is cast up once; where the
+    native backend computes bfloat16 as it is, all three arrive in bfloat16. Either way the
+    pass stays within bfloat16 precision of the float32 one."""
     import quietstar.model.attention as attention
 
     seen = []
@@ -129,6 +131,7 @@ def test_tree_attention_takes_float32_on_cpu_under_bfloat16_autocast(monkeypatch
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(attention, "tree_attention", spy)
+    monkeypatch.setattr(attention, "half_precision_pays", lambda dtype, device, slot_len: half_pays)
     model = patch(tiny_causal_lm("llama"))
     gen = torch.Generator().manual_seed(3)
     embeds = torch.randn(1, 3 * 9, model.config.hidden_size, generator=gen)
@@ -138,5 +141,5 @@ def test_tree_attention_takes_float32_on_cpu_under_bfloat16_autocast(monkeypatch
         seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = run_backbone(model, embeds, positions, tree_layout=TreeLayout(9))
-    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+    assert seen and all(dtypes == (expected,) * 3 for dtypes in seen)
     assert ((half.float() - full).norm() / full.norm()).item() < 2e-2

@@ -97,16 +97,20 @@ def test_matches_reference_float16(backend, case, poisoned_allocations):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_bfloat16(backend, poisoned_allocations):
-    q, k, v, mask = make_inputs(2, 4, 2, 7, 5, 5, 32, torch.bfloat16, padded=True)
-    assert_matches_reference(backend, q, k, v, 7, n_thoughts=2, key_padding_mask=mask)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_matches_reference_bfloat16(backend, case, poisoned_allocations):
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.bfloat16, padded)
+    assert_matches_reference(
+        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_inputs_in_the_models_memory_layout(backend, dtype, poisoned_allocations):
     """Half-precision q, k, v as a decoder layer hands them over: ``[B, T, H, D]`` memory seen
-    as ``[B, H, T, D]`` (not contiguous); the CPU torch backend computes them in float32."""
+    as ``[B, H, T, D]`` (not contiguous)."""
     q, k, v, mask = make_inputs(2, 4, 2, 7, 5, 5, 32, dtype, padded=True)
     q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     assert not q.is_contiguous()
@@ -220,6 +224,40 @@ def test_native_backend_matches_reference_in_float64_across_flash_blocks(case, p
     assert relative_error(out, expected) < 1e-12
     for a, b in zip(got, want):
         assert relative_error(a, b) < 1e-12
+
+
+@requires_native
+@pytest.mark.parametrize("case", HALF_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_native_kernels_on_half_precision_storage_match_reference(case, dtype, monkeypatch, poisoned_allocations):
+    """The half-precision path (flash trunk in half, chain kernels reading half rows), which the
+    backend takes only for long slots on CPUs that multiply bfloat16, forced at small sizes."""
+    from quietstar.ops import tree_attention_native
+
+    monkeypatch.setattr(tree_attention_native, "_compute_dtype", lambda q, slot_len: q.dtype)
+    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, dtype, padded)
+    assert_matches_reference(
+        "native", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fast_bf16", "slot_len", "expected"),
+    [
+        (torch.bfloat16, True, 512, torch.bfloat16),
+        (torch.bfloat16, True, 256, torch.float32),
+        (torch.bfloat16, False, 4096, torch.float32),
+        (torch.float16, True, 4096, torch.float32),
+        (torch.float32, True, 4096, torch.float32),
+        (torch.float64, False, 8, torch.float64),
+    ],
+)
+def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, slot_len, expected, monkeypatch):
+    from quietstar.ops import backends, tree_attention_native
+
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    assert tree_attention_native._compute_dtype(torch.empty(1, dtype=dtype), slot_len) == expected
 
 
 @requires_native

@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quietstar.ops.layout import TreeLayout
 from quietstar.ops.tree_attention import tree_attention
+from quietstar.ops.tree_attention_native import half_precision_pays
 
 ATTENTION_NAME = "quietstar"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,13 +59,14 @@ def quietstar_attention_forward(
             **kwargs,
         )
     # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half; the op
-    # takes one dtype. On CUDA the autocast one (the kernels multiply in it); on CPU, where
-    # every backend computes half precision in float32, float32: v is cast up once instead of
-    # q and k making a round trip through the half dtype.
+    # takes one dtype. On CUDA the autocast one (the kernels multiply in it). On CPU the
+    # autocast one only where the native backend computes it as it is (long slots on a CPU
+    # that multiplies bfloat16); elsewhere every CPU backend computes half precision in
+    # float32, so float32: v is cast up once instead of q and k making a round trip.
     dtype = autocast_dtype(query.device)
     if dtype is None:
         dtype = query.dtype
-    elif query.device.type == "cpu":
+    elif query.device.type == "cpu" and not half_precision_pays(dtype, query.device, tree_layout.slot_len):
         dtype = torch.float32
     query, key, value = (t.to(dtype) for t in (query, key, value))
     out = tree_attention(
