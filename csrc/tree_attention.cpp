@@ -14,8 +14,10 @@
 // trunk's dQ (and writes the chain keys' dK/dV into zeroed gradients). A fresh tensor of q's
 // size costs its page faults on every call; these are already resident.
 //
-// Shapes (contiguous): q [B, Hq, Sq*L, D], k and v [B, Hkv, Sk*L, D], query slot j is key slot
-// Sk - Sq + j; out like q, lse [B, Hq, Sq*L] (the trunk's: -inf where a query sees no text key).
+// Shapes: q [B, Hq, Sq*L, D] (contiguous, as out, grad_out, grad_q), k and v [B, Hkv, Sk*L, D]
+// (rows and positions contiguous, batch and head strides free: a cache's filled part), grad_k
+// and grad_v contiguous; query slot j is key slot Sk - Sq + j; lse [B, Hq, Sq*L] (the trunk's:
+// -inf where a query sees no text key).
 
 #include <ATen/Parallel.h>
 #include <Python.h>
@@ -34,6 +36,9 @@ namespace {
 struct Tree {
   int64_t batch, q_heads, kv_heads, q_slots, k_slots, slot_len, dim, n_thoughts;
   double scale;
+  // Strides of k and v's batch rows and heads (their rows are contiguous: a cache's filled part
+  // is read in place).
+  int64_t kv_batch_stride = 0, kv_head_stride = 0;
   // The chain key slots query slot j sees: chain[chain_begin[j] .. chain_begin[j + 1]).
   std::vector<int64_t> chain, chain_begin;
 
@@ -205,7 +210,7 @@ struct KeyRows {
 
 template <typename Acc, typename In>
 QUIETSTAR_INLINE KeyRows<Acc> key_rows(const Tree& t, const In* keys, Positions p, Acc* scratch) {
-  const In* head = keys + (p.b * t.kv_heads + p.hk) * t.k_slots * t.slot_len * t.dim;
+  const In* head = keys + p.b * t.kv_batch_stride + p.hk * t.kv_head_stride;
   if constexpr (std::is_same_v<In, Acc>) {
     return {head, t.slot_len, 0, t.dim};
   } else {
@@ -276,7 +281,7 @@ template <typename In, typename Acc = AccOf<In>>
 QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>& a, Positions p, Acc* scratch) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const Acc scale = static_cast<Acc>(t.scale);
-  const int64_t kv_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;
+  const int64_t grad_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;  // grad_k, grad_v: contiguous
   Acc *q_buffer = scratch + t.k_slots, *do_buffer = q_buffer + D, *out_buffer = do_buffer + D,
       *dq_buffer = out_buffer + D, *key_scratch = dq_buffer + D;
   const KeyRows<Acc> keys = key_rows(t, a.k, p, key_scratch);
@@ -293,7 +298,7 @@ QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>&
         Acc* dq_row = acc_row_mut(a.grad_q + r * D, dq_buffer, D);
         for (const int64_t* s2 = first; s2 != last; ++s2) {
           const Acc *k_row = keys.at(*s2, i), *v_row = values.at(*s2, i);
-          const int64_t key = kv_base + *s2 * L + i;
+          const int64_t key = grad_base + *s2 * L + i;
           const Acc prob = std::exp(dot(q_row, k_row, D) * scale - a.lse[r]);
           const Acc ds = prob * (dot(do_row, v_row, D) - delta) * scale;
           axpy(ds, k_row, dq_row, D);
@@ -347,14 +352,19 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
                double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "quietstar native tree_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S*L, D]");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k and v must be contiguous");
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k");
+  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.strides() == k.strides(), "v must have the shape and strides of k");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3),
+              "k and v must have contiguous rows and positions (strides [*, *, D, 1])");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
   TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
   TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
-  return Tree(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
-              n_thoughts, scale);
+  Tree t(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
+         n_thoughts, scale);
+  t.kv_batch_stride = k.stride(0);
+  t.kv_head_stride = k.stride(1);
+  return t;
 }
 
 c10::ScalarType acc_type(c10::ScalarType in) {

@@ -261,6 +261,25 @@ def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, sl
 
 
 @requires_native
+def test_native_reads_a_caches_filled_part_in_place(poisoned_allocations):
+    """Keys and values as a KV cache hands them over: the filled part of a longer buffer
+    (batch and head strides of the buffer), read without a copy, as in thought sampling."""
+    from quietstar.ops.tree_attention_native import _keys_in_place
+
+    q, k, v, mask = make_inputs(2, 4, 2, 9, 2, 5, 16, torch.float32, padded=True)
+    buffers = [torch.full((2, 2, 7 * 9, 16), float("nan")) for _ in range(2)]
+    for buffer, t in zip(buffers, (k, v)):
+        buffer[:, :, : 5 * 9] = t.detach()
+    k_view, v_view = (buffer[:, :, : 5 * 9] for buffer in buffers)
+    assert not k_view.is_contiguous()
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(_keys_in_place(k_view, v_view), (k_view, v_view)))
+    with torch.no_grad():
+        out = tree_attention(q, k_view, v_view, 9, n_thoughts=2, key_padding_mask=mask, backend="native")
+        expected = tree_attention(q, k, v, 9, n_thoughts=2, key_padding_mask=mask, backend="reference")
+    assert relative_error(out, expected) < 1e-5
+
+
+@requires_native
 def test_native_ops_trace_under_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

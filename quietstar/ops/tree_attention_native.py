@@ -49,13 +49,22 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _keys_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` and ``v`` as the kernels read them: rows and positions contiguous, the same strides;
+    the filled part of a cache buffer (``[B, Hkv, T, D]`` of a longer ``T``) as it is, where
+    ``.contiguous()`` would copy the whole cache on every decoding step."""
+    if k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] and k.stride() == v.stride():
+        return k, v
+    return k.contiguous(), v.contiguous()
+
+
 class TreeAttentionNative(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         compute = _compute_dtype(q, slot_len)
-        q, k, v = (t.to(compute).contiguous() for t in (q, k, v))
+        q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
         tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
         out, lse = trunk_forward(tree, q, k, v, scale)
         # [B, Hq, Sq * L, D] and [B, Hq, Sq * L], ours to overwrite (the flash kernel's results;
