@@ -73,14 +73,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference_float32(backend, case, poisoned_allocations):
+def assert_case_matches_reference(backend, case, dtype):
     batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
-    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.float32, padded)
+    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, dtype, padded)
     assert_matches_reference(
         backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
     )
+
+
+over_half_dtypes = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference_float32(backend, case, poisoned_allocations):
+    assert_case_matches_reference(backend, case, torch.float32)
 
 
 HALF_CASES = ["L7-two-branches-padded", "L64-Sq-lt-Sk-two-branches", "L100-window-gqa3"]
@@ -88,26 +95,13 @@ HALF_CASES = ["L7-two-branches-padded", "L64-Sq-lt-Sk-two-branches", "L100-windo
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", HALF_CASES)
-def test_matches_reference_float16(backend, case, poisoned_allocations):
-    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
-    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.float16, padded)
-    assert_matches_reference(
-        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
-    )
+@over_half_dtypes
+def test_matches_reference_in_half_precision(backend, case, dtype, poisoned_allocations):
+    assert_case_matches_reference(backend, case, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", HALF_CASES)
-def test_matches_reference_bfloat16(backend, case, poisoned_allocations):
-    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
-    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, torch.bfloat16, padded)
-    assert_matches_reference(
-        backend, q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
-    )
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@over_half_dtypes
 def test_half_inputs_in_the_models_memory_layout(backend, dtype, poisoned_allocations):
     """Half-precision q, k, v as a decoder layer hands them over: ``[B, T, H, D]`` memory seen
     as ``[B, H, T, D]`` (not contiguous)."""
@@ -228,18 +222,14 @@ def test_native_backend_matches_reference_in_float64_across_flash_blocks(case, p
 
 @requires_native
 @pytest.mark.parametrize("case", HALF_CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@over_half_dtypes
 def test_native_kernels_on_half_precision_storage_match_reference(case, dtype, monkeypatch, poisoned_allocations):
     """The half-precision path (flash trunk in half, chain kernels reading half rows), which the
     backend takes only for long slots on CPUs that multiply bfloat16, forced at small sizes."""
     from quietstar.ops import tree_attention_native
 
     monkeypatch.setattr(tree_attention_native, "_compute_dtype", lambda q, slot_len: q.dtype)
-    batch, hq, hkv, slot_len, n_q, n_k, n_thoughts, head_dim, padded, window = CASES[case]
-    q, k, v, mask = make_inputs(batch, hq, hkv, slot_len, n_q, n_k, head_dim, dtype, padded)
-    assert_matches_reference(
-        "native", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window
-    )
+    assert_case_matches_reference("native", case, dtype)
 
 
 @pytest.mark.parametrize(
