@@ -14,6 +14,15 @@ products give ``dh += scale * (g @ W_chunk)`` and the finished rows ``dW_chunk =
 h)``. That is four ``N x V x D`` products (the dense reference does three) and no ``N x V``
 tensor; each product is a plain large GEMM, which Triton tiles would not beat, and nothing is
 accumulated in global memory tile by tile.
+
+The weighted form (``weighted_linear_cross_entropy``: a loss ``sum_i weight_i * nll_i`` whose
+weights are known before the head runs) instead cuts the rows into chunks whose float32 scores
+over the whole vocabulary ``[R, V]`` fit ``WEIGHTED_CHUNK_BYTES``, and forms every gradient in
+the forward: per chunk one product for the scores, one Triton pass for the rows' log-sum-exps
+and target scores (``_merge_chunk_lse`` over all ids at once), one for ``g = softmax -
+onehot``, and two products ``dh = scale * (g @ W)`` and ``dW += g.T @ (scale * h)``: three
+``N x V x D`` products instead of four, at the price of a float32 ``[V, D]`` accumulator and
+its traffic (read and written once per chunk).
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20
 # Chunk widths are multiples of this many ids (aligned, tensor-core friendly GEMM shapes).
 CHUNK_ALIGN = 128
+# Bytes of float32 scores one row chunk of the weighted form may take: 1 GiB is 2048 rows of a
+# 128k vocabulary, so the float32 [V, D] accumulator is read and written once per 2048 rows.
+WEIGHTED_CHUNK_BYTES = 2**30
 
 
 @triton.jit
@@ -146,6 +158,40 @@ def mixed_rows(hidden: torch.Tensor, base_hidden: torch.Tensor | None, mix_weigh
     return torch.lerp(base_hidden.float(), hidden.float(), w).to(hidden.dtype)
 
 
+class _RowStats:
+    """Running maximum, sum of exponentials and target score of each of ``rows`` rows (float32),
+    folded in from chunks of scores by ``_merge_chunk_lse``."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+        self.sum_exp = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.picked = torch.zeros(rows, dtype=torch.float32, device=device)
+
+    def merge(self, z, v0: int, offset, targets, temperature: float, cfg: dict) -> None:
+        """Fold in the scores ``z [rows, C]`` of ids ``v0 .. v0 + C``."""
+        rows, width = z.shape
+        _merge_chunk_lse[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+            z, z if offset is None else offset, targets, self.max, self.sum_exp, self.picked,
+            rows, width, v0, 1.0 / temperature,
+            HAS_OFFSET=offset is not None, **cfg,
+        )
+
+    def lse(self) -> torch.Tensor:
+        return self.max + self.sum_exp.log()
+
+
+def _write_softmax_minus_onehot(z, g, v0: int, offset, targets, lse, temperature: float, cfg: dict) -> None:
+    """``g = softmax - onehot`` of the scores ``z [rows, C]`` of ids ``v0 .. v0 + C`` (``g`` may
+    be ``z``)."""
+    rows, width = z.shape
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_V"]))
+    _softmax_minus_onehot[grid](
+        z, g, z if offset is None else offset, targets, lse,
+        rows, width, v0, 1.0 / temperature,
+        HAS_OFFSET=offset is not None, **cfg,
+    )
+
+
 def linear_cross_entropy_forward(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
@@ -160,21 +206,83 @@ def linear_cross_entropy_forward(
     """NLL and log-sum-exp per row, both float32 ``[N]``, chunk by chunk over the vocabulary."""
     rows, vocab = hidden.shape[0], lm_weight.shape[0]
     h = mixed_rows(hidden, base_hidden, mix_weight)
-    running_max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
-    sum_exp = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
-    picked = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    stats = _RowStats(rows, hidden.device)
     cfg = _launch_config(interpret)
     width = chunk_width(rows, vocab)
     for v0 in range(0, vocab, width):
-        z = matmul_float32(h, lm_weight[v0 : v0 + width].T)
-        _merge_chunk_lse[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-            z, hidden if offset is None else offset, targets, running_max, sum_exp, picked,
-            rows, z.shape[1], v0, 1.0 / temperature,
-            HAS_OFFSET=offset is not None, **cfg,
-        )
-    lse = running_max + sum_exp.log()
-    nll = (lse - picked).masked_fill_(targets == ignore_index, 0.0)
+        stats.merge(matmul_float32(h, lm_weight[v0 : v0 + width].T), v0, offset, targets, temperature, cfg)
+    lse = stats.lse()
+    nll = (lse - stats.picked).masked_fill_(targets == ignore_index, 0.0)
     return nll, lse
+
+
+def _largest_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The largest ``|scale|`` (1 if all are 0): rows of ``h`` scaled by ``scale`` over it stay
+    near 1 as half-precision operands (small gradients would underflow in float16), and it goes
+    back on after the product."""
+    top = scale.abs().max()
+    return torch.where(top == 0, torch.ones_like(top), top)
+
+
+def _scaled_rows(h: torch.Tensor, scale: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``h * scale / top`` row by row, in h's dtype (computed in float32)."""
+    return (h.float() * (scale / top)[:, None]).to(h.dtype)
+
+
+def weighted_linear_cross_entropy_fused(
+    scale: torch.Tensor,
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    base_hidden: torch.Tensor | None,
+    mix_weight: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    need_h: bool,
+    need_weight: bool,
+    need_bias: bool,
+    interpret: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """NLLs and the gradients of ``sum_i weight_i * nll_i``, one row chunk at a time;
+    ``scale`` is ``weight / T`` (0 on ignored rows).
+
+    Returns ``(nll [N], dh [N, D], dW [V, D], db [V])``, all float32, each gradient None where
+    not needed.
+    """
+    rows, vocab = hidden.shape[0], lm_weight.shape[0]
+    device = hidden.device
+    h = mixed_rows(hidden, base_hidden, mix_weight)
+    nll = torch.empty(rows, dtype=torch.float32, device=device)
+    grad_h = torch.empty(rows, hidden.shape[1], dtype=torch.float32, device=device) if need_h else None
+    grad_weight = torch.zeros(lm_weight.shape, dtype=torch.float32, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    top = _largest_scale(scale) if need_weight else None
+    cfg = _launch_config(interpret)
+    chunk_rows = max(1, WEIGHTED_CHUNK_BYTES // (4 * vocab))
+    for r0 in range(0, rows, chunk_rows):
+        part = slice(r0, min(r0 + chunk_rows, rows))
+        h_part, targets_part, scale_part = h[part], targets[part], scale[part]
+        n = h_part.shape[0]
+        z = matmul_float32(h_part, lm_weight.T)
+        stats = _RowStats(n, device)
+        stats.merge(z, 0, offset, targets_part, temperature, cfg)
+        lse = stats.lse()
+        nll[part] = lse - stats.picked
+        if not (need_h or need_weight or need_bias):
+            continue
+        g = z if h.dtype == torch.float32 else torch.empty(n, vocab, dtype=h.dtype, device=device)
+        _write_softmax_minus_onehot(z, g, 0, offset, targets_part, lse, temperature, cfg)
+        if grad_h is not None:
+            grad_h[part] = matmul_float32(g, lm_weight) * scale_part[:, None]
+        if grad_weight is not None:
+            grad_weight += matmul_float32(g.T, _scaled_rows(h_part, scale_part, top))
+        if grad_bias is not None:
+            grad_bias += g.T.float() @ scale_part
+    if grad_weight is not None:
+        grad_weight *= top
+    nll.masked_fill_(targets == ignore_index, 0.0)
+    return nll, grad_h, grad_weight, grad_bias
 
 
 def linear_cross_entropy_backward(
@@ -204,11 +312,8 @@ def linear_cross_entropy_backward(
     grad_weight = torch.empty_like(lm_weight) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
     if need_weight:
-        # scale * h over the largest |scale|: half-precision operands stay near 1 (small
-        # upstream gradients would underflow in float16), the largest goes back on afterwards.
-        top = scale.abs().max()
-        top = torch.where(top == 0, torch.ones_like(top), top)
-        h_scaled = (h.float() * (scale / top)[:, None]).to(h.dtype)
+        top = _largest_scale(scale)
+        h_scaled = _scaled_rows(h, scale, top)
     cfg = _launch_config(interpret)
     width = chunk_width(rows, vocab)
     for v0 in range(0, vocab, width):
@@ -216,12 +321,7 @@ def linear_cross_entropy_backward(
         z = matmul_float32(h, w_chunk.T)
         chunk = z.shape[1]
         g = z if h.dtype == torch.float32 else torch.empty(rows, chunk, dtype=h.dtype, device=h.device)
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(chunk, cfg["BLOCK_V"]))
-        _softmax_minus_onehot[grid](
-            z, g, hidden if offset is None else offset, targets, lse,
-            rows, chunk, v0, 1.0 / temperature,
-            HAS_OFFSET=offset is not None, **cfg,
-        )
+        _write_softmax_minus_onehot(z, g, v0, offset, targets, lse, temperature, cfg)
         if grad_h is not None:
             grad_h.addcmul_(matmul_float32(g, w_chunk), scale[:, None])
         if grad_weight is not None:

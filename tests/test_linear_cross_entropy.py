@@ -250,22 +250,39 @@ def test_weighted_form_equals_the_weighted_sum_of_the_reference(backend, case, p
     assert_weighted_form_matches_reference(backend, kwargs, weights, temperature)
 
 
-def test_weighted_torch_form_computes_its_gradients_in_the_forward():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_form_computes_its_gradients_in_the_forward(backend):
     """The backward only scales: no matrix product runs in it."""
     kwargs = make_inputs(40, 8, 60, torch.float32, bias=True, masked=True)
     weights = torch.rand(40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend="torch", **kwargs)
+    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend=backend, **kwargs)
     with torch.profiler.profile() as profile:
         loss.backward()
     assert not {"aten::mm", "aten::addmm", "aten::matmul"} & {e.key for e in profile.key_averages()}
 
 
-def test_weighted_torch_form_refuses_a_second_backward_through_the_same_graph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_form_refuses_a_second_backward_through_the_same_graph(backend):
     kwargs = make_inputs(6, 8, 20, torch.float32)
-    loss, _ = weighted_linear_cross_entropy(row_weights=torch.ones(6, device=DEVICE), backend="torch", **kwargs)
+    loss, _ = weighted_linear_cross_entropy(row_weights=torch.ones(6, device=DEVICE), backend=backend, **kwargs)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="its backward runs once"):
         loss.backward()
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
+def test_weighted_triton_form_is_exact_across_row_chunks(dtype, monkeypatch, poisoned_allocations):
+    """Row chunks of 8 over 21 rows (a partial last one), in every dtype the kernels take, with
+    mixing, bias, masked and ignored rows, and weights of mixed signs and sizes."""
+    import quietstar.kernels.linear_cross_entropy as kernels
+
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", dtype, seed=6)
+    rows, vocab = kwargs["hidden"].shape[0], kwargs["lm_weight"].shape[0]
+    monkeypatch.setattr(kernels, "WEIGHTED_CHUNK_BYTES", 8 * vocab * 4)
+    assert rows > 16
+    weights = torch.randn(rows, generator=torch.Generator().manual_seed(7)).to(DEVICE) * 1e-3
+    assert_weighted_form_matches_reference("triton", kwargs, weights, temperature)
 
 
 def test_weighted_form_rejects_weights_that_are_not_constants():

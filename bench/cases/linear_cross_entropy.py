@@ -3,8 +3,9 @@ dense reference.
 
 The step scores ``h = (1 - w) * base_hidden + w * hidden`` against the whole vocabulary with
 the two meta tokens masked, and takes the gradient of ``nll.sum()`` with respect to
-``hidden``, ``base_hidden``, ``w`` and ``lm_weight``; ``torch-weighted`` is the form the model
-uses (``weighted_linear_cross_entropy``, the gradients formed in the forward). Public alternative on CUDA: Liger
+``hidden``, ``base_hidden``, ``w`` and ``lm_weight``; ``torch-weighted`` and ``triton-weighted``
+are the form the model uses (``weighted_linear_cross_entropy``, the gradients formed in the
+forward). Public alternative on CUDA: Liger
 Kernel's fused linear cross-entropy (when installed), fed the mixed rows that torch computes
 first; it has no vocabulary mask.
 """
@@ -32,7 +33,7 @@ def variants(device: torch.device) -> list[str]:
     if device.type != "cuda":
         return ["reference", "torch", "torch-weighted"]
     liger = ["liger"] if importlib.util.find_spec("liger_kernel") is not None else []
-    return ["reference", "torch", "torch-weighted", "triton"] + liger
+    return ["reference", "torch", "torch-weighted", "triton", "triton-weighted"] + liger
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -87,12 +88,13 @@ def build(variant: str, s: dict, device: torch.device):
         return step, {"note": "mixing in torch, no vocabulary mask"}
 
     masked = list(range(s["vocab"] - META_TOKENS, s["vocab"]))
-    if variant == "torch-weighted":  # the model's form: a weighted sum, gradients in the forward
+    if variant.endswith("-weighted"):  # the model's form: a weighted sum, gradients in the forward
         weights = torch.ones(s["rows"], device=device)
+        backend = variant.removesuffix("-weighted")
 
         def step():
             loss, _ = weighted_linear_cross_entropy(
-                hidden, lm_weight, targets, weights, mix=(base_hidden, w), masked_vocab=masked, backend="torch"
+                hidden, lm_weight, targets, weights, mix=(base_hidden, w), masked_vocab=masked, backend=backend
             )
             torch.autograd.grad(loss, inputs)
 

@@ -92,12 +92,12 @@ def weighted_linear_cross_entropy(
     sum of NLLs: returns ``(loss, nll)`` with ``loss = sum_i row_weights[i] * nll[i]`` (scalar,
     differentiable) and ``nll`` ``[N]`` (detached).
 
-    Because the weights are known before the head runs, the ``torch`` backend forms every
-    gradient in the forward, as Liger-Kernel's fused linear cross-entropy does: three matrix
-    products per chunk of rows (scores, ``dh``, ``dW``) instead of the four of a backward that
-    recomputes the scores, and the backward only scales the stored gradients. The price is
+    Because the weights are known before the head runs, the ``torch`` and ``triton`` backends
+    form every gradient in the forward, as Liger-Kernel's fused linear cross-entropy does: three
+    matrix products per chunk of rows (scores, ``dh``, ``dW``) instead of the four of a backward
+    that recomputes the scores, and the backward only scales the stored gradients. The price is
     holding ``dW`` (float32 ``[V, d]``) and ``dh`` from the forward to the backward. The
-    ``reference`` and ``triton`` backends, and every backend when no gradient is needed, sum
+    ``reference`` backend, and every backend when no gradient is needed, sums
     ``linear_cross_entropy``'s per-row NLLs.
 
     Args:
@@ -118,11 +118,14 @@ def weighted_linear_cross_entropy(
     backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    if backend == "torch" and needs_grad:  # without gradients to form, one product per chunk is all
-        from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
+    if backend in ("torch", "triton") and needs_grad:  # without gradients to form, one product per chunk is all
+        if backend == "torch":
+            from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch as fused
+        else:
+            from quietstar.ops.linear_cross_entropy_triton import weighted_linear_cross_entropy_triton as fused
 
         hidden_, weight_, targets_, bias_, base_, w_, *rest = args
-        return weighted_linear_cross_entropy_torch(hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest)
+        return fused(hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest)
     nll = linear_cross_entropy(
         hidden, lm_weight, targets, lm_bias=lm_bias, mix=mix, temperature=temperature, masked_vocab=masked_vocab,
         ignore_index=ignore_index, backend=backend,

@@ -93,3 +93,25 @@ def input_gradients(
     d_weight = grad_weight.to(lm_weight.dtype) if need_weight else None
     d_bias = grad_bias.to(lm_bias.dtype) if need_bias else None
     return d_hidden, d_weight, None, d_bias, d_base, d_w, None, None, None
+
+
+def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward of a weighted form whose forward formed the gradients of ``sum_i weight_i *
+    nll_i`` and kept them on ``ctx.grads`` (``dh, dW, db``, this node's own): scales them in
+    place by ``grad_loss`` and returns one gradient per argument of ``(hidden, lm_weight,
+    targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index)``.
+    It can therefore run once."""
+    hidden, lm_weight, lm_bias, base_hidden, w = ctx.saved_tensors
+    if ctx.grads is None:
+        raise RuntimeError(
+            "weighted_linear_cross_entropy formed its gradients in the forward and scaled them in place: "
+            "its backward runs once (use linear_cross_entropy to backpropagate through the same graph twice)"
+        )
+    needs = ctx.needs_input_grad
+    unweighted = (needs[0], needs[1], False, needs[4], needs[5], needs[6])
+    scaled = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
+    ctx.grads = None
+    d_hidden, d_weight, _, d_bias, d_base, d_w = input_gradients(
+        unweighted, *scaled, hidden, lm_weight, lm_bias, base_hidden, w
+    )[:6]
+    return d_hidden, d_weight, None, None, d_bias, d_base, d_w, None, None, None

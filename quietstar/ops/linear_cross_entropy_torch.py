@@ -27,6 +27,7 @@ from quietstar.ops.backends import autocast_off, fast_half_matmul
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     compute_dtype,
+    formed_gradients_backward,
     gradients_needed,
     input_gradients,
     row_scale,
@@ -264,20 +265,7 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, grad_loss, grad_nll):
-        hidden, lm_weight, lm_bias, base_hidden, w = ctx.saved_tensors
-        if ctx.grads is None:
-            raise RuntimeError(
-                "weighted_linear_cross_entropy formed its gradients in the forward and scaled them in place: "
-                "its backward runs once (use linear_cross_entropy to backpropagate through the same graph twice)"
-            )
-        grad_h, grad_weight, grad_bias = ctx.grads
-        needs = ctx.needs_input_grad
-        unweighted = (needs[0], needs[1], False, needs[4], needs[5], needs[6])
-        scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_h, grad_weight, grad_bias)]
-        ctx.grads = None
-        hidden_grads = input_gradients(unweighted, *scaled, hidden, lm_weight, lm_bias, base_hidden, w)
-        d_hidden, d_weight, _, d_bias, d_base, d_w = hidden_grads[:6]
-        return d_hidden, d_weight, None, None, d_bias, d_base, d_w, None, None, None
+        return formed_gradients_backward(ctx, grad_loss)
 
 
 def weighted_linear_cross_entropy_torch(

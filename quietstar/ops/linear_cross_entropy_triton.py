@@ -7,6 +7,7 @@ import torch
 from quietstar.ops.backends import autocast_off, launch_device, triton_interpreter_enabled
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
+    formed_gradients_backward,
     gradients_needed,
     input_gradients,
     row_scale,
@@ -48,6 +49,67 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         )
 
 
+class WeightedLinearCrossEntropyTriton(torch.autograd.Function):
+    """``sum(row_weights * nll)`` with every gradient formed in the forward (three products per
+    row chunk; the backward only scales them)."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
+        from quietstar.kernels.linear_cross_entropy import weighted_linear_cross_entropy_fused
+
+        interpret = triton_interpreter_enabled()
+        offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, torch.float32, hidden.device)
+        scale = row_scale(row_weights, targets, ignore_index, temperature, torch.float32).contiguous()
+        needs = ctx.needs_input_grad  # (grad mode is off inside forward: what the caller wants)
+        need_h, need_weight, need_bias = needs[0] or needs[5] or needs[6], needs[1], needs[4]
+        with launch_device(hidden):
+            nll, grad_h, grad_weight, grad_bias = weighted_linear_cross_entropy_fused(
+                scale, hidden, lm_weight, targets, base_hidden, w, offset, temperature, ignore_index,
+                need_h, need_weight, need_bias, interpret,
+            )
+        ctx.mark_non_differentiable(nll)
+        ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
+        ctx.grads = (grad_h, grad_weight, grad_bias)
+        return (row_weights.float() * nll).sum(), nll
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad_loss, grad_nll):
+        return formed_gradients_backward(ctx, grad_loss)
+
+
+def _kernel_arguments(hidden, lm_weight, targets, lm_bias, base_hidden, w) -> tuple:
+    """The arguments in the kernels' one dtype and contiguous: float32 master weights are cast
+    to the hidden states' (the cast's backward returns their gradient in float32)."""
+    lm_weight = lm_weight.to(hidden.dtype)
+    lm_bias = None if lm_bias is None else lm_bias.to(hidden.dtype)
+    hidden, lm_weight, targets, base_hidden, w = (
+        None if t is None else t.contiguous() for t in (hidden, lm_weight, targets, base_hidden, w)
+    )
+    return hidden, lm_weight, targets, lm_bias, base_hidden, w
+
+
+def weighted_linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    lm_bias: torch.Tensor | None,
+    base_hidden: torch.Tensor | None,
+    w: torch.Tensor | None,
+    temperature: float,
+    masked_ids: torch.Tensor | None,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(row_weights * nll), nll)`` with the gradients formed in the forward; arguments as
+    ``quietstar.weighted_linear_cross_entropy`` (already checked)."""
+    hidden, lm_weight, targets, lm_bias, base_hidden, w = _kernel_arguments(hidden, lm_weight, targets, lm_bias, base_hidden, w)
+    return WeightedLinearCrossEntropyTriton.apply(
+        hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index
+    )
+
+
 def linear_cross_entropy_triton(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
@@ -60,12 +122,7 @@ def linear_cross_entropy_triton(
     ignore_index: int,
 ) -> torch.Tensor:
     """Fused linear cross-entropy; arguments as ``quietstar.linear_cross_entropy`` (already checked)."""
-    # The kernels take one dtype: float32 master weights are cast to the hidden states' (the
-    # cast's backward returns their gradient in float32).
-    lm_weight = lm_weight.to(hidden.dtype)
-    lm_bias = None if lm_bias is None else lm_bias.to(hidden.dtype)
-    contiguous = [None if t is None else t.contiguous() for t in (hidden, lm_weight, targets, base_hidden, w)]
-    hidden, lm_weight, targets, base_hidden, w = contiguous
+    hidden, lm_weight, targets, lm_bias, base_hidden, w = _kernel_arguments(hidden, lm_weight, targets, lm_bias, base_hidden, w)
     return LinearCrossEntropyTriton.apply(
         hidden, lm_weight, targets, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index
     )
