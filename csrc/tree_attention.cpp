@@ -62,10 +62,10 @@ struct Tree {
   int64_t key_slot(int64_t j) const { return k_slots - q_slots + j; }
 };
 
-// Vector loops, inlined into the task functions below. The float32 tasks are compiled for the
-// x86-64 feature levels v4 (AVX-512), v3 (AVX2 + FMA) and the baseline, and picked at load time
-// by the CPU's features (GCC function multiversioning); float64 (the gradcheck path) is compiled
-// once. Levels, not CPU names: a clone for "arch=skylake-avx512" is picked only on that Intel
+// Vector loops, inlined into the task functions below. The tasks that compute in float32
+// (float32, bfloat16 and float16 storage) are compiled for the x86-64 feature levels v4
+// (AVX-512), v3 (AVX2 + FMA) and the baseline, and picked at load time by the CPU's features
+// (GCC function multiversioning); float64 (the gradcheck path) is compiled once. Levels, not CPU names: a clone for "arch=skylake-avx512" is picked only on that Intel
 // model, so an AMD EPYC with AVX-512 ran the baseline SSE2 clone.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QUIETSTAR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -184,10 +184,12 @@ QUIETSTAR_INLINE const Acc* acc_row(const In* row, Acc* buffer, int64_t n) {
 // A row to update in Acc: the row itself, or `buffer` holding it converted (see store_row).
 template <typename Acc, typename In>
 QUIETSTAR_INLINE Acc* acc_row_mut(In* row, Acc* buffer, int64_t n) {
-  if constexpr (std::is_same_v<In, Acc>)
+  if constexpr (std::is_same_v<In, Acc>) {
     return row;
-  else
-    return const_cast<Acc*>(acc_row(row, buffer, n));
+  } else {
+    for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<Acc>(row[d]);
+    return buffer;
+  }
 }
 
 // Writes back what acc_row_mut returned (nothing to do when it was the row itself).
@@ -222,13 +224,28 @@ QUIETSTAR_INLINE KeyRows<Acc> key_rows(const Tree& t, const In* keys, Positions 
   }
 }
 
-// Scratch one worker thread needs, in Acc values: scores, four rows, and the converted chain
-// keys and values of a task when the inputs are not stored as Acc.
+// Scratch one worker thread needs, in Acc values: one score per key slot, four rows (the
+// converted or updated rows of one query), and the converted chain keys and values of a task
+// when the inputs are not stored as Acc.
 template <typename In>
 int64_t scratch_size(const Tree& t) {
   const int64_t keys = std::is_same_v<In, AccOf<In>> ? 0 : 2 * t.k_slots * kPositionsPerTask * t.dim;
   return t.k_slots + 4 * t.dim + keys;
 }
+
+// The parts of one thread's scratch (laid out as scratch_size counts them); keys and values
+// are null when the inputs are stored as Acc (read in place).
+template <typename In, typename Acc = AccOf<In>>
+struct Scratch {
+  Acc *scores, *rows, *keys = nullptr, *values = nullptr;
+
+  Scratch(const Tree& t, Acc* base) : scores(base), rows(base + t.k_slots) {
+    if constexpr (!std::is_same_v<In, Acc>) {
+      keys = rows + 4 * t.dim;
+      values = keys + t.k_slots * kPositionsPerTask * t.dim;
+    }
+  }
+};
 
 // Forward of a block of positions: each query's softmax starts from its trunk's state (one more
 // "key" with score trunk_lse and value trunk_out) and takes in its chain keys.
@@ -236,9 +253,9 @@ template <typename In, typename Acc = AccOf<In>>
 QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<In>& a, Positions p, Acc* scratch) {
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity(), scale = static_cast<Acc>(t.scale);
-  Acc *scores = scratch, *q_buffer = scores + t.k_slots, *o_buffer = q_buffer + D, *key_scratch = o_buffer + 3 * D;
-  const KeyRows<Acc> keys = key_rows(t, a.k, p, key_scratch);
-  const KeyRows<Acc> values = key_rows(t, a.v, p, key_scratch + t.k_slots * kPositionsPerTask * D);
+  const Scratch<In> parts(t, scratch);
+  Acc *scores = parts.scores, *q_buffer = parts.rows, *o_buffer = q_buffer + D;
+  const KeyRows<Acc> keys = key_rows(t, a.k, p, parts.keys), values = key_rows(t, a.v, p, parts.values);
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
       const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
@@ -282,10 +299,9 @@ QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>&
   const int64_t L = t.slot_len, D = t.dim, G = t.group();
   const Acc scale = static_cast<Acc>(t.scale);
   const int64_t grad_base = (p.b * t.kv_heads + p.hk) * t.k_slots * L;  // grad_k, grad_v: contiguous
-  Acc *q_buffer = scratch + t.k_slots, *do_buffer = q_buffer + D, *out_buffer = do_buffer + D,
-      *dq_buffer = out_buffer + D, *key_scratch = dq_buffer + D;
-  const KeyRows<Acc> keys = key_rows(t, a.k, p, key_scratch);
-  const KeyRows<Acc> values = key_rows(t, a.v, p, key_scratch + t.k_slots * kPositionsPerTask * D);
+  const Scratch<In> parts(t, scratch);
+  Acc *q_buffer = parts.rows, *do_buffer = q_buffer + D, *out_buffer = do_buffer + D, *dq_buffer = out_buffer + D;
+  const KeyRows<Acc> keys = key_rows(t, a.k, p, parts.keys), values = key_rows(t, a.v, p, parts.values);
   for (int64_t h = p.hk * G; h < (p.hk + 1) * G; ++h)
     for (int64_t j = 0; j < t.q_slots; ++j) {
       const int64_t *first = t.chain.data() + t.chain_begin[j], *last = t.chain.data() + t.chain_begin[j + 1];
