@@ -95,23 +95,40 @@ def input_gradients(
     return d_hidden, d_weight, None, d_bias, d_base, d_w, None, None, None
 
 
+def _unweighted_needs(needs: tuple[bool, ...]) -> tuple[bool, ...]:
+    """A weighted form's ``ctx.needs_input_grad`` (``row_weights`` fourth) in the unweighted
+    forms' order (``row_weights`` dropped)."""
+    return (needs[0], needs[1], False, needs[4], needs[5], needs[6])
+
+
+def weighted_gradients_needed(needs: tuple[bool, ...]) -> tuple[bool, bool, bool]:
+    """``gradients_needed`` for a weighted form's ``ctx.needs_input_grad``."""
+    return gradients_needed(_unweighted_needs(needs))
+
+
+def keep_formed_gradients(ctx, nll: torch.Tensor, grads: tuple, hidden, lm_weight, lm_bias, base_hidden, w) -> None:
+    """What a weighted form's forward leaves for ``formed_gradients_backward``: the formed
+    ``(dh, dW, db)`` on ``ctx`` (this node's own: no other node reads them) and the inputs
+    ``input_gradients`` needs; ``nll`` is marked non-differentiable."""
+    ctx.mark_non_differentiable(nll)
+    ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
+    ctx.grads = grads
+
+
 def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """The backward of a weighted form whose forward formed the gradients of ``sum_i weight_i *
-    nll_i`` and kept them on ``ctx.grads`` (``dh, dW, db``, this node's own): scales them in
-    place by ``grad_loss`` and returns one gradient per argument of ``(hidden, lm_weight,
-    targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index)``.
-    It can therefore run once."""
+    nll_i`` (``keep_formed_gradients``): scales them in place by ``grad_loss`` and returns one
+    gradient per argument of ``(hidden, lm_weight, targets, row_weights, lm_bias, base_hidden,
+    w, temperature, masked_ids, ignore_index)``. It can therefore run once."""
     hidden, lm_weight, lm_bias, base_hidden, w = ctx.saved_tensors
     if ctx.grads is None:
         raise RuntimeError(
             "weighted_linear_cross_entropy formed its gradients in the forward and scaled them in place: "
             "its backward runs once (use linear_cross_entropy to backpropagate through the same graph twice)"
         )
-    needs = ctx.needs_input_grad
-    unweighted = (needs[0], needs[1], False, needs[4], needs[5], needs[6])
     scaled = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
     ctx.grads = None
     d_hidden, d_weight, _, d_bias, d_base, d_w = input_gradients(
-        unweighted, *scaled, hidden, lm_weight, lm_bias, base_hidden, w
+        _unweighted_needs(ctx.needs_input_grad), *scaled, hidden, lm_weight, lm_bias, base_hidden, w
     )[:6]
     return d_hidden, d_weight, None, None, d_bias, d_base, d_w, None, None, None

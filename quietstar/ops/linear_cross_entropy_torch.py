@@ -30,8 +30,10 @@ from quietstar.ops.linear_cross_entropy_common import (
     formed_gradients_backward,
     gradients_needed,
     input_gradients,
+    keep_formed_gradients,
     row_scale,
     safe_targets,
+    weighted_gradients_needed,
 )
 
 # Bytes of scores one chunk of rows may take; the forward and the backward each hold one
@@ -220,10 +222,9 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
     def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
         with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
             dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
-            needs = ctx.needs_input_grad
-            need_weight, need_bias = needs[1], needs[4]
-            need_h = needs[0] or needs[5] or needs[6]
-            train = any(needs)  # (grad mode is off inside forward; needs_input_grad says what the caller wants)
+            # (grad mode is off inside forward; needs_input_grad says what the caller wants)
+            need_h, need_weight, need_bias = weighted_gradients_needed(ctx.needs_input_grad)
+            train = need_h or need_weight or need_bias
             nll = torch.empty(rows, dtype=dtype, device=device)
             ignored = targets == ignore_index
             picked_ids = safe_targets(targets, ignore_index)
@@ -255,11 +256,7 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += probs.sum(1)
             nll.masked_fill_(ignored, 0.0)
-            ctx.mark_non_differentiable(nll)
-            ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
-            # The formed gradients are this node's own (no other node reads them): kept on ctx and
-            # scaled in place by the backward, which therefore runs once.
-            ctx.grads = (grad_h, grad_weight, grad_bias)
+            keep_formed_gradients(ctx, nll, (grad_h, grad_weight, grad_bias), hidden, lm_weight, lm_bias, base_hidden, w)
             return (row_weights.to(dtype) * nll).sum(), nll
 
     @staticmethod

@@ -10,7 +10,9 @@ from quietstar.ops.linear_cross_entropy_common import (
     formed_gradients_backward,
     gradients_needed,
     input_gradients,
+    keep_formed_gradients,
     row_scale,
+    weighted_gradients_needed,
 )
 
 
@@ -61,16 +63,14 @@ class WeightedLinearCrossEntropyTriton(torch.autograd.Function):
         interpret = triton_interpreter_enabled()
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, torch.float32, hidden.device)
         scale = row_scale(row_weights, targets, ignore_index, temperature, torch.float32).contiguous()
-        needs = ctx.needs_input_grad  # (grad mode is off inside forward: what the caller wants)
-        need_h, need_weight, need_bias = needs[0] or needs[5] or needs[6], needs[1], needs[4]
+        # (grad mode is off inside forward; needs_input_grad says what the caller wants)
+        need_h, need_weight, need_bias = weighted_gradients_needed(ctx.needs_input_grad)
         with launch_device(hidden):
             nll, grad_h, grad_weight, grad_bias = weighted_linear_cross_entropy_fused(
                 scale, hidden, lm_weight, targets, base_hidden, w, offset, temperature, ignore_index,
                 need_h, need_weight, need_bias, interpret,
             )
-        ctx.mark_non_differentiable(nll)
-        ctx.save_for_backward(hidden, lm_weight, lm_bias, base_hidden, w)
-        ctx.grads = (grad_h, grad_weight, grad_bias)
+        keep_formed_gradients(ctx, nll, (grad_h, grad_weight, grad_bias), hidden, lm_weight, lm_bias, base_hidden, w)
         return (row_weights.float() * nll).sum(), nll
 
     @staticmethod
