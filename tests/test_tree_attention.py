@@ -228,7 +228,7 @@ def test_native_kernels_on_half_precision_storage_match_reference(case, dtype, m
     backend takes only for long slots on CPUs that multiply bfloat16, forced at small sizes."""
     from quietstar.ops import tree_attention_native
 
-    monkeypatch.setattr(tree_attention_native, "_compute_dtype", lambda q, slot_len: q.dtype)
+    monkeypatch.setattr(tree_attention_native, "_run_dtype", lambda q, slot_len: q.dtype)
     assert_case_matches_reference("native", case, dtype)
 
 
@@ -247,7 +247,7 @@ def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, sl
     from quietstar.ops import backends, tree_attention_native
 
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
-    assert tree_attention_native._compute_dtype(torch.empty(1, dtype=dtype), slot_len) == expected
+    assert tree_attention_native._run_dtype(torch.empty(1, dtype=dtype), slot_len) == expected
 
 
 @requires_native

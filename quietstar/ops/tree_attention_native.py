@@ -37,16 +37,11 @@ def half_precision_pays(dtype: torch.dtype, device: torch.device, slot_len: int)
     return fast_half_matmul(dtype, device) and slot_len >= HALF_TRUNK_MIN_LENGTH
 
 
-def _compute_dtype(q: torch.Tensor, slot_len: int) -> torch.dtype:
+def _run_dtype(q: torch.Tensor, slot_len: int) -> torch.dtype:
     """The dtype the op runs in: q's, unless half precision would be slower than float32."""
     if q.dtype in (torch.float32, torch.float64) or half_precision_pays(q.dtype, q.device, slot_len):
         return q.dtype
     return torch.float32
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the kernels' arithmetic, log-sum-exps and chain-key gradients."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _keys_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +58,14 @@ class TreeAttentionNative(torch.autograd.Function):
     @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        compute = _compute_dtype(q, slot_len)
+        compute = _run_dtype(q, slot_len)
         q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
         tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
         out, lse = trunk_forward(tree, q, k, v, scale)
         # [B, Hq, Sq * L, D] and [B, Hq, Sq * L], ours to overwrite (the flash kernel's results;
         # copies when it returns another layout)
         out = out.reshape(q.shape).contiguous()
-        lse = lse.to(_accumulator(q.dtype)).reshape(q.shape[:3]).contiguous()
+        lse = lse.reshape(q.shape[:3]).contiguous()  # float32 (float64 for float64): the kernels' arithmetic
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, v, out, lse, slot_len, n_thoughts, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.options = (slot_len, n_thoughts, sliding_window, scale)
@@ -87,8 +82,8 @@ class TreeAttentionNative(torch.autograd.Function):
         merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
         dq, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
         dq = dq.reshape(q.shape).contiguous()  # ours to add to (the flash kernel's result)
-        accumulator = _accumulator(q.dtype)
-        dk, dv = torch.zeros_like(k, dtype=accumulator), torch.zeros_like(v, dtype=accumulator)
+        # Contiguous whatever k's strides (a cache's filled part), in the kernels' arithmetic dtype.
+        dk, dv = (torch.zeros(k.shape, dtype=lse.dtype) for _ in range(2))
         torch.ops.quietstar.tree_attention_chain_backward_(grad, q, k, v, out, lse, dq, dk, dv, slot_len, n_thoughts, scale)
         dk[:, :, :slot_len] += dk_t
         dv[:, :, :slot_len] += dv_t
