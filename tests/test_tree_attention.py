@@ -270,17 +270,33 @@ def test_native_reads_a_caches_filled_part_in_place(poisoned_allocations):
 
 
 @requires_native
-def test_native_ops_trace_under_fake_tensors():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_native_ops_trace_under_torch_compile_as_in_place_updates():
+    """``torch.compile`` (one graph) sees both ops as updates of the tensors they are given, so
+    what reads those tensors afterwards reads the updated values, as in eager mode."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3 * 8, 16, generator=gen), torch.randn(2, 2, 5 * 8, 16, generator=gen)
+    out, lse = torch.randn(q.shape, generator=gen), torch.randn(2, 4, 24, generator=gen)
 
-    with FakeTensorMode():
-        q, k = torch.empty(2, 4, 3 * 8, 16), torch.empty(2, 2, 5 * 8, 16)
-        out, lse = torch.empty_like(q), torch.empty(2, 4, 24)
+    def chain(q, k, out, lse):
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
-        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+        grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(k)
         torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
-    assert out.shape == q.shape and lse.shape == (2, 4, 24)
-    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+        return out * 2, lse * 2, *grads
+
+    expected = chain(q, k, out.clone(), lse.clone())
+    traced = torch.compile(chain, backend="aot_eager", fullgraph=True)(q, k, out.clone(), lse.clone())
+    for got, want in zip(traced, expected):
+        torch.testing.assert_close(got, want)
+
+
+@requires_native
+def test_native_ops_run_on_meta_tensors():
+    """Their fake implementations stand in on the meta device (shape-only runs)."""
+    q, k = torch.empty(2, 4, 3 * 8, 16, device="meta"), torch.empty(2, 2, 5 * 8, 16, device="meta")
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 24, device="meta")
+    torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+    torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
 
 
 @requires_native

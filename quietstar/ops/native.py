@@ -35,9 +35,9 @@ def native_unavailable() -> str | None:
 
 
 def _register_fakes() -> None:
-    """The custom ops without running them, so that ``torch.compile`` (FakeTensor tracing) and
-    meta-device runs see through them. Both work in place on tensors they are given, as their
-    schemas declare (``Tensor(a!)``), so their fakes return nothing."""
+    """The custom ops without running them, for meta-device runs (shape only). Both work in
+    place on tensors they are given, as their schemas declare (``Tensor(a!)``), so their fakes
+    return nothing; ``torch.compile`` traces them as those in-place updates."""
     import torch
 
     @torch.library.register_fake("quietstar::tree_attention_chain_forward_")
