@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR [STAGE ...]
 #
-# Stages (default: all, in this order): versions, tune (bench/tune_tree_attention.py; the
+# Stages (default: all, in this order): versions, native (builds the C++ CPU kernels in place
+# against the image's torch, so that the tests run them there too), tune (bench/tune_tree_attention.py; the
 # chosen tiles are then used through QUIETSTAR_TREE_ATTENTION_CONFIGS), kernels (bench of
 # tree_attention and linear_cross_entropy at the GPU sizes), tests (the whole suite on
 # CUDA), step (the training-step bench), probe (does one training step fit at L=1024).
@@ -17,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [STAGE ...]}")
 shift
-stages=${*:-versions tune kernels tests step probe}
+stages=${*:-versions native tune kernels tests step probe}
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -41,6 +42,11 @@ for stage in $stages; do
     versions)
         run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
         run 60 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+        ;;
+    native)
+        command -v ninja >/dev/null && export CMAKE_GENERATOR=Ninja
+        run "${LIMIT_NATIVE:-150}" python setup.py -q build_ext --inplace
+        run 60 python -c "from quietstar.ops.native import native_available; print('native kernels:', native_available())"
         ;;
     tune) run "${LIMIT_TUNE:-150}" python bench/tune_tree_attention.py --length 4096 --json "$tuned" ;;
     kernels) run "${LIMIT_KERNELS:-420}" python bench/run.py --case linear_cross_entropy tree_attention --repeats 5 --json "$out/kernels.json" ;;
