@@ -1,13 +1,13 @@
-// Tree attention on the CPU, the part PyTorch's kernels cannot do: each query's own chain keys
-// (the Quiet-STaR tree rule, SPEC section 1), merged into the online-softmax state of its trunk
-// part. The trunk (causal attention of every query slot over the text's keys, with padding and
-// sliding window) runs through PyTorch's flash kernel, which returns its output and
-// log-sum-exp; the forward here starts each query's softmax from that state
-// (max = trunk lse, sum = 1, accumulator = trunk output) and folds in the query's chain keys.
-// The backward takes the merged output and log-sum-exp (so the trunk's flash backward and this
-// one each give their part of the gradients, which add): dQ of the chain per query row, dK/dV
-// of the chain keys per position, from the queries of their own chain. GQA reads the shared K/V
-// heads in place (no copies); no score matrix exists.
+// Tree attention on the CPU, the part that follows the trunk: each query's own chain keys (the
+// Quiet-STaR tree rule, SPEC section 1), merged into the online-softmax state of its trunk part.
+// The trunk (causal attention of every query slot over the text's keys, with padding and sliding
+// window) runs first (tree_attention_trunk.cpp, or PyTorch's flash kernel for float64 and half
+// precision as stored) and leaves its output and log-sum-exp; the forward here starts each
+// query's softmax from that state (max = trunk lse, sum = 1, accumulator = trunk output) and
+// folds in the query's chain keys. The backward takes the merged output and log-sum-exp (so the
+// trunk's backward and this one each give their part of the gradients, which add): dQ of the
+// chain per query row, dK/dV of the chain keys per position, from the queries of their own
+// chain. GQA reads the shared K/V heads in place (no copies); no score matrix exists.
 //
 // Both ops work in place on the trunk's results, which the caller owns: the forward turns the
 // trunk's output and log-sum-exp into the merged ones, the backward adds the chain's share to the
@@ -19,108 +19,13 @@
 // and grad_v contiguous; query slot j is key slot Sk - Sq + j; lse [B, Hq, Sq*L] (the trunk's:
 // -inf where a query sees no text key).
 
-#include <ATen/Parallel.h>
+#include "tree_attention.h"
+
 #include <Python.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
+namespace quietstar {
 namespace {
-
-struct Tree {
-  int64_t batch, q_heads, kv_heads, q_slots, k_slots, slot_len, dim, n_thoughts;
-  double scale;
-  // Strides of k and v's batch rows and heads (their rows are contiguous: a cache's filled part
-  // is read in place).
-  int64_t kv_batch_stride = 0, kv_head_stride = 0;
-  // The chain key slots query slot j sees: chain[chain_begin[j] .. chain_begin[j + 1]).
-  std::vector<int64_t> chain, chain_begin;
-
-  Tree(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_slots, int64_t k_slots, int64_t slot_len,
-       int64_t dim, int64_t n_thoughts, double scale)
-      : batch(batch), q_heads(q_heads), kv_heads(kv_heads), q_slots(q_slots), k_slots(k_slots), slot_len(slot_len),
-        dim(dim), n_thoughts(n_thoughts), scale(scale) {
-    // Key slot s >= 1 is thought (s - 1) % N's chain step; a query sees the chain keys of its
-    // own thought up to its own slot (SPEC section 1). The base slot (0) sees none.
-    for (int64_t j = 0; j < q_slots; ++j) {
-      chain_begin.push_back(static_cast<int64_t>(chain.size()));
-      const int64_t s = key_slot(j);
-      for (int64_t s2 = 1; s >= 1 && s2 <= s; ++s2)
-        if ((s - 1) % n_thoughts == (s2 - 1) % n_thoughts) chain.push_back(s2);
-    }
-    chain_begin.push_back(static_cast<int64_t>(chain.size()));
-  }
-
-  int64_t group() const { return q_heads / kv_heads; }
-  // Key slot of query slot j.
-  int64_t key_slot(int64_t j) const { return k_slots - q_slots + j; }
-};
-
-// Vector loops, inlined into the task functions below. The tasks that compute in float32
-// (float32, bfloat16 and float16 storage) are compiled for the x86-64 feature levels v4
-// (AVX-512), v3 (AVX2 + FMA) and the baseline, and picked at load time by the CPU's features
-// (GCC function multiversioning); float64 (the gradcheck path) is compiled once. Levels, not CPU names: a clone for "arch=skylake-avx512" is picked only on that Intel
-// model, so an AMD EPYC with AVX-512 ran the baseline SSE2 clone.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QUIETSTAR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define QUIETSTAR_INLINE inline __attribute__((always_inline))
-#else
-#define QUIETSTAR_CLONES
-#define QUIETSTAR_INLINE inline
-#endif
-
-#if defined(__GNUC__)
-// One 512-bit vector of T (GCC/Clang vector extensions: AVX-512 in the v4 clone, two or four
-// narrower registers in the others).
-template <typename T, int N>
-struct VectorOf {
-  typedef T type __attribute__((vector_size(N * sizeof(T))));
-};
-template <typename T, int N>
-using Vector = typename VectorOf<T, N>::type;
-
-// Sum of a vector's lanes as a tree of register halves (an `omp simd` reduction spills the
-// vector and adds its lanes one after another).
-template <typename T, int N>
-QUIETSTAR_INLINE T lane_sum(const Vector<T, N>& x) {
-  if constexpr (N == 2) {
-    return x[0] + x[1];
-  } else {
-    Vector<T, N / 2> low, high;
-    std::memcpy(&low, &x, sizeof(low));
-    std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof(low), sizeof(high));
-    return lane_sum<T, N / 2>(low + high);
-  }
-}
-
-template <typename T>
-QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 64 / sizeof(T);
-  Vector<T, kLanes> acc = {}, x, y;
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    std::memcpy(&x, a + d, sizeof(x));
-    std::memcpy(&y, b + d, sizeof(y));
-    acc += x * y;
-  }
-  T s = lane_sum<T, kLanes>(acc);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-#else
-template <typename T>
-QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-#endif
 
 template <typename T>
 QUIETSTAR_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {
@@ -364,28 +269,6 @@ void chain_backward_kernel(const Tree& t, const ChainBackward<In>& a) {
   for_each_block<In>(t, [&](Positions p, AccOf<In>* scratch) { backward_task(t, a, p, scratch); });
 }
 
-Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t slot_len, int64_t n_thoughts,
-               double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "quietstar native tree_attention runs on CPU tensors");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S*L, D]");
-  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
-  TORCH_CHECK(v.sizes() == k.sizes() && v.strides() == k.strides(), "v must have the shape and strides of k");
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3),
-              "k and v must have contiguous rows and positions (strides [*, *, D, 1])");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
-  TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
-  TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
-  Tree t(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
-         n_thoughts, scale);
-  t.kv_batch_stride = k.stride(0);
-  t.kv_head_stride = k.stride(1);
-  return t;
-}
-
-c10::ScalarType acc_type(c10::ScalarType in) {
-  return in == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void tree_attention_chain_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                                    at::Tensor& lse, int64_t slot_len, int64_t n_thoughts, double scale) {
@@ -425,6 +308,27 @@ void tree_attention_chain_backward_(const at::Tensor& grad_out, const at::Tensor
 
 }  // namespace
 
+Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t slot_len, int64_t n_thoughts,
+               double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "quietstar native tree_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S*L, D]");
+  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.strides() == k.strides(), "v must have the shape and strides of k");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3),
+              "k and v must have contiguous rows and positions (strides [*, *, D, 1])");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
+  TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
+  TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
+  Tree t(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
+         n_thoughts, scale);
+  t.kv_batch_stride = k.stride(0);
+  t.kv_head_stride = k.stride(1);
+  return t;
+}
+
+}  // namespace quietstar
+
 TORCH_LIBRARY(quietstar, m) {
   m.def(
       "tree_attention_chain_forward_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, int slot_len, "
@@ -435,8 +339,8 @@ TORCH_LIBRARY(quietstar, m) {
 }
 
 TORCH_LIBRARY_IMPL(quietstar, CPU, m) {
-  m.impl("tree_attention_chain_forward_", &tree_attention_chain_forward_);
-  m.impl("tree_attention_chain_backward_", &tree_attention_chain_backward_);
+  m.impl("tree_attention_chain_forward_", &quietstar::tree_attention_chain_forward_);
+  m.impl("tree_attention_chain_backward_", &quietstar::tree_attention_chain_backward_);
 }
 
 // `import quietstar._C` loads the library, which registers the ops above under torch.ops.quietstar.

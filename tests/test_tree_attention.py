@@ -235,8 +235,8 @@ def test_native_kernels_on_half_precision_storage_match_reference(case, dtype, m
 @pytest.mark.parametrize(
     ("dtype", "fast_bf16", "slot_len", "expected"),
     [
-        (torch.bfloat16, True, 512, torch.bfloat16),
-        (torch.bfloat16, True, 256, torch.float32),
+        (torch.bfloat16, True, 4096, torch.bfloat16),
+        (torch.bfloat16, True, 2048, torch.float32),
         (torch.bfloat16, False, 4096, torch.float32),
         (torch.float16, True, 4096, torch.float32),
         (torch.float32, True, 4096, torch.float32),
@@ -251,12 +251,35 @@ def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, sl
 
 
 @requires_native
-def test_native_reads_a_caches_filled_part_in_place(poisoned_allocations):
+@pytest.mark.parametrize(
+    ("batch", "q_heads", "kv_heads", "slot_len", "n_q", "n_k", "n_thoughts", "padded", "window"),
+    [
+        (2, 6, 2, 300, 3, 3, 2, False, None),
+        (2, 6, 2, 300, 3, 3, 2, True, None),
+        (1, 4, 1, 300, 2, 5, 2, False, 140),
+        (2, 2, 1, 270, 2, 3, 1, True, 60),
+        (1, 2, 2, 129, 1, 1, 1, False, None),
+    ],
+    ids=["L300-3-key-blocks", "L300-padded", "L300-window-skips-blocks-Sq-lt-Sk", "L270-padded-window", "L129-one-slot"],
+)
+def test_native_trunk_matches_reference_across_tiles_and_key_blocks(
+    batch, q_heads, kv_heads, slot_len, n_q, n_k, n_thoughts, padded, window, poisoned_allocations
+):
+    """The native float32 trunk: tiles of stacked query rows whose positions straddle the
+    128-key blocks, the last block partial, Sq < Sk as in decoding; padding (left padding hides
+    every text key from the first positions of a row) and a window that skips whole blocks."""
+    q, k, v, mask = make_inputs(batch, q_heads, kv_heads, slot_len, n_q, n_k, 32, torch.float32, padded)
+    assert_matches_reference("native", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window)
+
+
+@requires_native
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations):
     """Keys and values as a KV cache hands them over: the filled part of a longer buffer
     (batch and head strides of the buffer), read without a copy, as in thought sampling."""
     from quietstar.ops.tree_attention_native import _keys_in_place
 
-    q, k, v, mask = make_inputs(2, 4, 2, 9, 2, 5, 16, torch.float32, padded=True)
+    q, k, v, mask = make_inputs(2, 4, 2, 9, 2, 5, 16, torch.float32, padded=padded)
     buffers = [torch.full((2, 2, 7 * 9, 16), float("nan")) for _ in range(2)]
     for buffer, t in zip(buffers, (k, v)):
         buffer[:, :, : 5 * 9] = t.detach()
@@ -271,15 +294,17 @@ def test_native_reads_a_caches_filled_part_in_place(poisoned_allocations):
 
 @requires_native
 def test_native_ops_trace_under_torch_compile_as_in_place_updates():
-    """``torch.compile`` (one graph) sees both ops as updates of the tensors they are given, so
+    """``torch.compile`` (one graph) sees the four ops as updates of the tensors they are given, so
     what reads those tensors afterwards reads the updated values, as in eager mode."""
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 3 * 8, 16, generator=gen), torch.randn(2, 2, 5 * 8, 16, generator=gen)
     out, lse = torch.randn(q.shape, generator=gen), torch.randn(2, 4, 24, generator=gen)
 
     def chain(q, k, out, lse):
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25)
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(k)
+        torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
         torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
         return out * 2, lse * 2, *grads
 
@@ -294,8 +319,10 @@ def test_native_ops_run_on_meta_tensors():
     """Their fake implementations stand in on the meta device (shape-only runs)."""
     q, k = torch.empty(2, 4, 3 * 8, 16, device="meta"), torch.empty(2, 2, 5 * 8, 16, device="meta")
     out, lse = torch.empty_like(q), torch.empty(2, 4, 24, device="meta")
+    torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25)
     torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
     grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+    torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
     torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
 
 
@@ -307,6 +334,15 @@ def test_native_ops_name_the_argument_of_a_wrong_shape():
     with pytest.raises(RuntimeError, match="grad_k"):
         torch.ops.quietstar.tree_attention_chain_backward_(
             q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros(1, 1, 4, 8), torch.zeros_like(k), 4, 2, 0.5
+        )
+    with pytest.raises(RuntimeError, match="lse"):
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 7), None, 0, 4, 0.5)
+    with pytest.raises(RuntimeError, match="float32"):
+        q64, k64 = q.double(), k.double()
+        torch.ops.quietstar.tree_attention_trunk_forward_(q64, k64, k64, torch.empty_like(q64), torch.empty(1, 2, 8), None, 0, 4, 0.5)
+    with pytest.raises(RuntimeError, match="grad_v"):
+        torch.ops.quietstar.tree_attention_trunk_backward_(
+            q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros_like(k), torch.zeros(1, 1, 4, 8), None, 0, 4, 0.5
         )
 
 

@@ -40,6 +40,14 @@ def _register_fakes() -> None:
     return nothing; ``torch.compile`` traces them as those in-place updates."""
     import torch
 
+    @torch.library.register_fake("quietstar::tree_attention_trunk_forward_")
+    def _trunk_forward(q, k, v, out, lse, key_padding_mask, sliding_window, slot_len, scale):
+        return None  # writes out and lse
+
+    @torch.library.register_fake("quietstar::tree_attention_trunk_backward_")
+    def _trunk_backward(grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, key_padding_mask, sliding_window, slot_len, scale):
+        return None  # writes grad_q, adds into grad_k and grad_v
+
     @torch.library.register_fake("quietstar::tree_attention_chain_forward_")
     def _forward(q, k, v, out, lse, slot_len, n_thoughts, scale):
         return None  # in place on out and lse

@@ -1,19 +1,21 @@
-"""``tree_attention`` on the CPU with the native chain kernels (``csrc/tree_attention.cpp``).
+"""``tree_attention`` on the CPU with the native kernels (``csrc/``).
 
-The trunk (every query slot's causal attention over the text's keys) runs through PyTorch's
-flash kernel, as in the ``torch`` backend, and returns its output and log-sum-exp. The native
-forward starts each query's online softmax from that state and folds in the query's own chain
-keys in one pass, in place on the trunk's output, with no copies of K/V and no score matrix;
-the ``torch`` backend instead gathers the chain into position-major copies and runs batched
-products and a separate merge. The backward gives both parts the merged output and
-log-sum-exp: the flash backward the trunk's gradients, the native one adds the chain's.
+The trunk (every query slot's causal attention over the text's keys, with padding and a
+sliding window) runs in ``tree_attention_trunk.cpp``: the G * Sq query rows that share a KV
+head are stacked for a few positions at a time, so its matrix products are large (PyTorch's
+flash kernel multiplies one sequence's tiles at a time, and expands K/V per query slot). It
+returns the trunk's output and log-sum-exp; the chain forward (``tree_attention.cpp``) starts
+each query's online softmax from that state and folds in the query's own chain keys in one
+pass, in place, with no copies of K/V and no score matrix. The backward gives both parts the
+merged output and log-sum-exp, and each adds its share of the gradients.
 
-Float32 and float64 run natively. Half precision runs as stored where it pays: bfloat16 on a
-CPU that multiplies it natively (AVX-512 BF16 or AMX), from ``HALF_TRUNK_MIN_LENGTH`` on, goes
-through PyTorch's bfloat16 flash kernel for the trunk, and the chain kernels read it and compute
-in float32 (the log-sum-exps and the chain keys' gradients kept in float32). Elsewhere half
-inputs are cast to float32 and back. What autograd keeps per call is ``q, k, v`` (in the dtype
-computed), the output and one float per query.
+Float32 runs natively throughout; float64 (gradcheck) runs the trunk through PyTorch's flash
+kernel and the chain natively. Half precision is cast to float32 and back, except bfloat16 on a
+CPU that multiplies it natively (AVX-512 BF16 or AMX) from ``HALF_TRUNK_MIN_LENGTH`` on: there
+the trunk goes through PyTorch's bfloat16 flash kernel and the chain kernels read the half rows
+and compute in float32 (the log-sum-exps and the chain keys' gradients kept in float32). What
+autograd keeps per call is ``q, k, v`` (in the dtype computed), the output and one float per
+query.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import torch
 from quietstar.ops.backends import autocast_off, fast_half_matmul
 from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
 
-# Shortest slot length whose trunk runs faster in PyTorch's bfloat16 flash kernel than in its
-# float32 one, fwd+bwd, 29 slots, 9/3 heads, D=64, on a 2-core AMD EPYC with AVX-512 BF16
-# (2026-11-26): bfloat16 takes 1.65x float32's time at L=128 and 1.08x at 256, 0.87x at 512 and
-# 0.76x at 1024 (the casts to and from float32 included).
-HALF_TRUNK_MIN_LENGTH = 512
+# Shortest slot length whose trunk is not slower in PyTorch's bfloat16 flash kernel than in the
+# native float32 one (and keeps q, k, v and the output for the backward at half the size),
+# fwd+bwd of bfloat16 inputs, 29 slots, 9/3 heads, D=64, on a 2-core AMD EPYC with AVX-512 BF16
+# (2026-11-26, one process, the casts included): as stored 1.20x / 1.21x / 1.08x / 0.98x the
+# time of PyTorch's bfloat16 causal flash attention over the same queries at L = 256 / 1024 /
+# 2048 / 4096, cast to float32 for the native trunk 0.77x / 1.00x / 1.04x / 1.01x.
+HALF_TRUNK_MIN_LENGTH = 4096
 
 
 def half_precision_pays(dtype: torch.dtype, device: torch.device, slot_len: int) -> bool:
@@ -53,6 +57,12 @@ def _keys_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     return k.contiguous(), v.contiguous()
 
 
+def _native_trunk(q: torch.Tensor) -> bool:
+    """Whether the trunk runs in the native kernels (float32); float64 and half precision as
+    stored go through PyTorch's flash kernel."""
+    return q.dtype == torch.float32
+
+
 class TreeAttentionNative(torch.autograd.Function):
     @staticmethod
     @autocast_off
@@ -60,33 +70,45 @@ class TreeAttentionNative(torch.autograd.Function):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         compute = _run_dtype(q, slot_len)
         q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
-        tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
-        out, lse = trunk_forward(tree, q, k, v, scale)
-        # [B, Hq, Sq * L, D] and [B, Hq, Sq * L], ours to overwrite (the flash kernel's results;
-        # copies when it returns another layout)
-        out = out.reshape(q.shape).contiguous()
-        lse = lse.reshape(q.shape[:3]).contiguous()  # float32 (float64 for float64): the kernels' arithmetic
+        if _native_trunk(q):
+            out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+            mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+            torch.ops.quietstar.tree_attention_trunk_forward_(q, k, v, out, lse, mask, sliding_window or 0, slot_len, scale)
+        else:
+            tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
+            out, lse = trunk_forward(tree, q, k, v, scale)
+            # [B, Hq, Sq * L, D] and [B, Hq, Sq * L], ours to overwrite (the flash kernel's results;
+            # copies when it returns another layout)
+            out = out.reshape(q.shape).contiguous()
+            lse = lse.reshape(q.shape[:3]).contiguous()  # float32 (float64 for float64): the kernels' arithmetic
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, v, out, lse, slot_len, n_thoughts, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.options = (slot_len, n_thoughts, sliding_window, scale)
+        ctx.options = (slot_len, n_thoughts, sliding_window, scale, _native_trunk(q))
         return out.to(ctx.dtypes[0])
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        slot_len, n_thoughts, sliding_window, scale = ctx.options
+        slot_len, n_thoughts, sliding_window, scale, native_trunk = ctx.options
         grad = grad_out.to(q.dtype).contiguous()
-        tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
-        # The flash backward reads a query that saw nothing as lse 0 (its output is 0 too).
-        merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
-        dq, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
-        dq = dq.reshape(q.shape).contiguous()  # ours to add to (the flash kernel's result)
         # Contiguous whatever k's strides (a cache's filled part), in the kernels' arithmetic dtype.
         dk, dv = (torch.zeros(k.shape, dtype=lse.dtype) for _ in range(2))
+        if native_trunk:
+            dq = torch.empty_like(q)
+            mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+            torch.ops.quietstar.tree_attention_trunk_backward_(
+                grad, q, k, v, out, lse, dq, dk, dv, mask, sliding_window or 0, slot_len, scale
+            )
+        else:
+            tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
+            # The flash backward reads a query that saw nothing as lse 0 (its output is 0 too).
+            merged_lse = lse.masked_fill(torch.isinf(lse), 0.0).view(tree.slots_shape[:-1])
+            dq, dk_t, dv_t = trunk_backward(tree, grad, q, k, v, out, merged_lse, scale)
+            dq = dq.reshape(q.shape).contiguous()  # ours to add to (the flash kernel's result)
+            dk[:, :, :slot_len] += dk_t
+            dv[:, :, :slot_len] += dv_t
         torch.ops.quietstar.tree_attention_chain_backward_(grad, q, k, v, out, lse, dq, dk, dv, slot_len, n_thoughts, scale)
-        dk[:, :, :slot_len] += dk_t
-        dv[:, :, :slot_len] += dv_t
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None
 

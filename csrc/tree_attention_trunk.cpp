@@ -1,0 +1,428 @@
+// Tree attention's trunk on the CPU: every query slot's causal attention over the text's keys
+// (key slot 0), float32, with the text's padding (a key padding mask) and a sliding window.
+// All G * Sq query rows of a KV head (its G query heads in every query slot) read the
+// same text keys, so a tile stacks them for a few consecutive positions: G * Sq * n rows (about
+// kTileRows) against blocks of kKeyBlock keys make matrix products large enough to run near
+// the GEMM rate, where a flash kernel over each (query head, slot) pair multiplies tiles of one
+// sequence's rows. The causal mask cuts only the last n columns; a window skips the key blocks
+// before its start. The products are ATen's (MKL
+// or the build's BLAS, one thread per tile); the softmax between them is a vector loop.
+//
+// Forward: out and lse (the trunk's, -inf and zeros where a query sees no text key; the chain
+// forward then merges its keys in place).
+// Backward: from the merged output and log-sum-exp, dQ (written; the chain backward adds its
+// share) and the text keys' dK/dV (written into the zeroed slot-0 rows of grad_k and grad_v).
+// Each worker thread sums dK/dV over its tiles of a KV head; the workers' sums are added last.
+//
+// Shapes as tree_attention.cpp's: q, out, grad_out, grad_q [B, Hq, Sq*L, D] contiguous; k, v
+// [B, Hkv, Sk*L, D] with contiguous rows; lse [B, Hq, Sq*L]; grad_k, grad_v contiguous.
+
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <optional>
+#include <utility>
+
+#include "tree_attention.h"
+
+namespace quietstar {
+namespace {
+
+// Query rows per tile: G * Sq rows for each of n positions, n = max(1, kTileRows / (G * Sq));
+// with kKeyBlock keys, a tile's scores (384 x 128 floats) and its rows stay in a core's L2.
+constexpr int64_t kTileRows = 384;
+constexpr int64_t kKeyBlock = 128;
+
+// The tiles of one call: positions [begin, end) of batch row b, KV head hk.
+struct TrunkTile {
+  int64_t b, hk, begin, end;
+};
+
+struct TrunkGeometry {
+  const Tree& t;
+  int64_t positions;  // per tile
+
+  explicit TrunkGeometry(const Tree& tree)
+      : t(tree), positions(std::max<int64_t>(1, kTileRows / (tree.group() * tree.q_slots))) {}
+
+  int64_t stacked() const { return t.group() * t.q_slots; }  // query rows per position
+  int64_t tiles_per_head() const { return (t.slot_len + positions - 1) / positions; }
+  int64_t max_rows() const { return stacked() * positions; }
+
+  // The task'th tile of KV head `head` (b * Hkv + hk), the latest positions first (they see the
+  // most keys, so the dynamic schedule ends on short tiles).
+  TrunkTile tile(int64_t head, int64_t task) const {
+    const int64_t first = (tiles_per_head() - 1 - task) * positions;
+    return {head / t.kv_heads, head % t.kv_heads, first, std::min(first + positions, t.slot_len)};
+  }
+
+  // Row of q (and out, grad_out, lse) of stacked row `s` (g * Sq + j) at position `i`.
+  int64_t q_row(const TrunkTile& p, int64_t s, int64_t i) const {
+    return ((p.b * t.q_heads + p.hk * t.group()) * t.q_slots + s) * t.slot_len + i;
+  }
+
+  const float* text_rows(const float* keys, const TrunkTile& p) const {
+    return keys + p.b * t.kv_batch_stride + p.hk * t.kv_head_stride;
+  }
+};
+
+// A float matrix over memory the kernel owns (no copy): rows x cols, row stride ld.
+at::Tensor matrix(const float* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+#if defined(__GNUC__)
+using Floats = Vector<float, 16>;
+using Ints = Vector<int32_t, 16>;
+constexpr int64_t kLanes = 16;
+
+QUIETSTAR_INLINE Floats splat(float x) { return Floats{} + x; }
+
+// exp of 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (n rounded through the 1.5 * 2^23 trick),
+// e^r by Cephes's degree-6 polynomial, 2^n written into the exponent bits. Relative error about
+// 2e-7. Inputs above 88.3 give e^88.3; below -87.3 (the result's normal range), -inf included,
+// exactly 0.
+QUIETSTAR_INLINE Floats vexp(Floats in) {
+  const Floats lo = splat(-87.3f), hi = splat(88.3f), magic = splat(12582912.0f);
+  Floats x = in < lo ? lo : in;
+  x = x > hi ? hi : x;
+  const Floats t = x * 1.44269504088896341f + magic;
+  const Floats n = t - magic;
+  Floats r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Floats p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  Ints t_bits, magic_bits;
+  std::memcpy(&t_bits, &t, sizeof(t));
+  std::memcpy(&magic_bits, &magic, sizeof(magic));
+  const Ints exponent = (t_bits - magic_bits + 127) << 23;
+  Floats two_n;
+  std::memcpy(&two_n, &exponent, sizeof(two_n));
+  return in < lo ? splat(0.0f) : p * two_n;
+}
+
+QUIETSTAR_INLINE float lane_max(const Floats& x) {
+  float m = x[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, x[l]);
+  return m;
+}
+#endif
+
+// max of row[begin .. end)
+QUIETSTAR_INLINE float row_max(const float* row, int64_t begin, int64_t end) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t c = begin;
+#if defined(__GNUC__)
+  Floats acc = splat(m), x;
+  for (; c + kLanes <= end; c += kLanes) {
+    std::memcpy(&x, row + c, sizeof(x));
+    acc = x > acc ? x : acc;
+  }
+  m = lane_max(acc);
+#endif
+  for (; c < end; ++c) m = std::max(m, row[c]);
+  return m;
+}
+
+QUIETSTAR_INLINE float scalar_exp(float x) { return x < -87.3f ? 0.0f : std::exp(x); }
+
+// row[c] = exp(row[c] * scale - shift) for begin <= c < end (0 for a score of -inf: a padded
+// key), 0 for the other c < n; returns the sum.
+QUIETSTAR_INLINE float exp_row(float* row, int64_t begin, int64_t end, int64_t n, float scale, float shift) {
+  float sum = 0;
+  std::fill(row, row + begin, 0.0f);
+  int64_t c = begin;
+#if defined(__GNUC__)
+  Floats acc = {}, x;
+  for (; c + kLanes <= end; c += kLanes) {
+    std::memcpy(&x, row + c, sizeof(x));
+    x = vexp(x * scale - shift);
+    acc += x;
+    std::memcpy(row + c, &x, sizeof(x));
+  }
+  sum = lane_sum<float, kLanes>(acc);
+#endif
+  for (; c < end; ++c) {
+    row[c] = scalar_exp(row[c] * scale - shift);
+    sum += row[c];
+  }
+  std::fill(row + end, row + n, 0.0f);
+  return sum;
+}
+
+// What the text keys look like to one call: the padding mask's row per batch row (null: none)
+// and the window (0: none).
+struct TextKeys {
+  const bool* real;  // [B, L], true for a real token
+  int64_t window;
+
+  // The keys [first, last) of a block [k0, k0 + kb) that position i may see (causal, window),
+  // relative to k0; empty when first >= last.
+  std::pair<int64_t, int64_t> range(int64_t i, int64_t k0, int64_t kb) const {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, i - window + 1 - k0) : 0;
+    return {std::min(first, kb), std::max<int64_t>(0, std::min(kb, i + 1 - k0))};
+  }
+
+  // First key any of positions [begin, end) sees: the key blocks before it are skipped.
+  int64_t first_key(int64_t begin) const {
+    return window > 0 ? std::max<int64_t>(0, begin - window + 1) / kKeyBlock * kKeyBlock : 0;
+  }
+
+  // Scores of padded keys in a block of batch row b to -inf (their probabilities come out 0).
+  void hide_padding(float* scores, int64_t rows, int64_t b, int64_t slot_len, int64_t k0, int64_t kb) const {
+    if (real == nullptr) return;
+    const bool* keys = real + b * slot_len + k0;
+    for (int64_t c = 0; c < kb; ++c)
+      if (!keys[c])
+        for (int64_t m = 0; m < rows; ++m) scores[m * kb + c] = -std::numeric_limits<float>::infinity();
+  }
+};
+
+// Copies the stacked rows of a tile out of x (a [B, Hq, Sq*L, D] tensor) into rows [M, D].
+QUIETSTAR_INLINE void gather(const TrunkGeometry& g, const TrunkTile& p, const float* x, float* rows) {
+  const int64_t n = p.end - p.begin, D = g.t.dim;
+  for (int64_t s = 0; s < g.stacked(); ++s)
+    std::memcpy(rows + s * n * D, x + g.q_row(p, s, p.begin) * D, n * D * sizeof(float));
+}
+
+QUIETSTAR_INLINE void scatter(const TrunkGeometry& g, const TrunkTile& p, const float* rows, float* x) {
+  const int64_t n = p.end - p.begin, D = g.t.dim;
+  for (int64_t s = 0; s < g.stacked(); ++s)
+    std::memcpy(x + g.q_row(p, s, p.begin) * D, rows + s * n * D, n * D * sizeof(float));
+}
+
+struct TrunkForward {
+  const float *q, *k, *v;
+  float *out, *lse;
+  TextKeys text;
+};
+
+struct TrunkBackward {
+  const float *grad_out, *q, *k, *v, *out, *lse;
+  float* grad_q;
+  TextKeys text;
+};
+
+// One tile's output and log-sum-exp: online softmax over blocks of text keys.
+QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForward& a, TrunkTile p, float* scratch) {
+  const int64_t D = g.t.dim, n = p.end - p.begin, M = g.stacked() * n;
+  const float scale = static_cast<float>(g.t.scale), neg_inf = -std::numeric_limits<float>::infinity();
+  float *rows = scratch, *acc = rows + M * D, *scores = acc + M * D, *maxes = scores + M * kKeyBlock,
+        *sums = maxes + M;
+  gather(g, p, a.q, rows);
+  std::fill(acc, acc + M * D, 0.0f);
+  std::fill(maxes, maxes + M, neg_inf);
+  std::fill(sums, sums + M, 0.0f);
+  const float *keys = g.text_rows(a.k, p), *values = g.text_rows(a.v, p);
+  const at::Tensor q_tile = matrix(rows, M, D, D);
+  at::Tensor out_tile = matrix(acc, M, D, D);
+  for (int64_t k0 = a.text.first_key(p.begin); k0 < p.end; k0 += kKeyBlock) {
+    const int64_t kb = std::min(kKeyBlock, p.end - k0);
+    at::Tensor block_scores = matrix(scores, M, kb, kb);
+    at::cpu::mm_out(block_scores, q_tile, matrix(keys + k0 * D, kb, D, D).t());
+    a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb);
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = scores + m * kb;
+      const auto [first, last] = a.text.range(p.begin + m % n, k0, kb);
+      const float top = first < last ? std::max(maxes[m], row_max(row, first, last) * scale) : neg_inf;
+      if (top == neg_inf) {  // nothing visible yet: no probabilities, nothing to rescale
+        std::fill(row, row + kb, 0.0f);
+        continue;
+      }
+      const float rescale = scalar_exp(maxes[m] - top);  // 0 while the max was -inf
+      sums[m] = sums[m] * rescale + exp_row(row, first, last, kb, scale, top);
+      maxes[m] = top;
+      if (rescale != 1.0f)
+        for (float *o = acc + m * D, *o_end = o + D; o != o_end; ++o) *o *= rescale;
+    }
+    at::cpu::addmm_(out_tile, block_scores, matrix(values + k0 * D, kb, D, D));
+  }
+  for (int64_t m = 0; m < M; ++m) {  // a query that saw no key keeps its zeros
+    const float inverse = sums[m] > 0.0f ? 1.0f / sums[m] : 0.0f;
+    for (float *o = acc + m * D, *o_end = o + D; o != o_end; ++o) *o *= inverse;
+  }
+  scatter(g, p, acc, a.out);
+  for (int64_t s = 0; s < g.stacked(); ++s)
+    for (int64_t i = p.begin; i < p.end; ++i) {
+      const int64_t m = s * n + i - p.begin;
+      a.lse[g.q_row(p, s, i)] = sums[m] > 0.0f ? maxes[m] + std::log(sums[m]) : neg_inf;
+    }
+}
+
+// One tile's dQ (written) and its share of the text keys' dK/dV (added to the worker's sums).
+QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBackward& a, TrunkTile p, float* scratch,
+                                          float* grad_k, float* grad_v) {
+  const int64_t D = g.t.dim, n = p.end - p.begin, M = g.stacked() * n;
+  const float scale = static_cast<float>(g.t.scale);
+  float *rows = scratch, *grad_rows = rows + M * D, *grad_q = grad_rows + M * D, *probs = grad_q + M * D,
+        *grad_scores = probs + M * kKeyBlock, *lse = grad_scores + M * kKeyBlock, *delta = lse + M;
+  gather(g, p, a.q, rows);
+  gather(g, p, a.grad_out, grad_rows);
+  std::fill(grad_q, grad_q + M * D, 0.0f);
+  for (int64_t s = 0; s < g.stacked(); ++s)
+    for (int64_t i = p.begin; i < p.end; ++i) {
+      const int64_t m = s * n + i - p.begin, r = g.q_row(p, s, i);
+      lse[m] = a.lse[r];
+      delta[m] = dot(grad_rows + m * D, a.out + r * D, D);
+    }
+  const float *keys = g.text_rows(a.k, p), *values = g.text_rows(a.v, p);
+  const at::Tensor q_tile = matrix(rows, M, D, D), grad_tile = matrix(grad_rows, M, D, D);
+  at::Tensor grad_q_tile = matrix(grad_q, M, D, D);
+  for (int64_t k0 = a.text.first_key(p.begin); k0 < p.end; k0 += kKeyBlock) {
+    const int64_t kb = std::min(kKeyBlock, p.end - k0);
+    const at::Tensor block_keys = matrix(keys + k0 * D, kb, D, D), block_values = matrix(values + k0 * D, kb, D, D);
+    at::Tensor block_probs = matrix(probs, M, kb, kb), block_grad_scores = matrix(grad_scores, M, kb, kb);
+    at::Tensor block_grad_k = matrix(grad_k + k0 * D, kb, D, D), block_grad_v = matrix(grad_v + k0 * D, kb, D, D);
+    at::cpu::mm_out(block_probs, q_tile, block_keys.t());
+    a.text.hide_padding(probs, M, p.b, g.t.slot_len, k0, kb);
+    for (int64_t m = 0; m < M; ++m) {
+      const auto [first, last] = a.text.range(p.begin + m % n, k0, kb);
+      if (lse[m] == -std::numeric_limits<float>::infinity())  // the query saw nothing at all
+        std::fill(probs + m * kb, probs + (m + 1) * kb, 0.0f);
+      else
+        exp_row(probs + m * kb, first, last, kb, scale, lse[m]);
+    }
+    at::cpu::addmm_(block_grad_v, block_probs.t(), grad_tile);
+    at::cpu::mm_out(block_grad_scores, grad_tile, block_values.t());
+    for (int64_t m = 0; m < M; ++m) {  // dS / scale = P * (dP - delta)
+      const float *prob = probs + m * kb, row_delta = delta[m];
+      float* ds = grad_scores + m * kb;
+#pragma omp simd
+      for (int64_t c = 0; c < kb; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+    }
+    at::cpu::addmm_(grad_q_tile, block_grad_scores, block_keys, 1.0, scale);
+    at::cpu::addmm_(block_grad_k, block_grad_scores.t(), q_tile, 1.0, scale);
+  }
+  scatter(g, p, grad_q, a.grad_q);
+}
+
+// Runs body(task, worker) for tasks [0, n) on the intra-op threads, each task once, handed out
+// in order as workers free up (tiles differ in cost: a tile sees keys up to its last position).
+template <typename F>
+void for_each_task(int64_t n, F&& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker)
+      for (int64_t task = next++; task < n; task = next++) body(task, worker);
+  });
+}
+
+int64_t forward_scratch(const TrunkGeometry& g) {
+  const int64_t M = g.max_rows();
+  return 2 * M * g.t.dim + M * kKeyBlock + 2 * M;
+}
+
+int64_t backward_scratch(const TrunkGeometry& g) {
+  const int64_t M = g.max_rows();
+  return 3 * M * g.t.dim + 2 * M * kKeyBlock + 2 * M;
+}
+
+void check_float(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "the native trunk computes float32 q, k and v; got ", q.scalar_type());
+}
+
+TextKeys text_keys(const Tree& t, const std::optional<at::Tensor>& key_padding_mask, int64_t sliding_window) {
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", sliding_window);
+  if (!key_padding_mask.has_value()) return {nullptr, sliding_window};
+  const at::Tensor& mask = *key_padding_mask;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == t.batch &&
+                  mask.size(1) == t.slot_len,
+              "key_padding_mask must be a contiguous bool [B, slot_len] tensor");
+  return {mask.data_ptr<bool>(), sliding_window};
+}
+
+void tree_attention_trunk_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                   at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+                                   int64_t sliding_window, int64_t slot_len, double scale) {
+  const Tree t = make_tree(q, k, v, slot_len, 1, scale);
+  check_float(q);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "out must be contiguous, shaped as q, float32");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "lse must be contiguous [B, Hq, Sq*L], float32");
+  const TrunkGeometry g(t);
+  const TrunkForward a{q.data_ptr<float>(), k.data_ptr<float>(),   v.data_ptr<float>(),
+                       out.data_ptr<float>(), lse.data_ptr<float>(), text_keys(t, key_padding_mask, sliding_window)};
+  const int64_t per_head = g.tiles_per_head(), heads = t.batch * t.kv_heads;
+  std::vector<std::vector<float>> scratch(at::get_num_threads(), std::vector<float>());
+  for_each_task(heads * per_head, [&](int64_t task, int64_t worker) {
+    std::vector<float>& own = scratch[worker];
+    if (own.empty()) own.resize(forward_scratch(g));
+    // Heads interleaved: the costliest tile of every head comes first.
+    trunk_forward_tile(g, a, g.tile(task % heads, task / heads), own.data());
+  });
+}
+
+void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+                                    const std::optional<at::Tensor>& key_padding_mask, int64_t sliding_window,
+                                    int64_t slot_len, double scale) {
+  const Tree t = make_tree(q, k, v, slot_len, 1, scale);
+  check_float(q);
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "lse must be contiguous [B, Hq, Sq*L], float32");
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_out, &out, &grad_q})
+    TORCH_CHECK(x->sizes() == q.sizes() && x->is_contiguous() && x->scalar_type() == at::kFloat,
+                "grad_out, out and grad_q must be contiguous, shaped as q, float32");
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_k, &grad_v})
+    TORCH_CHECK(x->sizes() == k.sizes() && x->is_contiguous() && x->scalar_type() == at::kFloat,
+                "grad_k and grad_v must be contiguous, shaped as k, float32");
+  const TrunkGeometry g(t);
+  const TrunkBackward a{grad_out.data_ptr<float>(), q.data_ptr<float>(),    k.data_ptr<float>(),
+                        v.data_ptr<float>(),        out.data_ptr<float>(), lse.data_ptr<float>(),
+                        grad_q.data_ptr<float>(),   text_keys(t, key_padding_mask, sliding_window)};
+  const int64_t L = t.slot_len, D = t.dim, text = L * D;
+  const int64_t workers = at::get_num_threads();
+  // Per worker: its tile scratch, then its sums of the text keys' dK and dV for the current head.
+  std::vector<std::vector<float>> scratch(workers, std::vector<float>());
+  for (int64_t head = 0; head < t.batch * t.kv_heads; ++head) {
+    std::vector<char> used(workers, 0);
+    for_each_task(g.tiles_per_head(), [&](int64_t task, int64_t worker) {
+      std::vector<float>& own = scratch[worker];
+      if (own.empty()) own.resize(backward_scratch(g) + 2 * text);
+      float* sums = own.data() + backward_scratch(g);
+      if (!used[worker]) std::fill(sums, sums + 2 * text, 0.0f);
+      used[worker] = 1;
+      trunk_backward_tile(g, a, g.tile(head, task), own.data(), sums, sums + text);
+    });
+    // The text keys are key slot 0 of grad_k and grad_v's head.
+    float *dk = grad_k.data_ptr<float>() + head * t.k_slots * text, *dv = grad_v.data_ptr<float>() + head * t.k_slots * text;
+    at::parallel_for(0, text, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t w = 0; w < workers; ++w) {
+        if (!used[w]) continue;
+        const float* sums = scratch[w].data() + backward_scratch(g);
+        for (int64_t x = begin; x < end; ++x) {
+          dk[x] += sums[x];
+          dv[x] += sums[text + x];
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+}  // namespace quietstar
+
+TORCH_LIBRARY_FRAGMENT(quietstar, m) {
+  m.def(
+      "tree_attention_trunk_forward_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
+      "Tensor? key_padding_mask, int sliding_window, int slot_len, float scale) -> ()");
+  m.def(
+      "tree_attention_trunk_backward_(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, Tensor? key_padding_mask, int sliding_window, "
+      "int slot_len, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(quietstar, CPU, m) {
+  m.impl("tree_attention_trunk_forward_", &quietstar::tree_attention_trunk_forward_);
+  m.impl("tree_attention_trunk_backward_", &quietstar::tree_attention_trunk_backward_);
+}
