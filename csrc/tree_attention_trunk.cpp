@@ -5,13 +5,13 @@
 // kTileRows) against blocks of kKeyBlock keys make matrix products large enough to run near
 // the GEMM rate, where a flash kernel over each (query head, slot) pair multiplies tiles of one
 // sequence's rows. The causal mask cuts only the last n columns; a window skips the key blocks
-// before its start. The products are ATen's (MKL
-// or the build's BLAS, one thread per tile); the softmax between them is a vector loop.
+// before its start. The products are ATen's (MKL or the build's BLAS, one thread per tile);
+// the softmax between them is a vector loop.
 //
 // Forward: out and lse (the trunk's, -inf and zeros where a query sees no text key; the chain
 // forward then merges its keys in place).
 // Backward: from the merged output and log-sum-exp, dQ (written; the chain backward adds its
-// share) and the text keys' dK/dV (written into the zeroed slot-0 rows of grad_k and grad_v).
+// share) and the text keys' dK/dV (added into the zeroed slot-0 rows of grad_k and grad_v).
 // Each worker thread sums dK/dV over its tiles of a KV head; the workers' sums are added last.
 //
 // Shapes as tree_attention.cpp's: q, out, grad_out, grad_q [B, Hq, Sq*L, D] contiguous; k, v

@@ -70,10 +70,13 @@ class TreeAttentionNative(torch.autograd.Function):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         compute = _run_dtype(q, slot_len)
         q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.contiguous()  # [B, L] bool, as the kernels read it
         if _native_trunk(q):
             out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
-            mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-            torch.ops.quietstar.tree_attention_trunk_forward_(q, k, v, out, lse, mask, sliding_window or 0, slot_len, scale)
+            torch.ops.quietstar.tree_attention_trunk_forward_(
+                q, k, v, out, lse, key_padding_mask, sliding_window or 0, slot_len, scale
+            )
         else:
             tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
             out, lse = trunk_forward(tree, q, k, v, scale)
@@ -96,9 +99,8 @@ class TreeAttentionNative(torch.autograd.Function):
         dk, dv = (torch.zeros(k.shape, dtype=lse.dtype) for _ in range(2))
         if native_trunk:
             dq = torch.empty_like(q)
-            mask = None if key_padding_mask is None else key_padding_mask.contiguous()
             torch.ops.quietstar.tree_attention_trunk_backward_(
-                grad, q, k, v, out, lse, dq, dk, dv, mask, sliding_window or 0, slot_len, scale
+                grad, q, k, v, out, lse, dq, dk, dv, key_padding_mask, sliding_window or 0, slot_len, scale
             )
         else:
             tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
