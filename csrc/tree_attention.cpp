@@ -319,6 +319,8 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
   TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3), "q's heads must be a multiple of k's, same D");
+  TORCH_CHECK(k.size(0) == q.size(0), "k and v must have q's batch size");
+  TORCH_CHECK(q.size(2) <= k.size(2), "q must have no more slots than k (its slots are k's last ones)");
   TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
   Tree t(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
          n_thoughts, scale);

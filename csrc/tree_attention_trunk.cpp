@@ -21,7 +21,6 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <optional>
 #include <utility>
 
@@ -303,15 +302,16 @@ QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBac
   scatter(g, p, grad_q, a.grad_q);
 }
 
-// Runs body(task, worker) for tasks [0, n) on the intra-op threads, each task once, handed out
-// in order as workers free up (tiles differ in cost: a tile sees keys up to its last position).
+// Runs body(task, worker) for tasks [0, n) on the intra-op threads, each task once: worker w
+// takes tasks w, w + W, w + 2W, ... (W workers). Tasks come costliest first, so the workers'
+// shares stay even; and which worker sums which tile's dK/dV is fixed, so the backward repeats
+// bit for bit (for a given thread count).
 template <typename F>
 void for_each_task(int64_t n, F&& body) {
-  std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker)
-      for (int64_t task = next++; task < n; task = next++) body(task, worker);
+      for (int64_t task = worker; task < n; task += workers) body(task, worker);
   });
 }
 

@@ -273,6 +273,27 @@ def test_native_trunk_matches_reference_across_tiles_and_key_blocks(
 
 
 @requires_native
+def test_native_backward_repeats_bit_for_bit():
+    """The trunk's dK/dV are summed per worker thread over many tiles of a KV head; the same
+    inputs must give the same bits every time (the trainer's resume test relies on it)."""
+    q, k, v, mask = make_inputs(1, 8, 1, 300, 2, 2, 32, torch.float32, padded=True)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        out = tree_attention(q, k, v, 300, n_thoughts=1, key_padding_mask=mask, backend="native")
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers share the tiles (one could not differ from itself)
+    try:
+        first = grads()
+        for _ in range(6):
+            assert all(torch.equal(a, b) for a, b in zip(grads(), first))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_native
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations):
     """Keys and values as a KV cache hands them over: the filled part of a longer buffer
@@ -340,6 +361,9 @@ def test_native_ops_name_the_argument_of_a_wrong_shape():
     with pytest.raises(RuntimeError, match="float32"):
         q64, k64 = q.double(), k.double()
         torch.ops.quietstar.tree_attention_trunk_forward_(q64, k64, k64, torch.empty_like(q64), torch.empty(1, 2, 8), None, 0, 4, 0.5)
+    with pytest.raises(RuntimeError, match="batch size"):
+        k2 = torch.randn(2, 1, 3 * 4, 8)
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k2, k2, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5)
     with pytest.raises(RuntimeError, match="grad_v"):
         torch.ops.quietstar.tree_attention_trunk_backward_(
             q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros_like(k), torch.zeros(1, 1, 4, 8), None, 0, 4, 0.5

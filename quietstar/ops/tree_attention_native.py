@@ -96,7 +96,7 @@ class TreeAttentionNative(torch.autograd.Function):
         slot_len, n_thoughts, sliding_window, scale, native_trunk = ctx.options
         grad = grad_out.to(q.dtype).contiguous()
         # Contiguous whatever k's strides (a cache's filled part), in the kernels' arithmetic dtype.
-        dk, dv = (torch.zeros(k.shape, dtype=lse.dtype) for _ in range(2))
+        dk, dv = (torch.zeros(k.shape, dtype=lse.dtype, device=k.device) for _ in range(2))
         if native_trunk:
             dq = torch.empty_like(q)
             torch.ops.quietstar.tree_attention_trunk_backward_(
