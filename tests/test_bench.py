@@ -62,7 +62,7 @@ def test_full_tree_attention_sizes_add_bfloat16_only_on_a_cpu_that_multiplies_it
     sizes = tree_attention.sizes(CPU, "full")
     labels = [tree_attention.label(size) for size in sizes]
     half = ["L=256 bfloat16", "L=1024 bfloat16"] if fast_bf16 else []
-    assert labels == ["L=256", "L=1024", "L=4096"] + half
+    assert labels == ["L=256", "L=1024", "L=4096"] + half + ["L=1024 decode"]
     for size in sizes:
         q, *_ = tree_attention._inputs(dict(size, slot_len=4, n_slots=3), CPU)  # tiny, same dtype rule
         assert q.dtype == (torch.bfloat16 if "dtype" in size else torch.float32)
@@ -71,3 +71,37 @@ def test_full_tree_attention_sizes_add_bfloat16_only_on_a_cpu_that_multiplies_it
     assert tree_attention.skip("flex", by_label["L=1024"], CPU) is None
     if fast_bf16:
         assert "half precision" in tree_attention.skip("reference", by_label["L=256 bfloat16"], CPU)
+
+
+@pytest.mark.parametrize("query_slots", [None, 2], ids=["whole-tree", "decode"])
+def test_tree_attention_counts_the_pairs_the_tree_rule_makes_visible(query_slots):
+    """The useful FLOPs rest on visible_pairs: the trunk's and the chain's (query, key) pairs
+    per head, for the whole tree and for a decoding step's last query slots."""
+    from cases import tree_attention
+
+    from quietstar.ops.layout import tree_visibility
+
+    size = dict(batch=1, n_slots=7, n_thoughts=2, q_heads=1, kv_heads=1, head_dim=4, slot_len=5)
+    if query_slots:
+        size["query_slots"] = query_slots
+    n_q = query_slots or size["n_slots"]
+    visible = tree_visibility(size["slot_len"], n_q, size["n_slots"], size["n_thoughts"])
+    base, chain = tree_attention.visible_pairs(size)
+    assert base + chain == int(visible.sum())
+    assert base == int(visible[..., : size["slot_len"]].sum())
+
+
+def test_tree_attention_decode_size_runs_forward_on_a_caches_filled_part():
+    from cases import tree_attention
+
+    size = dict(tree_attention.sizes(CPU, "full")[-1], slot_len=8)
+    assert size["query_slots"] == 2 and tree_attention.label(size) == "L=8 decode"
+    q, k, v = tree_attention._decode_inputs(size, CPU)
+    assert q.shape[2] == 2 * 8 and k.shape[2] == size["n_slots"] * 8 and not k.is_contiguous()
+    for variant in ("torch", "native", "sdpa-causal"):
+        if tree_attention.skip(variant, size, CPU):
+            continue
+        step, _ = tree_attention.build(variant, size, CPU)
+        record = measure(step, CPU, repeats=1)
+        assert record["time_s"] > 0
+    assert tree_attention.skip("reference", size, CPU) and tree_attention.skip("flex", size, CPU)

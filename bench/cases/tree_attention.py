@@ -6,6 +6,10 @@ backward on CUDA, forward only on CPU (FlexAttention has no CPU backward). On CU
 is plain causal attention (SDPA's FlashAttention kernel) over the same queries: every query
 slot is one causal sequence of ``L`` tokens over its own ``L`` keys, i.e. the tree's base
 part without the chain keys and without summing key gradients over slots.
+
+The decode size (``--full`` on CPU, ``query_slots`` set) is one step of thought sampling:
+the last ``query_slots`` slots query the whole tree, forward only, keys and values the filled
+part of a longer cache buffer; its floor is causal attention over those slots' queries.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ GPU_LENGTHS = (4096, 2048, 1024)  # the target size first: a run cut short keeps
 CPU_LENGTHS = (256, 1024, 4096)  # the full scale; the default runs L=128
 # bfloat16 on CPU (--full, where the CPU multiplies it natively): the ops compute it in float32.
 CPU_HALF_LENGTHS = (256, 1024)
+# Decode on CPU (--full): one sampling step's query slots (one per branch) against the tree.
+CPU_DECODE = dict(slot_len=1024, query_slots=2)
+# Slots of cache beyond the filled part in the decode size's buffers (read in place, not copied).
+DECODE_SPARE_SLOTS = 2
 # FlexAttention on CPU builds its block mask from a dense [Sq*L, Sk*L] bool mask (1.2 GB at L=1024).
 FLEX_MAX_LENGTH_CPU = 1024
 # The dense reference's float32 scores alone are B*Hq*(29L)^2*4 bytes: 31 GiB at L=1024.
@@ -55,16 +63,23 @@ def sizes(device: torch.device, scale: str) -> list[dict]:
         from quietstar.ops.backends import bf16_matmul_on_cpu
 
         half = CPU_HALF_LENGTHS if bf16_matmul_on_cpu() else ()
-        return [dict(layer, slot_len=length) for length in CPU_LENGTHS] + [
-            dict(layer, slot_len=length, dtype="bfloat16") for length in half
-        ]
+        return (
+            [dict(layer, slot_len=length) for length in CPU_LENGTHS]
+            + [dict(layer, slot_len=length, dtype="bfloat16") for length in half]
+            + [dict(layer, **CPU_DECODE)]
+        )
     # A 7B-class layer.
     layer = dict(batch=8, n_slots=29, n_thoughts=2, q_heads=32, kv_heads=8, head_dim=128)
     return [dict(layer, slot_len=length) for length in GPU_LENGTHS]
 
 
 def label(size: dict) -> str:
-    return f"L={size['slot_len']}" + (f" {size['dtype']}" if "dtype" in size else "")
+    decode = " decode" if "query_slots" in size else ""
+    return f"L={size['slot_len']}{decode}" + (f" {size['dtype']}" if "dtype" in size else "")
+
+
+def _query_slots(size: dict) -> int:
+    return size.get("query_slots", size["n_slots"])
 
 
 def _dtype(size: dict, device: torch.device) -> torch.dtype:
@@ -83,6 +98,8 @@ def skip(variant: str, size: dict, device: torch.device) -> str | None:
         return "forward only on CPU, and compiling takes longer than the rest of the case: --full runs it"
     if variant == "flex" and device.type == "cpu" and size["slot_len"] > FLEX_MAX_LENGTH_CPU:
         return f"not run above L={FLEX_MAX_LENGTH_CPU} on CPU (its block mask starts as a dense [29L, 29L] bool mask)"
+    if variant in ("reference", "flex") and "query_slots" in size:
+        return "decode compares the backends with the floor"
     if variant == "reference" and "dtype" in size:
         return "not run in half precision (the floor is the comparison there)"
     if variant == "reference" and device.type == "cpu" and size["slot_len"] > REFERENCE_MAX_LENGTH_CPU:
@@ -93,9 +110,10 @@ def skip(variant: str, size: dict, device: torch.device) -> str | None:
 def visible_pairs(size: dict) -> tuple[int, int]:
     """(query, key) pairs that attend, per batch row and query head: (base part, chain part)."""
     length, n_slots, n_thoughts = size["slot_len"], size["n_slots"], size["n_thoughts"]
-    base = n_slots * length * (length + 1) // 2
-    # Query slot s (>= 1) sees its own branch's chain keys of steps 1..c, c = (s - 1) // N + 1.
-    chain = sum((s - 1) // n_thoughts + 1 for s in range(1, n_slots)) * length
+    first = n_slots - _query_slots(size)  # the query slots are the last key slots
+    base = (n_slots - first) * length * (length + 1) // 2
+    # Key slot s (>= 1) sees its own branch's chain keys of steps 1..c, c = (s - 1) // N + 1.
+    chain = sum((s - 1) // n_thoughts + 1 for s in range(max(first, 1), n_slots)) * length
     return base, chain
 
 
@@ -109,10 +127,11 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """Forward 4 and backward 10 FLOPs per visible (query, key) pair and head dim
     (FlashAttention's convention: 2 and 5 matrix products); the floor has no chain pairs, and
-    FlexAttention on CPU runs the forward only."""
+    FlexAttention on CPU and the decode size run the forward only."""
     base, chain = visible_pairs(size)
     pairs = base if variant == "sdpa-causal" else base + chain
-    per_pair = 4.0 if variant == "flex" and device.type == "cpu" else 14.0
+    forward_only = "query_slots" in size or (variant == "flex" and device.type == "cpu")
+    per_pair = 4.0 if forward_only else 14.0
     return per_pair * size["batch"] * size["q_heads"] * size["head_dim"] * pairs
 
 
@@ -126,6 +145,20 @@ def _inputs(s: dict, device: torch.device):
 
     q, k, v, grad = randn(s["q_heads"]), randn(s["kv_heads"]), randn(s["kv_heads"]), randn(s["q_heads"])
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
+
+
+def _decode_inputs(s: dict, device: torch.device):
+    """The last ``query_slots`` slots' queries, and keys and values as the filled part of cache
+    buffers ``DECODE_SPARE_SLOTS`` slots longer (views, as a KV cache hands them over)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype, length = _dtype(s, device), s["slot_len"]
+
+    def randn(heads, slots):
+        return torch.randn(s["batch"], heads, slots * length, s["head_dim"], generator=gen, device=device, dtype=dtype)
+
+    q = randn(s["q_heads"], s["query_slots"])
+    k, v = (randn(s["kv_heads"], s["n_slots"] + DECODE_SPARE_SLOTS)[:, :, : s["n_slots"] * length] for _ in range(2))
+    return q, k, v
 
 
 def _flex_step(s: dict, q, k, v, grad, device: torch.device):
@@ -166,7 +199,7 @@ def _sdpa_causal_step(s: dict, device: torch.device):
     from torch.nn.functional import scaled_dot_product_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
-    rows = s["batch"] * s["n_slots"]
+    rows = s["batch"] * _query_slots(s)
 
     def randn(heads):
         shape = (rows, heads, s["slot_len"], s["head_dim"])
@@ -177,8 +210,10 @@ def _sdpa_causal_step(s: dict, device: torch.device):
 
     def step(flash_only: bool = True):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash_only else contextlib.nullcontext():
-            out = scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
-        torch.autograd.grad(out, inputs, grad)
+            with torch.no_grad() if "query_slots" in s else contextlib.nullcontext():
+                out = scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
+        if out.requires_grad:
+            torch.autograd.grad(out, inputs, grad)
 
     try:
         step()
@@ -192,6 +227,14 @@ def build(variant: str, s: dict, device: torch.device):
     if variant == "sdpa-causal":
         step, kernel = _sdpa_causal_step(s, device)
         return step, {"note": f"floor: {kernel}, causal, same queries, no chain"}
+    if "query_slots" in s:
+        q, k, v = _decode_inputs(s, device)
+
+        def step():
+            with torch.no_grad():
+                tree_attention(q, k, v, s["slot_len"], n_thoughts=s["n_thoughts"], backend=variant)
+
+        return step, {"note": f"decode: {s['query_slots']} query slots, forward, keys a cache's filled part"}
     q, k, v, grad = _inputs(s, device)
     if variant == "flex":
         step = _flex_step(s, q, k, v, grad, device)
