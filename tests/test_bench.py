@@ -61,7 +61,7 @@ def test_full_tree_attention_sizes_add_bfloat16_only_on_a_cpu_that_multiplies_it
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
     sizes = tree_attention.sizes(CPU, "full")
     labels = [tree_attention.label(size) for size in sizes]
-    half = ["L=256 bfloat16", "L=1024 bfloat16"] if fast_bf16 else []
+    half = ["L=256 bfloat16", "L=1024 bfloat16", "L=4096 bfloat16"] if fast_bf16 else []
     assert labels == ["L=256", "L=1024", "L=4096"] + half + ["L=1024 decode"]
     for size in sizes:
         q, *_ = tree_attention._inputs(dict(size, slot_len=4, n_slots=3), CPU)  # tiny, same dtype rule

@@ -23,8 +23,9 @@ from quietstar import tree_attention
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 GPU_LENGTHS = (4096, 2048, 1024)  # the target size first: a run cut short keeps it
 CPU_LENGTHS = (256, 1024, 4096)  # the full scale; the default runs L=128
-# bfloat16 on CPU (--full, where the CPU multiplies it natively): the ops compute it in float32.
-CPU_HALF_LENGTHS = (256, 1024)
+# bfloat16 on CPU (--full, where the CPU multiplies it natively): `torch` computes it in float32,
+# `native` too below HALF_TRUNK_MIN_LENGTH (4096) and as stored from there.
+CPU_HALF_LENGTHS = (256, 1024, 4096)
 # Decode on CPU (--full): one sampling step's query slots (one per branch) against the tree.
 CPU_DECODE = dict(slot_len=1024, query_slots=2)
 # Slots of cache beyond the filled part in the decode size's buffers (read in place, not copied).
