@@ -75,10 +75,12 @@ struct ChainBackward {
   AccOf<In> *grad_k, *grad_v;     // zeroed; out: the chain keys' rows
 };
 
-// A row as Acc: the row itself when it is stored as Acc, else converted into `buffer`.
+// A row as Acc: the row itself when it is stored as Acc, else converted into `buffer`. A row of
+// const In comes back read-only when it is returned itself; a mutable row stays mutable (write
+// the converted copy back with store_row).
 template <typename Acc, typename In>
-QUIETSTAR_INLINE const Acc* acc_row(const In* row, Acc* buffer, int64_t n) {
-  if constexpr (std::is_same_v<In, Acc>) {
+QUIETSTAR_INLINE auto acc_row(In* row, Acc* buffer, int64_t n) {
+  if constexpr (std::is_same_v<std::remove_const_t<In>, Acc>) {
     return row;
   } else {
     for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<Acc>(row[d]);
@@ -86,18 +88,7 @@ QUIETSTAR_INLINE const Acc* acc_row(const In* row, Acc* buffer, int64_t n) {
   }
 }
 
-// A row to update in Acc: the row itself, or `buffer` holding it converted (see store_row).
-template <typename Acc, typename In>
-QUIETSTAR_INLINE Acc* acc_row_mut(In* row, Acc* buffer, int64_t n) {
-  if constexpr (std::is_same_v<In, Acc>) {
-    return row;
-  } else {
-    for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<Acc>(row[d]);
-    return buffer;
-  }
-}
-
-// Writes back what acc_row_mut returned (nothing to do when it was the row itself).
+// Writes back a mutable row that acc_row converted (nothing to do when it was the row itself).
 template <typename Acc, typename In>
 QUIETSTAR_INLINE void store_row(const Acc* values, In* row, int64_t n) {
   if constexpr (!std::is_same_v<In, Acc>)
@@ -179,7 +170,7 @@ QUIETSTAR_INLINE void forward_positions(const Tree& t, const ChainForward<In>& a
           a.lse[r] = neg_inf;
           continue;
         }
-        Acc* o = acc_row_mut(out_row, o_buffer, D);
+        Acc* o = acc_row(out_row, o_buffer, D);
         Acc sum = std::exp(trunk_lse - m);
         if (sum > Acc(0))
           scaled_copy(sum, o, o, D);
@@ -216,7 +207,7 @@ QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>&
         if (std::isinf(a.lse[r])) continue;
         const Acc *q_row = acc_row(a.q + r * D, q_buffer, D), *do_row = acc_row(a.grad_out + r * D, do_buffer, D);
         const Acc delta = dot(do_row, acc_row(a.out + r * D, out_buffer, D), D);
-        Acc* dq_row = acc_row_mut(a.grad_q + r * D, dq_buffer, D);
+        Acc* dq_row = acc_row(a.grad_q + r * D, dq_buffer, D);
         for (const int64_t* s2 = first; s2 != last; ++s2) {
           const Acc *k_row = keys.at(*s2, i), *v_row = values.at(*s2, i);
           const int64_t key = grad_base + *s2 * L + i;

@@ -86,18 +86,18 @@ class TreeAttentionNative(torch.autograd.Function):
             lse = lse.reshape(q.shape[:3]).contiguous()  # float32 (float64 for float64): the kernels' arithmetic
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, v, out, lse, slot_len, n_thoughts, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.options = (slot_len, n_thoughts, sliding_window, scale, _native_trunk(q))
+        ctx.options = (slot_len, n_thoughts, sliding_window, scale)
         return out.to(ctx.dtypes[0])
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        slot_len, n_thoughts, sliding_window, scale, native_trunk = ctx.options
+        slot_len, n_thoughts, sliding_window, scale = ctx.options
         grad = grad_out.to(q.dtype).contiguous()
         # Contiguous whatever k's strides (a cache's filled part), in the kernels' arithmetic dtype.
         dk, dv = (torch.zeros(k.shape, dtype=lse.dtype, device=k.device) for _ in range(2))
-        if native_trunk:
+        if _native_trunk(q):
             dq = torch.empty_like(q)
             torch.ops.quietstar.tree_attention_trunk_backward_(
                 grad, q, k, v, out, lse, dq, dk, dv, key_padding_mask, sliding_window or 0, slot_len, scale
