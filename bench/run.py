@@ -31,6 +31,8 @@ import torch  # noqa: E402
 from cases import CASES, SCALES  # noqa: E402
 from measure import matmul_tflops, measure, probe_fits  # noqa: E402
 
+from quietstar.ops.cpu_caching_allocator import enable_cpu_caching_allocator  # noqa: E402
+
 DEFAULT_JSON = HERE / "out" / "results.json"
 PEAK_MATMUL = (1, 8192, 8192, 8192)  # (batch, m, k, n) of the device's reference rate on CUDA
 MAX_LENGTH_JSON = HERE / "out" / "max_length.json"
@@ -42,10 +44,13 @@ def run_worker(spec: dict) -> dict:
     if spec.get("matmul"):  # the device's peak: a large bfloat16 product
         return {"matmul_tflops": matmul_tflops(device, torch.bfloat16, [PEAK_MATMUL])}
     case = CASES[spec["case"]]
+    allocator = {}
+    if device.type == "cpu" and getattr(case, "CPU_CACHING_ALLOCATOR", False):
+        allocator["cpu_caching_allocator"] = enable_cpu_caching_allocator()
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
-    record = {**info, **measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False))}
+    record = {**info, **allocator, **measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False))}
     if spec.get("matmul_rate"):  # the baseline's worker also measures the case's matmul rate
         dtype, shapes = case.matmul_shapes(spec["size"], device)
         record["matmul_tflops"] = matmul_tflops(device, dtype, shapes)

@@ -14,7 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from cases import CASES  # noqa: E402
+from helpers import requires_native  # noqa: E402
 from measure import measure  # noqa: E402
+from run import spawn_worker  # noqa: E402
 
 CPU = torch.device("cpu")
 # FlexAttention is compiled (tens of seconds on CPU); bench/run.py --quick covers it.
@@ -33,6 +35,14 @@ def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
     assert record["time_s"] > 0 and len(record["times_s"]) == 1
     assert record["peak_mib"] < 4096  # quick sizes need far less; a runaway case fails here
     assert isinstance(info, dict)
+
+
+@requires_native
+def test_training_step_workers_run_with_the_cpu_caching_allocator_as_the_trainer_does():
+    size = CASES["training_step"].sizes(CPU, "quick")[0]
+    record = spawn_worker({"case": "training_step", "variant": "quietstar", "size": size, "device": "cpu", "repeats": 1})
+    assert record.get("cpu_caching_allocator") is True, record
+    assert record["time_s"] > 0
 
 
 def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):

@@ -12,11 +12,13 @@ import time
 
 import pytest
 import torch
-from helpers import CORPUS, DEVICE, training_workspace
+from helpers import CORPUS, DEVICE, requires_native, training_workspace
 from safetensors.torch import load_file
 
+from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator_stats
 from quietstar.train import TrainConfig, train
 from quietstar.train.checkpoints import list_checkpoints
+from quietstar.train.trainer import Trainer
 
 SMALL = dict(seq_len=16, batch_size=1, grad_accum=2, thought_tokens=2, talk_tokens=2, n_thoughts=2, warmup_steps=1,
              policy_weight=100.0, tokenizer_workers=0)
@@ -81,6 +83,20 @@ def test_deterministic_mode_holds_for_the_run_only(workspace, tmp_path):
     records = train(config(workspace, tmp_path / "run", max_steps=1, save_every=0, deterministic=True))
     assert len(records) == 1 and math.isfinite(records[0]["loss"])
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@requires_native
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_cpu_run_uses_the_caching_allocator_for_the_run_only(workspace, tmp_path, enabled):
+    trainer = Trainer(config(workspace, tmp_path / "run", max_steps=2, save_every=0, cpu_caching_allocator=enabled))
+    seen = []
+    trainer.qs.register_forward_pre_hook(lambda *_: seen.append(cpu_caching_allocator_stats().enabled))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert seen == [enabled] * 4  # 2 steps x 2 micro-steps
+    assert not cpu_caching_allocator_stats().enabled
 
 
 def test_only_the_newest_checkpoints_are_kept(workspace, tmp_path):

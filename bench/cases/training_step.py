@@ -10,6 +10,8 @@ thoughts given as for the reference); ``quietstar+sampling`` (the same including
 thought sampling, i.e. a real training step); ``quietstar-checkpointing`` (the fast path with
 checkpointing forced on); on CPU ``quietstar+sampling-bf16`` (a real step under bfloat16
 autocast with float32 master weights: fast where the CPU multiplies bfloat16 natively).
+On CPU every variant's worker process runs with quietstar's CPU caching allocator, as
+``quietstar train`` does (``CPU_CACHING_ALLOCATOR``; where the native extension is built).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 LENGTH_KEY = "length"  # what --max-length varies
+CPU_CACHING_ALLOCATOR = True  # bench/run.py's CPU workers enable quietstar.ops.cpu_caching_allocator
 LENGTH_VARIANTS = ["reference", "quietstar"]
 MODELS = {
     "smollm2-135m": dict(

@@ -40,7 +40,7 @@ TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.yaml"
 # Options that may change when a run resumes; any other must match the checkpoint's.
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep", "eval_every", "eval_batches", "log_every", "resume",
-                     "tokenizer_workers", "deterministic", "cache_dir", "out"}
+                     "tokenizer_workers", "deterministic", "cpu_caching_allocator", "cache_dir", "out"}
 
 
 def rng_file(rank: int | str) -> str:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from quietstar.model.loaders import load_quietstar
 from quietstar.model.quietstar_model import QuietStarModel, Targets, policy_positions
 from quietstar.ops.backends import bf16_matmul_on_cpu
+from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 from quietstar.train import checkpoints
 from quietstar.train.config import TrainConfig
@@ -265,6 +266,9 @@ class Trainer:
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(was_deterministic or cfg.deterministic)
         progress = tqdm(total=cfg.max_steps, initial=start, disable=not group.is_main, desc="train", unit="step")
+        allocator = contextlib.ExitStack()
+        if cfg.cpu_caching_allocator and group.device.type == "cpu" and allocator.enter_context(cpu_caching_allocator()):
+            logger.info("CPU caching allocator on for the run (--no-cpu-caching-allocator turns it off)")
         try:
             for step in range(start, cfg.max_steps):
                 record = self.train_step(step)
@@ -287,6 +291,7 @@ class Trainer:
                     break
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
+            allocator.close()
             self.writer.wait()
             progress.close()
             log.close()
