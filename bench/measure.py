@@ -122,15 +122,18 @@ def probe_fits(step: Callable[[], object], device: torch.device, budget_bytes: i
 
 
 def matmul_tflops(
-    device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int, int]], repeats: int = 3
+    device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, ...]], repeats: int = 3
 ) -> float:
-    """The measured matrix-product rate (TFLOP/s) over ``shapes`` (``(batch, m, k, n)`` each): a
-    case's own products in its dtype, the floor its useful FLOPs are held against. Each shape
-    runs once to warm up, then ``repeats`` times; the rate is all their FLOPs over the sum of
-    the per-shape medians. Inputs are random (zeros can run faster)."""
+    """The measured matrix-product rate (TFLOP/s) over ``shapes``: a case's own products in its
+    dtype, the floor its useful FLOPs are held against. Each shape is ``(batch, m, k, n)`` or
+    ``(batch, m, k, n, count)``, ``count`` the times a step runs it (default 1), so the rate
+    weighs every shape as the step does. Each shape runs once to warm up, then ``repeats``
+    times; the rate is all the step's FLOPs over the sum of the counted per-shape medians.
+    Inputs are random (zeros can run faster)."""
     gen = torch.Generator(device=device).manual_seed(0)
     flops = seconds = 0.0
-    for batch, m, k, n in shapes:
+    for batch, m, k, n, *count in shapes:
+        runs = count[0] if count else 1
         a = torch.randn(batch, m, k, generator=gen, device=device).to(dtype)
         b = torch.randn(batch, k, n, generator=gen, device=device).to(dtype)
         torch.bmm(a, b)
@@ -141,6 +144,6 @@ def matmul_tflops(
             torch.bmm(a, b)
             _sync(device)
             times.append(time.perf_counter() - start)
-        flops += 2.0 * batch * m * k * n
-        seconds += statistics.median(times)
+        flops += runs * 2.0 * batch * m * k * n
+        seconds += runs * statistics.median(times)
     return flops / seconds / 1e12

@@ -115,3 +115,21 @@ def test_tree_attention_decode_size_runs_forward_on_a_caches_filled_part():
         record = measure(step, CPU, repeats=1)
         assert record["time_s"] > 0
     assert tree_attention.skip("reference", size, CPU) and tree_attention.skip("flex", size, CPU)
+
+
+@pytest.mark.parametrize("n_thoughts", [1, 2])
+def test_training_step_matmul_rate_counts_the_products_the_useful_flops_count(n_thoughts):
+    """The rate weighs each product as often as the step runs it: the counted shapes' FLOPs are
+    the useful FLOPs' products, forward and backward, ``3 x (2 P X + 2 d V R)``."""
+    from cases import training_step
+
+    size = dict(model="smollm2-135m", batch=2, length=8, thought_tokens=3, talk_tokens=2, n_thoughts=n_thoughts, layers=3)
+    cfg = training_step.MODELS["smollm2-135m"]
+    d, ffn, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * 64
+    params = size["layers"] * (2 * d * d + 2 * d * kv + 3 * d * ffn)
+    tokens = 2 * (1 + (3 + 1 + 2) * n_thoughts) * 8
+    rows = 2 * 8 * (1 + n_thoughts * (2 + 3))
+    _, shapes = training_step.matmul_shapes(size, CPU)
+    assert sum(2 * b * m * k * n * count for b, m, k, n, count in shapes) == 3 * (2 * params * tokens + 2 * d * cfg["vocab_size"] * rows)
+    _, forward = training_step.matmul_shapes(size, CPU, backward=False)
+    assert sum(2 * b * m * k * n * count for b, m, k, n, count in forward) == 2 * params * tokens + 2 * d * cfg["vocab_size"] * rows

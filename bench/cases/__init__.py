@@ -11,8 +11,9 @@
   backward unless the variant says otherwise) and a dict of notes;
 * ``useful_flops(size, variant, device)``: the floating-point operations one step must do
   (the algorithm's, not an implementation's), for TFLOP/s;
-* ``matmul_shapes(size, device)``: ``(dtype, [(batch, m, k, n), ...])``, the case's own matrix
-  products, whose measured rate is the floor its TFLOP/s are held against;
+* ``matmul_shapes(size, device)``: ``(dtype, [(batch, m, k, n[, count]), ...])``, the case's
+  own matrix products (``count``: how often a step runs one), whose measured rate is the floor
+  its TFLOP/s are held against;
 
 and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
 table shows each variant's time over it), ``skip(variant, size, device)``: why a variant

@@ -50,8 +50,8 @@ def tokens(size: dict) -> int:
     return size["batch"] * size["length"]
 
 
-def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
-    return step_matmul_shapes(size, device)
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
+    return step_matmul_shapes(size, device, backward=False)
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

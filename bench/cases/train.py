@@ -52,7 +52,7 @@ def tokens(size: dict) -> int:
     return size["steps"] * size["batch"] * size["length"]
 
 
-def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
+def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
     return step_matmul_shapes(size, device)
 
 

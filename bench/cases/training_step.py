@@ -78,16 +78,28 @@ def label(size: dict) -> str:
     return f"B={size['batch']} L={size['length']}"
 
 
-def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
-    """The step's own products, once each: a decoder layer's projections and MLP over the tree's
-    tokens, and the lm_head over the scored rows."""
+def matmul_shapes(
+    size: dict, device: torch.device, backward: bool = True
+) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
+    """The step's own products ``(1, m, k, n, count)``, counted as the step runs them: a decoder
+    layer's projections and MLP over the tree's tokens (``count`` = layers) and the lm_head
+    over the scored rows (once); with ``backward``, each one's two gradient products too
+    (``dX = dY W``: ``(m, n, k)``; ``dW = dY^T X``: ``(n, m, k)``)."""
     cfg = MODELS[size["model"]]
     d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
     n, t_len, k_len = size["n_thoughts"], size["thought_tokens"], size["talk_tokens"]
     tokens = size["batch"] * (1 + (t_len + 1 + k_len) * n) * size["length"]
     rows = size["batch"] * size["length"] * (1 + n * (k_len + t_len))
     kv = kv_heads * d // heads
-    shapes = [(1, tokens, d, d), (1, tokens, d, kv), (1, tokens, d, ffn), (1, tokens, ffn, d), (1, rows, d, cfg["vocab_size"])]
+    layers = size["layers"]
+    # q and o, k and v, gate and up, down
+    forward = [(tokens, d, d, 2 * layers), (tokens, d, kv, 2 * layers), (tokens, d, ffn, 2 * layers),
+               (tokens, ffn, d, layers), (rows, d, cfg["vocab_size"], 1)]
+    shapes = []
+    for m, k, out, count in forward:
+        shapes.append((1, m, k, out, count))
+        if backward:
+            shapes += [(1, m, out, k, count), (1, out, m, k, count)]
     return DTYPE[device.type], shapes
 
 
