@@ -6,13 +6,14 @@
 // allocator caches for the same reason. Smaller requests go to the allocator it replaced.
 //
 // Size classes: a request of n bytes is rounded up to a multiple of 1/8 of the largest power of
-// two <= n (at most 12.5% more address space; pages past n are never touched, so they cost no
-// memory). A block is reused only for its own class. Freed bytes held in the cache are capped at
+// two <= n, and of the page size (from 32 KiB on, at most 12.5% more address space; pages past
+// n are never touched, so they cost no memory). A block is reused only for its own class. Freed bytes held in the cache are capped at
 // `max_cached`; past the cap the largest cached blocks are freed first.
 //
 // Process-wide: it replaces c10's CPU allocator (c10::SetCPUAllocator) while enabled. Blocks
 // handed out while enabled stay valid after disabling; freeing them then returns them to the
-// system. Thread-safe (one mutex; CPU allocations of this size are rare next to their work).
+// system. A storage keeps the allocator that made it, so resizing such a tensor after disabling
+// still comes here (served fresh, never from the cache): the allocator is never destroyed. Thread-safe (one mutex; CPU allocations of this size are rare next to their work).
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -39,7 +40,12 @@ size_t size_class(size_t n) {
 class CachingCPUAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (n < min_block_) return fallback_->allocate(n);
+    c10::Allocator* fallback;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fallback = n < min_block_ ? fallback_ : nullptr;
+    }
+    if (fallback != nullptr) return fallback->allocate(n);
     const size_t size = size_class(n);
     void* block = take(size);
     if (block == nullptr) block = fresh(size);

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Blocks below this go to PyTorch's own allocator (glibc keeps reusing them from its heap).
 DEFAULT_MIN_BLOCK_BYTES = 2**20
-# Default cap of the freed bytes held, as a share of the machine's physical memory.
+# Default cap of the freed bytes held, as a share of the machine's physical memory, split
+# between the processes torchrun starts on the machine (LOCAL_WORLD_SIZE).
 DEFAULT_CACHE_SHARE = 0.25
 
 
@@ -54,16 +55,18 @@ def enable_cpu_caching_allocator(
     """Route CPU allocations of at least ``min_block_bytes`` through the caching allocator.
 
     Args:
-        max_cached_bytes: most freed bytes held for reuse (default: ``DEFAULT_CACHE_SHARE`` of
-            physical memory); past it the largest cached blocks are freed. Calling again while
-            enabled changes the limits.
+        max_cached_bytes: most freed bytes this process holds for reuse (default:
+            ``DEFAULT_CACHE_SHARE`` of physical memory over the machine's torchrun processes);
+            past it the largest cached blocks are freed. Calling again while enabled changes
+            the limits.
         min_block_bytes: smaller requests go to PyTorch's allocator.
 
     Returns:
         Whether it is enabled: False, with one log line saying why, without the native extension.
     """
     if max_cached_bytes is None:
-        max_cached_bytes = int(DEFAULT_CACHE_SHARE * physical_memory_bytes())
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        max_cached_bytes = int(DEFAULT_CACHE_SHARE * physical_memory_bytes() / processes)
     if max_cached_bytes < 0:
         raise ValueError(f"max_cached_bytes must be >= 0, got {max_cached_bytes}")
     if min_block_bytes <= 0:
@@ -94,7 +97,8 @@ def cpu_caching_allocator_stats() -> CPUCacheStats:
 @contextlib.contextmanager
 def cpu_caching_allocator(max_cached_bytes: int | None = None) -> Iterator[bool]:
     """Enable the caching allocator for a block (yields whether it is on); leaves it as it
-    found it: a caller's own enabling outlives the block."""
+    found it: a caller's own enabling outlives the block, with the caller's limits
+    (``max_cached_bytes`` applies only when the block turns it on)."""
     was_enabled = cpu_caching_allocator_stats().enabled
     enabled = was_enabled or enable_cpu_caching_allocator(max_cached_bytes)
     try:

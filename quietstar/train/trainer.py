@@ -267,9 +267,9 @@ class Trainer:
         torch.use_deterministic_algorithms(was_deterministic or cfg.deterministic)
         progress = tqdm(total=cfg.max_steps, initial=start, disable=not group.is_main, desc="train", unit="step")
         allocator = contextlib.ExitStack()
-        if cfg.cpu_caching_allocator and group.device.type == "cpu" and allocator.enter_context(cpu_caching_allocator()):
-            logger.info("CPU caching allocator on for the run (--no-cpu-caching-allocator turns it off)")
         try:
+            if cfg.cpu_caching_allocator and group.device.type == "cpu" and allocator.enter_context(cpu_caching_allocator()):
+                logger.info("CPU caching allocator on for the run (--no-cpu-caching-allocator turns it off)")
             for step in range(start, cfg.max_steps):
                 record = self.train_step(step)
                 records.append(record)
@@ -291,8 +291,8 @@ class Trainer:
                     break
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
-            allocator.close()
             self.writer.wait()
+            allocator.close()  # after the checkpoint writer's last allocation
             progress.close()
             log.close()
             for sig, handler in handlers.items():
