@@ -24,6 +24,7 @@
 #include <optional>
 #include <utility>
 
+#include "bf16_gemm.h"
 #include "tree_attention.h"
 
 namespace quietstar {
@@ -201,6 +202,7 @@ struct TrunkForward {
   const float *q, *k, *v;
   float *out, *lse;
   TextKeys text;
+  bool bf16;  // the inputs hold bfloat16 values: multiply them with AVX-512 BF16 (bf16_gemm.h)
 };
 
 struct TrunkBackward {
@@ -210,12 +212,17 @@ struct TrunkBackward {
 };
 
 // One tile's output and log-sum-exp: online softmax over blocks of text keys.
-QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForward& a, TrunkTile p, float* scratch) {
+QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForward& a, TrunkTile p, float* scratch,
+                                         bf16* half_scratch) {
   const int64_t D = g.t.dim, n = p.end - p.begin, M = g.stacked() * n;
   const float scale = static_cast<float>(g.t.scale), neg_inf = -std::numeric_limits<float>::infinity();
   float *rows = scratch, *acc = rows + M * D, *scores = acc + M * D, *maxes = scores + M * kKeyBlock,
         *sums = maxes + M;
+  // With bfloat16 products: the query rows, a block's keys and values packed, its probabilities.
+  bf16 *rows16 = half_scratch, *keys16 = rows16 + M * D, *values16 = keys16 + kKeyBlock * D,
+       *probs16 = values16 + kKeyBlock * D;
   gather(g, p, a.q, rows);
+  if (a.bf16) rows_to_bf16(rows, M, D, D, rows16, D);
   std::fill(acc, acc + M * D, 0.0f);
   std::fill(maxes, maxes + M, neg_inf);
   std::fill(sums, sums + M, 0.0f);
@@ -225,7 +232,15 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
   for (int64_t k0 = a.text.first_key(p.begin); k0 < p.end; k0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, p.end - k0);
     at::Tensor block_scores = matrix(scores, M, kb, kb);
-    at::cpu::mm_out(block_scores, q_tile, matrix(keys + k0 * D, kb, D, D).t());
+    if (a.bf16) {
+      const int64_t columns = round_up(kb, 16);  // the kernel's multiple; the rows then close up
+      pack_transposed(keys + k0 * D, kb, D, D, columns, keys16);
+      gemm_bf16(M, columns, D, rows16, D, keys16, scores, columns, /*accumulate=*/false);
+      if (columns != kb)
+        for (int64_t m = 1; m < M; ++m) std::memmove(scores + m * kb, scores + m * columns, kb * sizeof(float));
+    } else {
+      at::cpu::mm_out(block_scores, q_tile, matrix(keys + k0 * D, kb, D, D).t());
+    }
     a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb);
     for (int64_t m = 0; m < M; ++m) {
       float* row = scores + m * kb;
@@ -241,7 +256,14 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
       if (rescale != 1.0f)
         for (float *o = acc + m * D, *o_end = o + D; o != o_end; ++o) *o *= rescale;
     }
-    at::cpu::addmm_(out_tile, block_scores, matrix(values + k0 * D, kb, D, D));
+    if (a.bf16) {  // the probabilities rounded to bfloat16, as PyTorch's bfloat16 flash kernel does
+      const int64_t pairs = round_up(kb, 2);
+      rows_to_bf16(scores, M, kb, kb, probs16, pairs);
+      pack_rows(values + k0 * D, kb, D, D, pairs, values16);
+      gemm_bf16(M, D, pairs, probs16, pairs, values16, acc, D, /*accumulate=*/true);
+    } else {
+      at::cpu::addmm_(out_tile, block_scores, matrix(values + k0 * D, kb, D, D));
+    }
   }
   for (int64_t m = 0; m < M; ++m) {  // a query that saw no key keeps its zeros
     const float inverse = sums[m] > 0.0f ? 1.0f / sums[m] : 0.0f;
@@ -320,6 +342,12 @@ int64_t forward_scratch(const TrunkGeometry& g) {
   return 2 * M * g.t.dim + M * kKeyBlock + 2 * M;
 }
 
+// bfloat16 elements: the query rows, a block's packed keys and values, its probabilities.
+int64_t forward_half_scratch(const TrunkGeometry& g) {
+  const int64_t M = g.max_rows();
+  return M * g.t.dim + 2 * kKeyBlock * g.t.dim + M * kKeyBlock;
+}
+
 int64_t backward_scratch(const TrunkGeometry& g) {
   const int64_t M = g.max_rows();
   return 3 * M * g.t.dim + 2 * M * kKeyBlock + 2 * M;
@@ -341,23 +369,29 @@ TextKeys text_keys(const Tree& t, const std::optional<at::Tensor>& key_padding_m
 
 void tree_attention_trunk_forward_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                                    at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-                                   int64_t sliding_window, int64_t slot_len, double scale) {
+                                   int64_t sliding_window, int64_t slot_len, double scale, bool bf16_products) {
   const Tree t = make_tree(q, k, v, slot_len, 1, scale);
   check_float(q);
+  TORCH_CHECK(!bf16_products || (cpu_has_avx512_bf16() && t.dim % 16 == 0 && t.dim <= 512),
+              "bf16_products needs a CPU with AVX-512 BF16 and a head size that is a multiple of 16 (at most 512)");
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "out must be contiguous, shaped as q, float32");
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
               "lse must be contiguous [B, Hq, Sq*L], float32");
   const TrunkGeometry g(t);
-  const TrunkForward a{q.data_ptr<float>(), k.data_ptr<float>(),   v.data_ptr<float>(),
-                       out.data_ptr<float>(), lse.data_ptr<float>(), text_keys(t, key_padding_mask, sliding_window)};
+  const TrunkForward a{q.data_ptr<float>(),   k.data_ptr<float>(),   v.data_ptr<float>(),
+                       out.data_ptr<float>(), lse.data_ptr<float>(), text_keys(t, key_padding_mask, sliding_window),
+                       bf16_products};
   const int64_t per_head = g.tiles_per_head(), heads = t.batch * t.kv_heads;
   std::vector<std::vector<float>> scratch(at::get_num_threads(), std::vector<float>());
+  std::vector<std::vector<bf16>> half_scratch(at::get_num_threads(), std::vector<bf16>());
   for_each_task(heads * per_head, [&](int64_t task, int64_t worker) {
     std::vector<float>& own = scratch[worker];
     if (own.empty()) own.resize(forward_scratch(g));
+    std::vector<bf16>& own_half = half_scratch[worker];
+    if (bf16_products && own_half.empty()) own_half.resize(forward_half_scratch(g));
     // Heads interleaved: the costliest tile of every head comes first.
-    trunk_forward_tile(g, a, g.tile(task % heads, task / heads), own.data());
+    trunk_forward_tile(g, a, g.tile(task % heads, task / heads), own.data(), own_half.data());
   });
 }
 
@@ -415,7 +449,8 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
 TORCH_LIBRARY_FRAGMENT(quietstar, m) {
   m.def(
       "tree_attention_trunk_forward_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
-      "Tensor? key_padding_mask, int sliding_window, int slot_len, float scale) -> ()");
+      "Tensor? key_padding_mask, int sliding_window, int slot_len, float scale, bool bf16_products) -> ()");
+  m.def("cpu_has_avx512_bf16() -> bool", &quietstar::cpu_has_avx512_bf16);
   m.def(
       "tree_attention_trunk_backward_(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, Tensor? key_padding_mask, int sliding_window, "

@@ -228,7 +228,7 @@ def test_native_kernels_on_half_precision_storage_match_reference(case, dtype, m
     backend takes only for long slots on CPUs that multiply bfloat16, forced at small sizes."""
     from quietstar.ops import tree_attention_native
 
-    monkeypatch.setattr(tree_attention_native, "_run_dtype", lambda q, slot_len: q.dtype)
+    monkeypatch.setattr(tree_attention_native, "_run_dtype", lambda q, k, v, slot_len: q.dtype)
     assert_case_matches_reference("native", case, dtype)
 
 
@@ -247,7 +247,23 @@ def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, sl
     from quietstar.ops import backends, tree_attention_native
 
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
-    assert tree_attention_native._run_dtype(torch.empty(1, dtype=dtype), slot_len) == expected
+    monkeypatch.setattr(tree_attention_native, "native_bf16_products", lambda: False)
+    x = torch.empty(1, 64, dtype=dtype)
+    assert tree_attention_native._run_dtype(x, x, x, slot_len) == expected
+
+
+def test_native_uses_its_bfloat16_products_for_bfloat16_values_below_the_half_trunk_length(monkeypatch):
+    from quietstar.ops import backends, tree_attention_native
+
+    monkeypatch.setattr(tree_attention_native, "native_bf16_products", lambda: True)
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: True)
+    x = torch.empty(1, 64, dtype=torch.bfloat16)
+    assert tree_attention_native.bf16_products(x, x, x)
+    assert tree_attention_native._run_dtype(x, x, x, 2048) == torch.float32  # cast, then bfloat16 products
+    assert tree_attention_native._run_dtype(x, x, x, 4096) == torch.bfloat16  # as stored
+    assert not tree_attention_native.bf16_products(x, x, x.float())  # v's values are not bfloat16
+    odd = torch.empty(1, 24, dtype=torch.bfloat16)  # a head size the kernel does not tile
+    assert not tree_attention_native.bf16_products(odd, odd, odd)
 
 
 @requires_native
@@ -314,6 +330,30 @@ def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations
 
 
 @requires_native
+@pytest.mark.parametrize(("slot_len", "padded", "window"), [(300, False, 0), (300, True, 0), (270, True, 60), (7, False, 0)])
+def test_native_trunk_bfloat16_products_match_float32_products_at_bfloat16_precision(slot_len, padded, window):
+    """The AVX-512 BF16 forward on bfloat16 values: scores exact products summed in float32 (the
+    log-sum-exp as float32's), probabilities rounded to bfloat16 before ``P V``; key blocks that
+    are not multiples of 16 (300 = 2 x 128 + 44) and padding and window included."""
+    from quietstar.ops.native import native_bf16_products
+
+    if not native_bf16_products():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    q, k, v, mask = make_inputs(2, 6, 2, slot_len, 3, 3, 64, torch.bfloat16, padded=padded)
+    q, k, v = (t.detach().float() for t in (q, k, v))  # bfloat16 values, held exactly
+    results = []
+    for products in (False, True):
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, v, out, lse, mask, window, slot_len, 0.125, products)
+        results.append((out, lse))
+    (out32, lse32), (out16, lse16) = results
+    assert relative_error(out16, out32) < 4e-3
+    finite = torch.isfinite(lse32)
+    assert torch.equal(finite, torch.isfinite(lse16))
+    assert (lse16[finite] - lse32[finite]).abs().max() < 1e-4
+
+
+@requires_native
 def test_native_ops_trace_under_torch_compile_as_in_place_updates():
     """``torch.compile`` (one graph) sees the four ops as updates of the tensors they are given, so
     what reads those tensors afterwards reads the updated values, as in eager mode."""
@@ -322,7 +362,7 @@ def test_native_ops_trace_under_torch_compile_as_in_place_updates():
     out, lse = torch.randn(q.shape, generator=gen), torch.randn(2, 4, 24, generator=gen)
 
     def chain(q, k, out, lse):
-        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25)
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25, False)
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(k)
         torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
@@ -340,7 +380,7 @@ def test_native_ops_run_on_meta_tensors():
     """Their fake implementations stand in on the meta device (shape-only runs)."""
     q, k = torch.empty(2, 4, 3 * 8, 16, device="meta"), torch.empty(2, 2, 5 * 8, 16, device="meta")
     out, lse = torch.empty_like(q), torch.empty(2, 4, 24, device="meta")
-    torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25)
+    torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25, False)
     torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
     grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
     torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
@@ -357,13 +397,15 @@ def test_native_ops_name_the_argument_of_a_wrong_shape():
             q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros(1, 1, 4, 8), torch.zeros_like(k), 4, 2, 0.5
         )
     with pytest.raises(RuntimeError, match="lse"):
-        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 7), None, 0, 4, 0.5)
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 7), None, 0, 4, 0.5, False)
     with pytest.raises(RuntimeError, match="float32"):
         q64, k64 = q.double(), k.double()
-        torch.ops.quietstar.tree_attention_trunk_forward_(q64, k64, k64, torch.empty_like(q64), torch.empty(1, 2, 8), None, 0, 4, 0.5)
+        torch.ops.quietstar.tree_attention_trunk_forward_(q64, k64, k64, torch.empty_like(q64), torch.empty(1, 2, 8), None, 0, 4, 0.5, False)
     with pytest.raises(RuntimeError, match="batch size"):
         k2 = torch.randn(2, 1, 3 * 4, 8)
-        torch.ops.quietstar.tree_attention_trunk_forward_(q, k2, k2, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5)
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k2, k2, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5, False)
+    with pytest.raises(RuntimeError, match="bf16_products"):  # head size 8: not a multiple of 16
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5, True)
     with pytest.raises(RuntimeError, match="grad_v"):
         torch.ops.quietstar.tree_attention_trunk_backward_(
             q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros_like(k), torch.zeros(1, 1, 4, 8), None, 0, 4, 0.5

@@ -41,7 +41,7 @@ def _register_fakes() -> None:
     import torch
 
     @torch.library.register_fake("quietstar::tree_attention_trunk_forward_")
-    def _trunk_forward(q, k, v, out, lse, key_padding_mask, sliding_window, slot_len, scale):
+    def _trunk_forward(q, k, v, out, lse, key_padding_mask, sliding_window, slot_len, scale, bf16_products):
         return None  # writes out and lse
 
     @torch.library.register_fake("quietstar::tree_attention_trunk_backward_")
@@ -55,6 +55,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quietstar::tree_attention_chain_backward_")
     def _backward(grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, slot_len, n_thoughts, scale):
         return None  # in place on grad_q, grad_k and grad_v
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_products() -> bool:
+    """Whether the native kernels can multiply bfloat16 with this CPU's AVX-512 BF16
+    dot-product instructions (the extension checks the CPU's flags)."""
+    import torch
+
+    return native_available() and bool(torch.ops.quietstar.cpu_has_avx512_bf16())
 
 
 def native_available() -> bool:

@@ -10,10 +10,13 @@ pass, in place, with no copies of K/V and no score matrix. The backward gives bo
 merged output and log-sum-exp, and each adds its share of the gradients.
 
 Float32 runs natively throughout; float64 (gradcheck) runs the trunk through PyTorch's flash
-kernel and the chain natively. Half precision is cast to float32 and back, except bfloat16 on a
-CPU that multiplies it natively (AVX-512 BF16 or AMX) from ``HALF_TRUNK_MIN_LENGTH`` on: there
-the trunk goes through PyTorch's bfloat16 flash kernel and the chain kernels read the half rows
-and compute in float32 (the log-sum-exps and the chain keys' gradients kept in float32). What
+kernel and the chain natively. Half precision is cast to float32 and back; bfloat16 q, k and v
+on a CPU with AVX-512 BF16 (``bf16_products``) then have the trunk's forward multiply them,
+and its probabilities rounded to bfloat16, with the CPU's bfloat16 dot products
+(``csrc/bf16_gemm.cpp``; the backward multiplies in float32). Except bfloat16 on a CPU that
+multiplies it natively from ``HALF_TRUNK_MIN_LENGTH`` on: the trunk goes through PyTorch's
+bfloat16 flash kernel as stored and the chain kernels read the half rows and compute in
+float32 (the log-sum-exps and the chain keys' gradients kept in float32). What
 autograd keeps per call is ``q, k, v`` (in the dtype computed), the output and one float per
 query.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul
+from quietstar.ops.native import native_bf16_products
 from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
 
 # Shortest slot length whose trunk is not slower in PyTorch's bfloat16 flash kernel than in the
@@ -41,7 +45,21 @@ def half_precision_pays(dtype: torch.dtype, device: torch.device, slot_len: int)
     return fast_half_matmul(dtype, device) and slot_len >= HALF_TRUNK_MIN_LENGTH
 
 
-def _run_dtype(q: torch.Tensor, slot_len: int) -> torch.dtype:
+def bf16_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the native trunk's forward multiplies with the CPU's AVX-512 BF16 instructions:
+    q, k and v are bfloat16 (so the float32 the op computes in holds them exactly), the head
+    size a multiple of 16 (at most 512), and the CPU has them. From ``HALF_TRUNK_MIN_LENGTH``
+    on, where the CPU multiplies bfloat16 natively, the trunk runs as stored instead."""
+    head_dim = q.shape[-1]
+    return (
+        q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and head_dim % 16 == 0
+        and head_dim <= 512
+        and native_bf16_products()
+    )
+
+
+def _run_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_len: int) -> torch.dtype:
     """The dtype the op runs in: q's, unless half precision would be slower than float32."""
     if q.dtype in (torch.float32, torch.float64) or half_precision_pays(q.dtype, q.device, slot_len):
         return q.dtype
@@ -68,14 +86,15 @@ class TreeAttentionNative(torch.autograd.Function):
     @autocast_off
     def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        compute = _run_dtype(q, slot_len)
+        compute = _run_dtype(q, k, v, slot_len)
+        bf16 = compute == torch.float32 and bf16_products(q, k, v)
         q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.contiguous()  # [B, L] bool, as the kernels read it
         if _native_trunk(q):
             out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
             torch.ops.quietstar.tree_attention_trunk_forward_(
-                q, k, v, out, lse, key_padding_mask, sliding_window or 0, slot_len, scale
+                q, k, v, out, lse, key_padding_mask, sliding_window or 0, slot_len, scale, bf16
             )
         else:
             tree = TreeViews(q, k, slot_len, n_thoughts, key_padding_mask, sliding_window, use_flash=True)
