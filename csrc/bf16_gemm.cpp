@@ -98,8 +98,10 @@ QUIETSTAR_AVX512_BF16 void pack_rows(const float* x, int64_t k_rows, int64_t n, 
     const float *even = x + 2 * pair * ld, *odd = even + ld;
     const bool has_even = 2 * pair < k_rows, has_odd = 2 * pair + 1 < k_rows;
     for (int64_t c = 0; c < n; c += 16) {
-      const __m512i lo = _mm512_cvtepu16_epi32(has_even ? to_bf16x16(even + c) : zero);
-      const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(has_odd ? to_bf16x16(odd + c) : zero), 16);
+      // (the maskz forms: GCC warns about the unmasked ones' undefined pass-through operand)
+      const __m512i lo = _mm512_maskz_cvtepu16_epi32(0xffff, has_even ? to_bf16x16(even + c) : zero);
+      const __m512i hi =
+          _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, has_odd ? to_bf16x16(odd + c) : zero), 16);
       _mm512_storeu_si512(out + (pair * n + c) * 2, _mm512_or_si512(lo, hi));
     }
   }

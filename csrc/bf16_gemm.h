@@ -38,6 +38,14 @@ void pack_rows(const float* x, int64_t k_rows, int64_t n, int64_t ld, int64_t k_
 // gemm_bf16 with N = n_pad >= n_rows (zero columns after).
 void pack_transposed(const float* x, int64_t n_rows, int64_t k, int64_t ld, int64_t n_pad, bf16* out);
 
+// The transpose of x [rows, cols] as rows [cols, out_rows >= rows] (zeros after).
+inline void transpose_bf16(const bf16* x, int64_t rows, int64_t cols, bf16* out, int64_t out_rows) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) out[c * out_rows + r] = x[r * cols + c];
+    for (int64_t r = rows; r < out_rows; ++r) out[c * out_rows + r] = 0;
+  }
+}
+
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 }  // namespace quietstar

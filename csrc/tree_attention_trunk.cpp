@@ -176,12 +176,13 @@ struct TextKeys {
   }
 
   // Scores of padded keys in a block of batch row b to -inf (their probabilities come out 0).
-  void hide_padding(float* scores, int64_t rows, int64_t b, int64_t slot_len, int64_t k0, int64_t kb) const {
+  void hide_padding(float* scores, int64_t rows, int64_t b, int64_t slot_len, int64_t k0, int64_t kb,
+                    int64_t ld) const {
     if (real == nullptr) return;
     const bool* keys = real + b * slot_len + k0;
     for (int64_t c = 0; c < kb; ++c)
       if (!keys[c])
-        for (int64_t m = 0; m < rows; ++m) scores[m * kb + c] = -std::numeric_limits<float>::infinity();
+        for (int64_t m = 0; m < rows; ++m) scores[m * ld + c] = -std::numeric_limits<float>::infinity();
   }
 };
 
@@ -209,6 +210,7 @@ struct TrunkBackward {
   const float *grad_out, *q, *k, *v, *out, *lse;
   float* grad_q;
   TextKeys text;
+  bool bf16;  // as TrunkForward's; the workers' dK/dV sums are then transposed, [D, L]
 };
 
 // One tile's output and log-sum-exp: online softmax over blocks of text keys.
@@ -241,7 +243,7 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
     } else {
       at::cpu::mm_out(block_scores, q_tile, matrix(keys + k0 * D, kb, D, D).t());
     }
-    a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb);
+    a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb, kb);
     for (int64_t m = 0; m < M; ++m) {
       float* row = scores + m * kb;
       const auto [first, last] = a.text.range(p.begin + m % n, k0, kb);
@@ -277,16 +279,29 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
     }
 }
 
-// One tile's dQ (written) and its share of the text keys' dK/dV (added to the worker's sums).
+// One tile's dQ (written) and its share of the text keys' dK/dV (added to the worker's sums:
+// [L, D], or [D, L] with bfloat16 products, which give dK and dV transposed).
 QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBackward& a, TrunkTile p, float* scratch,
-                                          float* grad_k, float* grad_v) {
-  const int64_t D = g.t.dim, n = p.end - p.begin, M = g.stacked() * n;
+                                          bf16* half_scratch, float* grad_k, float* grad_v) {
+  const int64_t D = g.t.dim, L = g.t.slot_len, n = p.end - p.begin, M = g.stacked() * n, M2 = round_up(M, 2);
   const float scale = static_cast<float>(g.t.scale);
   float *rows = scratch, *grad_rows = rows + M * D, *grad_q = grad_rows + M * D, *probs = grad_q + M * D,
-        *grad_scores = probs + M * kKeyBlock, *lse = grad_scores + M * kKeyBlock, *delta = lse + M;
+        *grad_scores = probs + M * kKeyBlock, *lse = grad_scores + M * kKeyBlock, *delta = lse + M,
+        *block_grad = delta + M;  // a block's dK or dV, transposed [D, columns]
+  // With bfloat16 products: q and dO rows and their transposes, a block's keys and values packed
+  // both ways, P or dS packed along the rows, dS rows.
+  bf16 *rows16 = half_scratch, *grad16 = rows16 + M * D, *rows_t16 = grad16 + M * D, *grad_t16 = rows_t16 + D * M2,
+       *keys_t16 = grad_t16 + D * M2, *values_t16 = keys_t16 + D * kKeyBlock, *keys16 = values_t16 + D * kKeyBlock,
+       *packed16 = keys16 + kKeyBlock * D, *grad_scores16 = packed16 + M2 * kKeyBlock;
   gather(g, p, a.q, rows);
   gather(g, p, a.grad_out, grad_rows);
   std::fill(grad_q, grad_q + M * D, 0.0f);
+  if (a.bf16) {
+    rows_to_bf16(rows, M, D, D, rows16, D);
+    rows_to_bf16(grad_rows, M, D, D, grad16, D);
+    transpose_bf16(rows16, M, D, rows_t16, M2);
+    transpose_bf16(grad16, M, D, grad_t16, M2);
+  }
   for (int64_t s = 0; s < g.stacked(); ++s)
     for (int64_t i = p.begin; i < p.end; ++i) {
       const int64_t m = s * n + i - p.begin, r = g.q_row(p, s, i);
@@ -296,30 +311,62 @@ QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBac
   const float *keys = g.text_rows(a.k, p), *values = g.text_rows(a.v, p);
   const at::Tensor q_tile = matrix(rows, M, D, D), grad_tile = matrix(grad_rows, M, D, D);
   at::Tensor grad_q_tile = matrix(grad_q, M, D, D);
+  // Adds a block's transposed dK or dV [D, columns] into the worker's transposed sums.
+  auto add_transposed = [&](float* sums, int64_t k0, int64_t kb, int64_t columns) {
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t c = 0; c < kb; ++c) sums[d * L + k0 + c] += block_grad[d * columns + c];
+  };
   for (int64_t k0 = a.text.first_key(p.begin); k0 < p.end; k0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, p.end - k0);
+    const int64_t ld = a.bf16 ? round_up(kb, 16) : kb;  // row stride of the block's scores
     const at::Tensor block_keys = matrix(keys + k0 * D, kb, D, D), block_values = matrix(values + k0 * D, kb, D, D);
-    at::Tensor block_probs = matrix(probs, M, kb, kb), block_grad_scores = matrix(grad_scores, M, kb, kb);
-    at::Tensor block_grad_k = matrix(grad_k + k0 * D, kb, D, D), block_grad_v = matrix(grad_v + k0 * D, kb, D, D);
-    at::cpu::mm_out(block_probs, q_tile, block_keys.t());
-    a.text.hide_padding(probs, M, p.b, g.t.slot_len, k0, kb);
+    at::Tensor block_probs = matrix(probs, M, kb, ld), block_grad_scores = matrix(grad_scores, M, kb, ld);
+    if (a.bf16) {
+      pack_transposed(keys + k0 * D, kb, D, D, ld, keys_t16);
+      gemm_bf16(M, ld, D, rows16, D, keys_t16, probs, ld, /*accumulate=*/false);
+    } else {
+      at::cpu::mm_out(block_probs, q_tile, block_keys.t());
+    }
+    a.text.hide_padding(probs, M, p.b, g.t.slot_len, k0, kb, ld);
     for (int64_t m = 0; m < M; ++m) {
       const auto [first, last] = a.text.range(p.begin + m % n, k0, kb);
       if (lse[m] == -std::numeric_limits<float>::infinity())  // the query saw nothing at all
-        std::fill(probs + m * kb, probs + (m + 1) * kb, 0.0f);
+        std::fill(probs + m * ld, probs + (m + 1) * ld, 0.0f);
       else
-        exp_row(probs + m * kb, first, last, kb, scale, lse[m]);
+        exp_row(probs + m * ld, first, last, kb, scale, lse[m]);
+      std::fill(probs + m * ld + kb, probs + (m + 1) * ld, 0.0f);  // the kernel's padding columns
     }
-    at::cpu::addmm_(block_grad_v, block_probs.t(), grad_tile);
-    at::cpu::mm_out(block_grad_scores, grad_tile, block_values.t());
-    for (int64_t m = 0; m < M; ++m) {  // dS / scale = P * (dP - delta)
-      const float *prob = probs + m * kb, row_delta = delta[m];
-      float* ds = grad_scores + m * kb;
+    if (a.bf16) {  // dV^T = dO^T P, dP = dO V^T
+      pack_rows(probs, M, ld, ld, M2, packed16);
+      gemm_bf16(D, ld, M2, grad_t16, M2, packed16, block_grad, ld, /*accumulate=*/false);
+      add_transposed(grad_v, k0, kb, ld);
+      pack_transposed(values + k0 * D, kb, D, D, ld, values_t16);
+      gemm_bf16(M, ld, D, grad16, D, values_t16, grad_scores, ld, /*accumulate=*/false);
+    } else {
+      at::Tensor block_grad_v = matrix(grad_v + k0 * D, kb, D, D);
+      at::cpu::addmm_(block_grad_v, block_probs.t(), grad_tile);
+      at::cpu::mm_out(block_grad_scores, grad_tile, block_values.t());
+    }
+    // dS = P * (dP - delta), times the scale with bfloat16 products (the float32 products take it)
+    const float ds_scale = a.bf16 ? scale : 1.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float *prob = probs + m * ld, row_delta = delta[m];
+      float* ds = grad_scores + m * ld;
 #pragma omp simd
-      for (int64_t c = 0; c < kb; ++c) ds[c] = prob[c] * (ds[c] - row_delta);
+      for (int64_t c = 0; c < ld; ++c) ds[c] = prob[c] * (ds[c] - row_delta) * ds_scale;
     }
-    at::cpu::addmm_(grad_q_tile, block_grad_scores, block_keys, 1.0, scale);
-    at::cpu::addmm_(block_grad_k, block_grad_scores.t(), q_tile, 1.0, scale);
+    if (a.bf16) {  // dQ += dS K, dK^T = Q^T dS
+      rows_to_bf16(grad_scores, M, ld, ld, grad_scores16, ld);
+      pack_rows(keys + k0 * D, kb, D, D, ld, keys16);
+      gemm_bf16(M, D, ld, grad_scores16, ld, keys16, grad_q, D, /*accumulate=*/true);
+      pack_rows(grad_scores, M, ld, ld, M2, packed16);
+      gemm_bf16(D, ld, M2, rows_t16, M2, packed16, block_grad, ld, /*accumulate=*/false);
+      add_transposed(grad_k, k0, kb, ld);
+    } else {
+      at::cpu::addmm_(grad_q_tile, block_grad_scores, block_keys, 1.0, scale);
+      at::Tensor block_grad_k = matrix(grad_k + k0 * D, kb, D, D);
+      at::cpu::addmm_(block_grad_k, block_grad_scores.t(), q_tile, 1.0, scale);
+    }
   }
   scatter(g, p, grad_q, a.grad_q);
 }
@@ -350,7 +397,19 @@ int64_t forward_half_scratch(const TrunkGeometry& g) {
 
 int64_t backward_scratch(const TrunkGeometry& g) {
   const int64_t M = g.max_rows();
-  return 3 * M * g.t.dim + 2 * M * kKeyBlock + 2 * M;
+  return 3 * M * g.t.dim + 2 * M * kKeyBlock + 2 * M + g.t.dim * kKeyBlock;
+}
+
+// bfloat16 elements: q and dO rows and transposes, a block's keys and values packed, P or dS
+// packed along the rows, dS rows.
+int64_t backward_half_scratch(const TrunkGeometry& g) {
+  const int64_t M = g.max_rows(), M2 = round_up(M, 2), D = g.t.dim;
+  return 2 * M * D + 2 * D * M2 + 3 * kKeyBlock * D + M2 * kKeyBlock + M * kKeyBlock;
+}
+
+void check_bf16_products(const Tree& t, bool bf16_products) {
+  TORCH_CHECK(!bf16_products || (cpu_has_avx512_bf16() && t.dim % 16 == 0 && t.dim <= 512),
+              "bf16_products needs a CPU with AVX-512 BF16 and a head size that is a multiple of 16 (at most 512)");
 }
 
 void check_float(const at::Tensor& q) {
@@ -372,8 +431,7 @@ void tree_attention_trunk_forward_(const at::Tensor& q, const at::Tensor& k, con
                                    int64_t sliding_window, int64_t slot_len, double scale, bool bf16_products) {
   const Tree t = make_tree(q, k, v, slot_len, 1, scale);
   check_float(q);
-  TORCH_CHECK(!bf16_products || (cpu_has_avx512_bf16() && t.dim % 16 == 0 && t.dim <= 512),
-              "bf16_products needs a CPU with AVX-512 BF16 and a head size that is a multiple of 16 (at most 512)");
+  check_bf16_products(t, bf16_products);
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "out must be contiguous, shaped as q, float32");
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
@@ -399,9 +457,10 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                                     const std::optional<at::Tensor>& key_padding_mask, int64_t sliding_window,
-                                    int64_t slot_len, double scale) {
+                                    int64_t slot_len, double scale, bool bf16_products) {
   const Tree t = make_tree(q, k, v, slot_len, 1, scale);
   check_float(q);
+  check_bf16_products(t, bf16_products);
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
               "lse must be contiguous [B, Hq, Sq*L], float32");
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&grad_out, &out, &grad_q})
@@ -413,20 +472,24 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
   const TrunkGeometry g(t);
   const TrunkBackward a{grad_out.data_ptr<float>(), q.data_ptr<float>(),    k.data_ptr<float>(),
                         v.data_ptr<float>(),        out.data_ptr<float>(), lse.data_ptr<float>(),
-                        grad_q.data_ptr<float>(),   text_keys(t, key_padding_mask, sliding_window)};
+                        grad_q.data_ptr<float>(),   text_keys(t, key_padding_mask, sliding_window),
+                        bf16_products};
   const int64_t L = t.slot_len, D = t.dim, text = L * D;
   const int64_t workers = at::get_num_threads();
   // Per worker: its tile scratch, then its sums of the text keys' dK and dV for the current head.
   std::vector<std::vector<float>> scratch(workers, std::vector<float>());
+  std::vector<std::vector<bf16>> half_scratch(workers, std::vector<bf16>());
   for (int64_t head = 0; head < t.batch * t.kv_heads; ++head) {
     std::vector<char> used(workers, 0);
     for_each_task(g.tiles_per_head(), [&](int64_t task, int64_t worker) {
       std::vector<float>& own = scratch[worker];
       if (own.empty()) own.resize(backward_scratch(g) + 2 * text);
+      std::vector<bf16>& own_half = half_scratch[worker];
+      if (bf16_products && own_half.empty()) own_half.resize(backward_half_scratch(g));
       float* sums = own.data() + backward_scratch(g);
       if (!used[worker]) std::fill(sums, sums + 2 * text, 0.0f);
       used[worker] = 1;
-      trunk_backward_tile(g, a, g.tile(head, task), own.data(), sums, sums + text);
+      trunk_backward_tile(g, a, g.tile(head, task), own.data(), own_half.data(), sums, sums + text);
     });
     // The text keys are key slot 0 of grad_k and grad_v's head.
     float *dk = grad_k.data_ptr<float>() + head * t.k_slots * text, *dv = grad_v.data_ptr<float>() + head * t.k_slots * text;
@@ -435,8 +498,9 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
         if (!used[w]) continue;
         const float* sums = scratch[w].data() + backward_scratch(g);
         for (int64_t x = begin; x < end; ++x) {
-          dk[x] += sums[x];
-          dv[x] += sums[text + x];
+          const int64_t at = bf16_products ? (x % D) * L + x / D : x;  // the sums are [D, L] then
+          dk[x] += sums[at];
+          dv[x] += sums[text + at];
         }
       }
     });
@@ -454,7 +518,7 @@ TORCH_LIBRARY_FRAGMENT(quietstar, m) {
   m.def(
       "tree_attention_trunk_backward_(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, Tensor? key_padding_mask, int sliding_window, "
-      "int slot_len, float scale) -> ()");
+      "int slot_len, float scale, bool bf16_products) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(quietstar, CPU, m) {

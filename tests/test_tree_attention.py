@@ -252,15 +252,15 @@ def test_native_runs_half_precision_only_where_it_is_faster(dtype, fast_bf16, sl
     assert tree_attention_native._run_dtype(x, x, x, slot_len) == expected
 
 
-def test_native_uses_its_bfloat16_products_for_bfloat16_values_below_the_half_trunk_length(monkeypatch):
+def test_native_uses_its_bfloat16_products_for_bfloat16_values_at_every_length(monkeypatch):
     from quietstar.ops import backends, tree_attention_native
 
     monkeypatch.setattr(tree_attention_native, "native_bf16_products", lambda: True)
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: True)
     x = torch.empty(1, 64, dtype=torch.bfloat16)
     assert tree_attention_native.bf16_products(x, x, x)
-    assert tree_attention_native._run_dtype(x, x, x, 2048) == torch.float32  # cast, then bfloat16 products
-    assert tree_attention_native._run_dtype(x, x, x, 4096) == torch.bfloat16  # as stored
+    for slot_len in (256, 4096):  # cast (exactly), then the bfloat16 products
+        assert tree_attention_native._run_dtype(x, x, x, slot_len) == torch.float32
     assert not tree_attention_native.bf16_products(x, x, x.float())  # v's values are not bfloat16
     odd = torch.empty(1, 24, dtype=torch.bfloat16)  # a head size the kernel does not tile
     assert not tree_attention_native.bf16_products(odd, odd, odd)
@@ -332,9 +332,10 @@ def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations
 @requires_native
 @pytest.mark.parametrize(("slot_len", "padded", "window"), [(300, False, 0), (300, True, 0), (270, True, 60), (7, False, 0)])
 def test_native_trunk_bfloat16_products_match_float32_products_at_bfloat16_precision(slot_len, padded, window):
-    """The AVX-512 BF16 forward on bfloat16 values: scores exact products summed in float32 (the
-    log-sum-exp as float32's), probabilities rounded to bfloat16 before ``P V``; key blocks that
-    are not multiples of 16 (300 = 2 x 128 + 44) and padding and window included."""
+    """The AVX-512 BF16 trunk on bfloat16 values: scores exact products summed in float32 (the
+    log-sum-exp as float32's), probabilities and their gradients rounded to bfloat16 before
+    their products; key blocks that are not multiples of 16 (300 = 2 x 128 + 44), padding and
+    window included; forward and backward."""
     from quietstar.ops.native import native_bf16_products
 
     if not native_bf16_products():
@@ -347,10 +348,21 @@ def test_native_trunk_bfloat16_products_match_float32_products_at_bfloat16_preci
         torch.ops.quietstar.tree_attention_trunk_forward_(q, k, v, out, lse, mask, window, slot_len, 0.125, products)
         results.append((out, lse))
     (out32, lse32), (out16, lse16) = results
-    assert relative_error(out16, out32) < 4e-3
+    assert relative_error(out16, out32) < 4e-3 and not torch.equal(out16, out32)
     finite = torch.isfinite(lse32)
     assert torch.equal(finite, torch.isfinite(lse16))
     assert (lse16[finite] - lse32[finite]).abs().max() < 1e-4
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    grads = []
+    for products in (False, True):
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        torch.ops.quietstar.tree_attention_trunk_backward_(
+            grad_out, q, k, v, out32, lse32, dq, dk, dv, mask, window, slot_len, 0.125, products
+        )
+        grads.append((dq, dk, dv))
+    for with_float32, with_bf16 in zip(*grads):
+        assert relative_error(with_bf16, with_float32) < 1e-2
+    assert not torch.equal(grads[0][0], grads[1][0])  # the bfloat16 products ran
 
 
 @requires_native
@@ -365,7 +377,7 @@ def test_native_ops_trace_under_torch_compile_as_in_place_updates():
         torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25, False)
         torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(k)
-        torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
+        torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25, False)
         torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
         return out * 2, lse * 2, *grads
 
@@ -383,7 +395,7 @@ def test_native_ops_run_on_meta_tensors():
     torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 8, 0.25, False)
     torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 8, 2, 0.25)
     grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
-    torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25)
+    torch.ops.quietstar.tree_attention_trunk_backward_(out, q, k, k, out, lse, *grads, None, 0, 8, 0.25, False)
     torch.ops.quietstar.tree_attention_chain_backward_(out, q, k, k, out, lse, *grads, 8, 2, 0.25)
 
 
@@ -408,7 +420,7 @@ def test_native_ops_name_the_argument_of_a_wrong_shape():
         torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5, True)
     with pytest.raises(RuntimeError, match="grad_v"):
         torch.ops.quietstar.tree_attention_trunk_backward_(
-            q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros_like(k), torch.zeros(1, 1, 4, 8), None, 0, 4, 0.5
+            q, q, k, k, q, torch.zeros(1, 2, 8), q.clone(), torch.zeros_like(k), torch.zeros(1, 1, 4, 8), None, 0, 4, 0.5, False
         )
 
 

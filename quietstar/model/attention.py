@@ -60,9 +60,9 @@ def quietstar_attention_forward(
         )
     # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half; the op
     # takes one dtype. On CUDA the autocast one (the kernels multiply in it). On CPU the
-    # autocast one only where the native backend computes it as it is (long slots on a CPU
-    # that multiplies bfloat16); elsewhere every CPU backend computes half precision in
-    # float32, so float32: v is cast up once instead of q and k making a round trip.
+    # autocast one only at long slots on a CPU that multiplies bfloat16 (``half_precision_pays``:
+    # the native backend multiplies it there); elsewhere every CPU backend computes half
+    # precision in float32, so float32: v is cast up once instead of q and k making a round trip.
     dtype = autocast_dtype(query.device)
     if dtype is None:
         dtype = query.dtype

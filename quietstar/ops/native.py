@@ -45,7 +45,9 @@ def _register_fakes() -> None:
         return None  # writes out and lse
 
     @torch.library.register_fake("quietstar::tree_attention_trunk_backward_")
-    def _trunk_backward(grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, key_padding_mask, sliding_window, slot_len, scale):
+    def _trunk_backward(
+        grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, key_padding_mask, sliding_window, slot_len, scale, bf16_products
+    ):
         return None  # writes grad_q, adds into grad_k and grad_v
 
     @torch.library.register_fake("quietstar::tree_attention_chain_forward_")
