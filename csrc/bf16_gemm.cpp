@@ -4,22 +4,41 @@
 
 #include "bf16_gemm.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
+
+#if !(defined(__GNUC__) && defined(__x86_64__))
+
+#include <c10/util/Exception.h>
+
+// Other CPUs: no AVX-512 BF16, and callers never get here (cpu_has_avx512_bf16() is false).
+namespace quietstar {
+bool cpu_has_avx512_bf16() { return false; }
+void gemm_bf16(int64_t, int64_t, int64_t, const bf16*, int64_t, const bf16*, float*, int64_t, bool) {
+  TORCH_CHECK(false, "bfloat16 products need AVX-512 BF16");
+}
+void rows_to_bf16(const float*, int64_t, int64_t, int64_t, bf16*, int64_t) {
+  TORCH_CHECK(false, "bfloat16 products need AVX-512 BF16");
+}
+void pack_rows(const float*, int64_t, int64_t, int64_t, int64_t, bf16*) {
+  TORCH_CHECK(false, "bfloat16 products need AVX-512 BF16");
+}
+void pack_transposed(const float*, int64_t, int64_t, int64_t, int64_t, bf16*) {
+  TORCH_CHECK(false, "bfloat16 products need AVX-512 BF16");
+}
+}  // namespace quietstar
+
+#else
+
+#include <immintrin.h>
 
 #define QUIETSTAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 namespace quietstar {
 
 bool cpu_has_avx512_bf16() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
   return has;
-#else
-  return false;
-#endif
 }
 
 namespace {
@@ -121,3 +140,5 @@ QUIETSTAR_AVX512_BF16 void pack_transposed(const float* x, int64_t n_rows, int64
 }
 
 }  // namespace quietstar
+
+#endif  // x86-64
