@@ -1,5 +1,5 @@
 // A caching allocator for CPU tensors: freed blocks of at least `min_block` bytes are kept and
-// handed to the next request of the same size class instead of going back to the operating
+// handed to a later request of about their size instead of going back to the operating
 // system. glibc returns large blocks (mmap'ed, or the trimmed top of its heap) at once, so a
 // training step that allocates the same activations every step faults their pages in again
 // every step (about 170,000 page faults per SmolLM2-135M step at L=128); PyTorch's CUDA
@@ -7,7 +7,8 @@
 //
 // Size classes: a request of n bytes is rounded up to a multiple of 1/8 of the largest power of
 // two <= n, and of the page size (from 32 KiB on, at most 12.5% more address space; pages past
-// n are never touched, so they cost no memory). A block is reused only for its own class. Freed bytes held in the cache are capped at
+// n are never touched, so they cost no memory). A request takes the smallest cached block of
+// its class or a larger one up to twice its size. Freed bytes held in the cache are capped at
 // `max_cached`; past the cap the largest cached blocks are freed first.
 //
 // Process-wide: it replaces c10's CPU allocator (c10::SetCPUAllocator) while enabled. Blocks
@@ -46,8 +47,8 @@ class CachingCPUAllocator final : public c10::Allocator {
       fallback = n < min_block_ ? fallback_ : nullptr;
     }
     if (fallback != nullptr) return fallback->allocate(n);
-    const size_t size = size_class(n);
-    void* block = take(size);
+    size_t size = size_class(n);
+    void* block = take(&size);
     if (block == nullptr) block = fresh(size);
     std::lock_guard<std::mutex> lock(mutex_);
     live_[block] = size;
@@ -96,19 +97,22 @@ class CachingCPUAllocator final : public c10::Allocator {
  private:
   static void deleter(void* block);
 
-  // A cached block of this size class, or null (a miss).
-  void* take(size_t size) {
+  // The smallest cached block of this size class or a larger one up to twice the size (its
+  // class in *size), or null (a miss). A larger block's pages are resident already: handing it
+  // out keeps the footprint where a fresh block would add to it.
+  void* take(size_t* size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = cached_.find(size);
-    if (it == cached_.end() || it->second.empty()) {
-      ++misses_;
-      return nullptr;
+    for (auto it = cached_.lower_bound(*size); it != cached_.end() && it->first <= 2 * *size; ++it) {
+      if (it->second.empty()) continue;
+      void* block = it->second.back();
+      it->second.pop_back();
+      *size = it->first;
+      cached_bytes_ -= it->first;
+      ++hits_;
+      return block;
     }
-    void* block = it->second.back();
-    it->second.pop_back();
-    cached_bytes_ -= size;
-    ++hits_;
-    return block;
+    ++misses_;
+    return nullptr;
   }
 
   // A new block; if the system has no memory left, the cache is emptied and it asks again.

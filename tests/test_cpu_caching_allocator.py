@@ -48,6 +48,18 @@ def test_a_freed_block_serves_the_next_request_of_its_size_class():
     assert other.data_ptr() != address and cpu_caching_allocator_stats().misses == after.misses + 1
 
 
+def test_a_request_takes_a_cached_block_up_to_twice_its_size():
+    assert enable_cpu_caching_allocator(max_cached_bytes=64 * MIB)
+    large = block(6 * MIB)
+    address = large.data_ptr()
+    del large
+    before = cpu_caching_allocator_stats()
+    too_small = block(2 * MIB)  # 6 MiB is more than twice 2 MiB: a new block
+    assert too_small.data_ptr() != address and cpu_caching_allocator_stats().misses == before.misses + 1
+    fits = block(4 * MIB)  # the resident 6 MiB block rather than new pages
+    assert fits.data_ptr() == address and cpu_caching_allocator_stats().hits == before.hits + 1
+
+
 def test_small_requests_go_to_pytorchs_allocator():
     assert enable_cpu_caching_allocator(min_block_bytes=MIB)
     before = cpu_caching_allocator_stats()
