@@ -233,19 +233,17 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
   at::Tensor out_tile = matrix(acc, M, D, D);
   for (int64_t k0 = a.text.first_key(p.begin); k0 < p.end; k0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, p.end - k0);
-    at::Tensor block_scores = matrix(scores, M, kb, kb);
+    const int64_t ld = a.bf16 ? round_up(kb, 16) : kb;  // row stride of the block's scores
+    at::Tensor block_scores = matrix(scores, M, kb, ld);
     if (a.bf16) {
-      const int64_t columns = round_up(kb, 16);  // the kernel's multiple; the rows then close up
-      pack_transposed(keys + k0 * D, kb, D, D, columns, keys16);
-      gemm_bf16(M, columns, D, rows16, D, keys16, scores, columns, /*accumulate=*/false);
-      if (columns != kb)
-        for (int64_t m = 1; m < M; ++m) std::memmove(scores + m * kb, scores + m * columns, kb * sizeof(float));
+      pack_transposed(keys + k0 * D, kb, D, D, ld, keys16);
+      gemm_bf16(M, ld, D, rows16, D, keys16, scores, ld, /*accumulate=*/false);
     } else {
       at::cpu::mm_out(block_scores, q_tile, matrix(keys + k0 * D, kb, D, D).t());
     }
-    a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb, kb);
+    a.text.hide_padding(scores, M, p.b, g.t.slot_len, k0, kb, ld);
     for (int64_t m = 0; m < M; ++m) {
-      float* row = scores + m * kb;
+      float* row = scores + m * ld;
       const auto [first, last] = a.text.range(p.begin + m % n, k0, kb);
       const float top = first < last ? std::max(maxes[m], row_max(row, first, last) * scale) : neg_inf;
       if (top == neg_inf) {  // nothing visible yet: no probabilities, nothing to rescale
@@ -260,7 +258,7 @@ QUIETSTAR_CLONES void trunk_forward_tile(const TrunkGeometry& g, const TrunkForw
     }
     if (a.bf16) {  // the probabilities rounded to bfloat16, as PyTorch's bfloat16 flash kernel does
       const int64_t pairs = round_up(kb, 2);
-      rows_to_bf16(scores, M, kb, kb, probs16, pairs);
+      rows_to_bf16(scores, M, kb, ld, probs16, pairs);
       pack_rows(values + k0 * D, kb, D, D, pairs, values16);
       gemm_bf16(M, D, pairs, probs16, pairs, values16, acc, D, /*accumulate=*/true);
     } else {
@@ -498,9 +496,9 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
         if (!used[w]) continue;
         const float* sums = scratch[w].data() + backward_scratch(g);
         for (int64_t x = begin; x < end; ++x) {
-          const int64_t at = bf16_products ? (x % D) * L + x / D : x;  // the sums are [D, L] then
-          dk[x] += sums[at];
-          dv[x] += sums[text + at];
+          const int64_t sum = bf16_products ? (x % D) * L + x / D : x;  // the sums are [D, L] then
+          dk[x] += sums[sum];
+          dv[x] += sums[text + sum];
         }
       }
     });
