@@ -4,8 +4,9 @@ glibc hands large freed blocks back to the operating system at once, so a CPU tr
 allocates the same activations every step faults their pages in again every step (about
 170,000 page faults per SmolLM2-135M step at L=128). While enabled, freed blocks of at least
 ``min_block_bytes`` are kept and reused by later requests of about their size (their size
-class, or up to half their size), as PyTorch's CUDA allocator does on GPUs. It replaces PyTorch's CPU allocator for the whole
-process; ``quietstar train`` enables it on CPU for the run (``--cpu-caching-allocator``).
+class, or down to half their size), as PyTorch's CUDA allocator does on GPUs. It replaces
+PyTorch's CPU allocator for the whole process; ``quietstar train`` enables it on CPU for the
+run (``--cpu-caching-allocator``).
 
     with cpu_caching_allocator():
         train_loop()

@@ -47,11 +47,11 @@ def half_precision_pays(dtype: torch.dtype, device: torch.device, slot_len: int)
 
 
 def bf16_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the native trunk's forward multiplies with the CPU's AVX-512 BF16 instructions:
-    q, k and v are bfloat16 (so the float32 the op computes in holds them exactly), the head
-    size a multiple of 16 (at most 512), and the CPU has them. Faster than the trunk as stored
-    at every length measured (fwd+bwd at L=4096: 0.64x against 1.02x the time of PyTorch's
-    bfloat16 flash attention), so it comes first."""
+    """Whether the native trunk multiplies with the CPU's AVX-512 BF16 instructions, forward and
+    backward: q, k and v are bfloat16 (so the float32 the op computes in holds them exactly),
+    the head size a multiple of 16 (at most 512), and the CPU has them. Faster than the trunk
+    as stored at every length measured (fwd+bwd at L=4096: 0.64x against 1.02x the time of
+    PyTorch's bfloat16 flash attention), so it comes first."""
     head_dim = q.shape[-1]
     return (
         q.dtype == k.dtype == v.dtype == torch.bfloat16
