@@ -27,7 +27,9 @@ from quietstar.ops.native import native_unavailable
 logger = logging.getLogger(__name__)
 
 # Blocks below this go to PyTorch's own allocator (glibc keeps reusing them from its heap).
-DEFAULT_MIN_BLOCK_BYTES = 2**20
+# Above it glibc may map and unmap, or trim, per request: at 1 MiB a SmolLM2-135M step's
+# 128-row MLP activations (768 KiB) still faulted their pages in at every call.
+DEFAULT_MIN_BLOCK_BYTES = 2**16
 # Default cap of the freed bytes held, as a share of the machine's physical memory, split
 # between the processes torchrun starts on the machine (LOCAL_WORLD_SIZE).
 DEFAULT_CACHE_SHARE = 0.25

@@ -65,7 +65,7 @@ class TrainConfig:
     dtype: str = option("float32", "float32, or bf16: bfloat16 autocast with float32 master weights")
     seed: int = option(0, "seed of data order, thought sampling and initialisation")
     deterministic: bool = option(False, "only deterministic kernels (torch.use_deterministic_algorithms), so that on CUDA a run and its resume repeat bit for bit; slower. CPU runs repeat without it")
-    cpu_caching_allocator: bool = option(True, "on CPU, keep freed tensors of 1 MiB and more for reuse instead of handing them back to the system, so a step does not fault its activations' pages in again (needs the native extension; without it PyTorch's allocator stays)")
+    cpu_caching_allocator: bool = option(True, "on CPU, keep freed tensors of 64 KiB and more for reuse instead of handing them back to the system, so a step does not fault its activations' pages in again (needs the native extension; without it PyTorch's allocator stays)")
     save_every: int = option(100, "checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)")
     keep: int = option(3, "checkpoints to keep (the newest)")
     eval_every: int = option(0, "validate every N steps (0: never)")
