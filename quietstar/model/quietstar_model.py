@@ -14,6 +14,7 @@ The fast training step:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -21,13 +22,14 @@ import torch
 from torch import nn
 
 from quietstar._checks import INT_DTYPES, check_tensor
-from quietstar.model.attention import autocast_dtype, check_supported, patch
+from quietstar.model.attention import autocast_dtype, check_supported, decoder_layers, patch
 from quietstar.model.backbone import run_backbone
 from quietstar.model.cache import KVCache
 from quietstar.model.checkpoint import load_pretrained, save_pretrained
 from quietstar.model.config import QuietStarConfig
 from quietstar.model.generation import generate
 from quietstar.model.mixing import MixingHead
+from quietstar.model.projection_replay import ProjectionRecord, recording_projections, replaying_projections
 from quietstar.model.sampling import sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
 from quietstar.ops.linear_cross_entropy import (
@@ -431,17 +433,44 @@ class QuietStarModel(nn.Module):
         cfg = self.config
         batch, length = input_ids.shape
         targets = Targets.from_labels(labels, cfg.talk_tokens)
+        checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * (1 + cfg.chain_steps * cfg.n_thoughts))
+        record = None
         if thoughts is None:
-            thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
+            thoughts, record = self._sample_recording(input_ids, attention_mask, generator, keep=not checkpoint)
         else:
             self._check_thoughts(thoughts, batch, length)
-        h_base, h_chain = self._tree_pass(input_ids, attention_mask, thoughts)
+        h_base, h_chain = self._tree_pass(input_ids, attention_mask, thoughts, checkpoint, record)
         return self.losses(h_base, h_chain, targets, thoughts)
 
-    def _tree_pass(self, input_ids, attention_mask, thoughts) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def _sample_recording(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None, keep: bool
+    ) -> tuple[torch.Tensor, ProjectionRecord | None]:
+        """``sample_thoughts``, keeping (with ``keep``) the decoder's projections of the
+        ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``);
+        the record is None when not kept or not usable."""
+        if not keep:
+            return self.sample_thoughts(input_ids, attention_mask, generator), None
+        cfg = self.config
+        length = input_ids.shape[1]
+        with recording_projections(decoder_layers(self.model), (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
+            thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
+        if record.rows() != (1 + cfg.thought_tokens * cfg.n_thoughts) * length:
+            logger.debug("the sampling pass's projections do not line up with the tree's slots: not replayed")
+            return thoughts, None
+        return thoughts, record
+
+    def _tree_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        thoughts: torch.Tensor,
+        checkpoint: bool,
+        record: ProjectionRecord | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the base slot ``[B, L, d]`` and every chain step ``[B, C, N, L, d]``
         in one pass over the whole tree (SPEC section 6), layers recomputed in the backward
-        where ``gradient_checkpointing`` says so."""
+        with ``checkpoint``; the first slots' projections taken from ``record`` when given."""
         cfg = self.config
         batch, length = input_ids.shape
         n = cfg.n_thoughts
@@ -450,8 +479,8 @@ class QuietStarModel(nn.Module):
         embeds = torch.cat([self.embed(input_ids)[:, None], chain.flatten(1, 2)], dim=1).flatten(1, 2)
         positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), n_slots, n)
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
-        checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(embeds.shape[0] * embeds.shape[1])
-        hidden = run_backbone(self.model, embeds, positions, tree_layout=layout, checkpoint_layers=checkpoint)
+        with replaying_projections(record) if record is not None else contextlib.nullcontext():
+            hidden = run_backbone(self.model, embeds, positions, tree_layout=layout, checkpoint_layers=checkpoint)
         return hidden[:, :length], hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))
 
     def losses(

@@ -1,0 +1,150 @@
+"""Reuse the thought-sampling pass's projections in the tree pass.
+
+A training step first samples the thoughts without gradients (a base pass and ``T`` chain
+steps through a KV cache), then runs the tree pass with gradients over the base slot and every
+chain slot. The tree's first ``1 + T * N`` slots are exactly what the sampling pass computed:
+the same inputs at the same positions under the same tree rule. So while sampling,
+``recording_projections`` keeps the output of every linear projection in the decoder layers
+(``[B, tokens, out]`` per call), and in the tree pass ``replaying_projections`` makes each
+projection return those rows and multiply only the rows after them (the end token and talk
+inputs). Its backward is a linear's: ``dX = dY W``, ``dW = dY^T X`` over all the tree's rows.
+The forward's largest products for ``1 + T * N`` of the tree's ``1 + C * N`` slots are thus done
+once instead of twice; losses and gradients are the same mathematics (SPEC section 6).
+
+Elementwise parts (norms, RoPE, the MLP's activation) and attention are recomputed in the tree
+pass as before: they are cheap, and autograd needs their graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from quietstar.model.attention import autocast_dtype
+
+
+class ProjectionRecord:
+    """The outputs of every ``nn.Linear`` under ``layers`` while recording, each module's calls
+    written one after another along the token axis of one buffer ``[B, total_rows, out]``
+    (``filled[module]`` rows so far), so that the tree pass can fill in the rest and use the
+    buffer as its output."""
+
+    def __init__(self, layers: nn.Module, total_rows: int) -> None:
+        self.linears = [module for module in layers.modules() if isinstance(module, nn.Linear)]
+        self.total_rows = total_rows
+        self.buffers: dict[nn.Linear, torch.Tensor] = {}
+        self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
+        self.overflow = False  # a module was called with more rows than total_rows
+
+    def keep(self, module: nn.Linear, output: torch.Tensor) -> None:
+        """Write ``output [B, tokens, out]`` after the rows ``module`` has so far."""
+        start, rows = self.filled[module], output.shape[-2]
+        buffer = self.buffers.get(module)
+        if buffer is None:
+            buffer = output.new_empty(*output.shape[:-2], self.total_rows, output.shape[-1])
+            self.buffers[module] = buffer
+        if start + rows > self.total_rows or buffer.shape[:-2] != output.shape[:-2]:
+            self.overflow = True
+            return
+        buffer[..., start : start + rows, :] = output
+        self.filled[module] = start + rows
+
+    def rows(self) -> int | None:
+        """Rows recorded per module (the same for every module), or None if the modules were
+        not all called the same way (nothing can be replayed then)."""
+        counts = set(self.filled.values())
+        if self.overflow or len(counts) != 1 or 0 in counts:
+            return None
+        return counts.pop()
+
+
+@contextlib.contextmanager
+def recording_projections(layers: nn.Module, total_rows: int) -> Iterator[ProjectionRecord]:
+    """Keep the output of every linear projection under ``layers`` called inside the block,
+    into buffers of ``total_rows`` tokens (the tree pass's)."""
+    record = ProjectionRecord(layers, total_rows)
+    handles = [
+        module.register_forward_hook(lambda module, args, output: record.keep(module, output.detach()))
+        for module in record.linears
+    ]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
+    """Inside the block, each recorded projection's next call on ``x [B, total_rows, in]``
+    returns its recorded rows followed by ``linear(x[:, recorded:])`` (``[B, total_rows, out]``,
+    in the recording's buffer), with a linear's gradients for all rows. Each module replays
+    once: the record is used up."""
+    replaced = []
+    for module in record.linears:
+        replaced.append((module, module.__dict__.get("forward")))
+        module.forward = _ReplayedForward(module, record.buffers.pop(module), record.filled[module])
+    try:
+        yield
+    finally:
+        for module, forward in replaced:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+class _ReplayedForward:
+    """A projection's forward that returns its recorded rows once, then is spent."""
+
+    def __init__(self, module: nn.Linear, buffer: torch.Tensor, filled: int) -> None:
+        self.module = module
+        self.buffer: torch.Tensor | None = buffer
+        self.filled = filled
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buffer, self.buffer = self.buffer, None
+        if buffer is None:
+            raise RuntimeError(f"replaying_projections: {self.module} was called more often than recorded")
+        if x.shape[:-1] != buffer.shape[:-1]:
+            raise RuntimeError(
+                f"replaying_projections: {self.module} got input {tuple(x.shape)}, recorded for "
+                f"{tuple(buffer.shape[:-1])} tokens"
+            )
+        weight, bias = self.module.weight, self.module.bias
+        dtype = autocast_dtype(x.device) or x.dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        return ReplayedLinear.apply(x, weight, bias, (buffer.to(dtype), self.filled))
+
+
+class ReplayedLinear(torch.autograd.Function):
+    """``linear(x, weight, bias)`` over ``x [..., T, in]`` whose first rows are given.
+
+    ``recorded = (buffer [..., T, out], R)``: the first ``R`` rows of the output, already in
+    ``buffer``. Forward: fills ``buffer[..., R:, :]`` with ``linear(x[..., R:, :])`` and
+    returns it; backward: a linear's gradients over all ``T`` rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recorded):
+        buffer, rows = recorded
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        buffer[..., rows:, :] = nn.functional.linear(x[..., rows:, :], weight, bias)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_weight, grad_bias, None

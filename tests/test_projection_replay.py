@@ -1,0 +1,116 @@
+"""The tree pass reuses the sampling pass's projections (quietstar.model.projection_replay)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import quietstar_model, relative_error
+from torch import nn
+
+from quietstar.model import projection_replay
+from quietstar.model.attention import decoder_layers
+from quietstar.model.projection_replay import ReplayedLinear, recording_projections, replaying_projections
+
+
+def test_replayed_linear_has_a_linears_outputs_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    expected = nn.functional.linear(x, weight, bias)
+    buffer = torch.empty(2, 7, 3, dtype=torch.float64)
+    buffer[:, :4] = expected[:, :4].detach()
+    out = ReplayedLinear.apply(x, weight, bias, (buffer, 4))
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    want = torch.autograd.grad(expected, (x, weight, bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def record_and_replay(linear: nn.Linear, calls: list[torch.Tensor], total_rows: int):
+    with torch.no_grad(), recording_projections(linear, total_rows) as record:
+        for x in calls:
+            linear(x)
+    return record
+
+
+def test_a_projection_replays_its_recorded_rows_and_multiplies_the_rest():
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 6)
+    x = torch.randn(1, 9, 4)
+    record = record_and_replay(linear, [x[:, :3], x[:, 3:6]], total_rows=9)
+    assert record.rows() == 6
+    # Recorded rows are returned as recorded: perturb one to see that it is not recomputed.
+    record.buffers[linear][0, 0, 0] += 1.0
+    with replaying_projections(record):
+        out = linear(x)
+        with pytest.raises(RuntimeError, match="called more often than recorded"):
+            linear(x)
+    expected = linear(x)  # the module's own forward is back
+    assert out[0, 0, 0] == expected[0, 0, 0] + 1.0
+    torch.testing.assert_close(out[:, 1:], expected[:, 1:])
+
+
+def test_a_replay_refuses_input_of_other_rows_than_recorded():
+    linear = nn.Linear(4, 6)
+    record = record_and_replay(linear, [torch.randn(1, 3, 4)], total_rows=9)
+    with replaying_projections(record), pytest.raises(RuntimeError, match="recorded for"):
+        linear(torch.randn(1, 8, 4))
+
+
+def test_a_record_with_more_rows_than_the_tree_is_not_replayable():
+    linear = nn.Linear(4, 6)
+    record = record_and_replay(linear, [torch.randn(1, 5, 4), torch.randn(1, 5, 4)], total_rows=9)
+    assert record.rows() is None
+
+
+def count_replays(monkeypatch) -> list[int]:
+    calls = []
+    forward = ReplayedLinear.forward
+
+    def counted(ctx, x, weight, bias, recorded):
+        calls.append(recorded[1])
+        return forward(ctx, x, weight, bias, recorded)
+
+    monkeypatch.setattr(projection_replay.ReplayedLinear, "forward", staticmethod(counted))
+    return calls
+
+
+def test_a_sampling_step_replays_every_projection_of_the_sampled_slots(monkeypatch):
+    qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
+    calls = count_replays(monkeypatch)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    linears = [m for m in decoder_layers(qs.model).modules() if isinstance(m, nn.Linear)]
+    assert len(calls) == len(linears) == 2 * 7
+    # The base slot and the 3 sampling steps of 2 branches.
+    assert set(calls) == {(1 + 3 * 2) * 6}
+
+
+def test_given_thoughts_and_checkpointed_steps_replay_nothing(monkeypatch):
+    calls = count_replays(monkeypatch)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    qs(ids, thoughts=torch.zeros(1, 1, 6, 2, dtype=torch.long)).loss.backward()
+    checkpointed = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    checkpointed.gradient_checkpointing = True
+    checkpointed(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_bfloat16_autocast_step_with_replay_equals_the_step_without(architecture):
+    qs = quietstar_model(architecture, thought_tokens=2, talk_tokens=2, n_thoughts=2)
+    params = [p for p in qs.parameters() if p.requires_grad]
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled = qs(ids, generator=torch.Generator().manual_seed(1))
+    replayed = torch.autograd.grad(sampled.loss, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        given = qs(ids, thoughts=sampled.thoughts)
+    computed = torch.autograd.grad(given.loss, params)
+    assert relative_error(sampled.loss, given.loss) <= 1e-2
+    for a, b in zip(replayed, computed):
+        assert relative_error(a, b) <= 5e-2
