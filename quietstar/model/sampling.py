@@ -6,6 +6,8 @@ import torch
 
 # Float32 logits scored at a time: 64 MiB, whatever the vocabulary (rows = this // V).
 SAMPLE_CHUNK_ELEMENTS = 16 * 2**20
+# Vocabulary entries whose weights are summed in float32 before their blocks' sums go float64.
+CDF_BLOCK = 256
 
 
 def head_logits(
@@ -30,6 +32,58 @@ def head_logits(
     return logits
 
 
+def vocab_major_logits(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    lm_bias: torch.Tensor | None,
+    masked_vocab: torch.Tensor | None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``head_logits(hidden [N, d], ...)`` transposed, as ``[V, N]`` (float32, float64 for
+    float64 inputs): the product ``W h^T`` with the vocabulary as its long side runs about
+    1.3x faster on CPU than ``h W^T`` for a few hundred rows."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = torch.nn.functional.linear(lm_weight, hidden).to(dtype)
+    if lm_bias is not None:
+        logits = logits + lm_bias.to(dtype)[:, None]
+    if temperature != 1.0:
+        logits = logits / temperature
+    if masked_vocab is not None and masked_vocab.numel():
+        logits = logits.index_fill(0, masked_vocab, float("-inf"))
+    return logits
+
+
+def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per column of ``logits [V, N]`` from ``softmax`` over ``V``: ``[N]`` int64.
+
+    Inverse-CDF sampling with one uniform number per column (Gumbel-max needs ``V``): the
+    weights ``exp(logit - max)`` are summed in float32 within blocks of ``CDF_BLOCK`` entries
+    and the block totals in float64, so a token's share is resolved to float32 precision of
+    its block's sum, not of the whole vocabulary's. An entry of weight 0 (a masked id) is
+    never drawn: the draw is clamped below its block's and the column's total.
+    """
+    vocab, columns = logits.shape
+    weights = (logits - logits.amax(0)).exp_()
+    pad = (-vocab) % CDF_BLOCK
+    if pad:
+        weights = torch.cat([weights, weights.new_zeros(pad, columns)])
+    within = weights.view(-1, CDF_BLOCK, columns).cumsum(1)  # [blocks, CDF_BLOCK, N]
+    block_cdf = within[:, -1].double().cumsum(0).t().contiguous()  # [N, blocks]
+    total = block_cdf[:, -1:]
+    zero = total.new_zeros(())
+    target = torch.rand(columns, 1, generator=generator, dtype=torch.float64, device=logits.device) * total
+    target = torch.minimum(target, total.nextafter(zero))
+    # The first block whose running sum exceeds the target (clamped: non-finite logits are
+    # the model's failure, which the loss reports; they must not index out of range here).
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), zero)
+    inside = within[block[:, 0], :, torch.arange(columns, device=logits.device)]  # [N, CDF_BLOCK]
+    rest = (target - before).to(inside.dtype)
+    rest = torch.minimum(rest, inside[:, -1:].nextafter(inside.new_zeros(()))).clamp_(min=0)
+    offset = torch.searchsorted(inside, rest, right=True).clamp_(max=CDF_BLOCK - 1)
+    return (block * CDF_BLOCK + offset)[:, 0]
+
+
 @torch.no_grad()
 def sample_tokens(
     hidden: torch.Tensor,
@@ -42,7 +96,8 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of ``hidden [..., d]``: a sample from ``softmax(logits / temperature)``
-    (Gumbel-max, i.e. hard Gumbel-softmax) or the argmax; masked ids are never drawn.
+    (``draw_by_inverse_cdf``: the distribution of the hard Gumbel-softmax, from one uniform
+    number per row) or the argmax; masked ids are never drawn.
 
     Returns:
         ``[...]`` int64.
@@ -51,9 +106,6 @@ def sample_tokens(
     out = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // lm_weight.shape[0])
     for start in range(0, flat.shape[0], chunk):
-        logits = head_logits(flat[start : start + chunk], lm_weight, lm_bias, masked_vocab, temperature)
-        if not greedy:
-            uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-            logits -= torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
-        out[start : start + chunk] = logits.argmax(-1)
+        logits = vocab_major_logits(flat[start : start + chunk], lm_weight, lm_bias, masked_vocab, temperature)
+        out[start : start + chunk] = logits.argmax(0) if greedy else draw_by_inverse_cdf(logits, generator)
     return out.view(hidden.shape[:-1])

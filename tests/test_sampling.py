@@ -1,0 +1,67 @@
+"""Thought sampling (quietstar.model.sampling): the softmax's distribution, masked ids never drawn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, sample_tokens
+
+
+def draw_columns(logits: torch.Tensor, columns: int, seed: int = 0) -> torch.Tensor:
+    return draw_by_inverse_cdf(logits[:, None].repeat(1, columns), torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_cdf_draws_follow_the_softmax(dtype):
+    logits = torch.tensor([2.0, -1.0, float("-inf"), 0.5, 3.0, 1.0, -3.0], dtype=dtype)
+    draws = draw_columns(logits, 40_000)
+    frequencies = torch.bincount(draws, minlength=len(logits)).double() / draws.numel()
+    # Each frequency's standard deviation is at most 0.0025 here: 0.01 is 4 of them.
+    torch.testing.assert_close(frequencies, torch.softmax(logits.double(), 0), atol=0.01, rtol=0)
+
+
+def test_inverse_cdf_draws_follow_the_softmax_across_blocks():
+    # Three blocks of the running sums (the last one padded); frequencies per group of 32 ids.
+    logits = 2 * torch.sin(torch.arange(2 * CDF_BLOCK + 50) / 20.0)
+    draws = draw_columns(logits, 20_000)
+    groups = torch.arange(len(logits)) // 32
+    frequencies = torch.zeros(int(groups[-1]) + 1, dtype=torch.float64).index_add_(
+        0, groups[draws], torch.ones(draws.numel(), dtype=torch.float64)
+    ) / draws.numel()
+    expected = torch.zeros_like(frequencies).index_add_(0, groups, torch.softmax(logits.double(), 0))
+    torch.testing.assert_close(frequencies, expected, atol=0.012, rtol=0)
+
+
+def test_inverse_cdf_draws_reach_a_tail_spread_over_many_blocks():
+    # One dominant token and 4,095 unlikely ones holding 2.4% of the mass together.
+    logits = torch.full((4096,), -12.0)
+    logits[0] = 0.0
+    draws = draw_columns(logits, 8_000)
+    tail = (draws != 0).double().mean().item()
+    expected = 1 - torch.softmax(logits.double(), 0)[0].item()
+    assert abs(tail - expected) <= 0.3 * expected
+
+
+def test_zero_probability_ids_are_never_drawn_at_block_edges():
+    # Only ids at the edges of the CDF's blocks and the padded end have weight.
+    vocab = 2 * CDF_BLOCK + 3
+    allowed = [CDF_BLOCK - 1, CDF_BLOCK, vocab - 1]
+    logits = torch.full((vocab,), float("-inf"))
+    logits[allowed] = torch.tensor([0.0, 5.0, -2.0])
+    draws = draw_columns(logits, 20_000)
+    assert set(draws.tolist()) == set(allowed)
+
+
+def test_sample_tokens_never_draws_masked_ids_and_is_reproducible():
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(50, 8), torch.randn(3, 400, 8)
+    masked = torch.tensor([4, 17])
+    weight[masked] = 10 * hidden.mean((0, 1))  # the likeliest ids, were they not masked
+    first = sample_tokens(hidden, weight, masked_vocab=masked, generator=torch.Generator().manual_seed(1))
+    again = sample_tokens(hidden, weight, masked_vocab=masked, generator=torch.Generator().manual_seed(1))
+    assert first.shape == (3, 400) and torch.equal(first, again)
+    assert not torch.isin(first, masked).any()
+    greedy = sample_tokens(hidden, weight, masked_vocab=masked, greedy=True)
+    logits = (hidden @ weight.t()).index_fill(-1, masked, float("-inf"))
+    assert torch.equal(greedy, logits.argmax(-1))
