@@ -51,7 +51,8 @@ def tokens(size: dict) -> int:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
-    return step_matmul_shapes(size, device, backward=False)
+    """The forward's products as evaluation runs them: every chain step through the KV cache."""
+    return step_matmul_shapes(size, device, backward=False, sampled_steps=chain_slots(size))
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

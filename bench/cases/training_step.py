@@ -78,13 +78,27 @@ def label(size: dict) -> str:
     return f"B={size['batch']} L={size['length']}"
 
 
+def forward_rows(size: dict, sampled_steps: int | None = None) -> list[int]:
+    """Rows of each forward product of the decoder, as a step runs them: the base pass of the
+    text (``B L`` rows) and ``sampled_steps`` chain steps through the KV cache (``B N L`` rows
+    each), then the tree's remaining chain slots in one product. The default is the training
+    step's: the ``T`` sampling steps, whose projections the tree pass replays
+    (``quietstar.model.projection_replay``); ``C`` steps is evaluation's schedule."""
+    batch, length, n = size["batch"], size["length"], size["n_thoughts"]
+    chain = size["thought_tokens"] + 1 + size["talk_tokens"]
+    steps = size["thought_tokens"] if sampled_steps is None else sampled_steps
+    rest = batch * (chain - steps) * n * length
+    return [batch * length] + [batch * n * length] * steps + ([rest] if rest else [])
+
+
 def matmul_shapes(
-    size: dict, device: torch.device, backward: bool = True
+    size: dict, device: torch.device, backward: bool = True, sampled_steps: int | None = None
 ) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
     """The step's own products ``(1, m, k, n, count)``, counted as the step runs them: a decoder
-    layer's projections and MLP over the tree's tokens (``count`` = layers) and the lm_head
-    over the scored rows (once); with ``backward``, each one's two gradient products too
-    (``dX = dY W``: ``(m, n, k)``; ``dW = dY^T X``: ``(n, m, k)``)."""
+    layer's projections and MLP over the forward's rows (``forward_rows``; ``count`` =
+    layers) and the lm_head over the scored rows (once); with ``backward``, the two gradient
+    products of each over all the tree's tokens (``dX = dY W``: ``(m, n, k)``; ``dW = dY^T X``:
+    ``(n, m, k)``)."""
     cfg = MODELS[size["model"]]
     d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
     n, t_len, k_len = size["n_thoughts"], size["thought_tokens"], size["talk_tokens"]
@@ -93,12 +107,11 @@ def matmul_shapes(
     kv = kv_heads * d // heads
     layers = size["layers"]
     # q and o, k and v, gate and up, down
-    forward = [(tokens, d, d, 2 * layers), (tokens, d, kv, 2 * layers), (tokens, d, ffn, 2 * layers),
-               (tokens, ffn, d, layers), (rows, d, cfg["vocab_size"], 1)]
-    shapes = []
-    for m, k, out, count in forward:
-        shapes.append((1, m, k, out, count))
-        if backward:
+    decoder = [(d, d, 2 * layers), (d, kv, 2 * layers), (d, ffn, 2 * layers), (ffn, d, layers)]
+    shapes = [(1, m, k, out, count) for m in forward_rows(size, sampled_steps) for k, out, count in decoder]
+    shapes.append((1, rows, d, cfg["vocab_size"], 1))
+    if backward:
+        for m, k, out, count in [(tokens, *product) for product in decoder] + [(rows, d, cfg["vocab_size"], 1)]:
             shapes += [(1, m, out, k, count), (1, out, m, k, count)]
     return DTYPE[device.type], shapes
 
