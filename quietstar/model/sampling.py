@@ -57,18 +57,19 @@ def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None 
     """One sample per column of ``logits [V, N]`` from ``softmax`` over ``V``: ``[N]`` int64.
 
     Inverse-CDF sampling with one uniform number per column (Gumbel-max needs ``V``): the
-    weights ``exp(logit - max)`` are summed in float32 within blocks of ``CDF_BLOCK`` entries
-    and the block totals in float64, so a token's share is resolved to float32 precision of
-    its block's sum, not of the whole vocabulary's. An entry of weight 0 (a masked id) is
-    never drawn: the draw is clamped below its block's and the column's total.
+    weights ``exp(logit - max)`` are summed in float32 within blocks of ``CDF_BLOCK`` entries,
+    the block sums run in float64 to pick the block, and only the picked block's running sum
+    is taken to pick the entry; so a token's share is resolved to float32 precision of its
+    block's sum, not of the whole vocabulary's. An entry of weight 0 (a masked id) is never
+    drawn: the draw is clamped below its block's and the column's total.
     """
     vocab, columns = logits.shape
     weights = (logits - logits.amax(0)).exp_()
     pad = (-vocab) % CDF_BLOCK
     if pad:
         weights = torch.cat([weights, weights.new_zeros(pad, columns)])
-    within = weights.view(-1, CDF_BLOCK, columns).cumsum(1)  # [blocks, CDF_BLOCK, N]
-    block_cdf = within[:, -1].double().cumsum(0).t().contiguous()  # [N, blocks]
+    blocks = weights.view(-1, CDF_BLOCK, columns)  # [blocks, CDF_BLOCK, N]
+    block_cdf = blocks.sum(1).double().cumsum(0).t().contiguous()  # [N, blocks]
     total = block_cdf[:, -1:]
     zero = total.new_zeros(())
     target = torch.rand(columns, 1, generator=generator, dtype=torch.float64, device=logits.device) * total
@@ -77,7 +78,7 @@ def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None 
     # the model's failure, which the loss reports; they must not index out of range here).
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), zero)
-    inside = within[block[:, 0], :, torch.arange(columns, device=logits.device)]  # [N, CDF_BLOCK]
+    inside = blocks[block[:, 0], :, torch.arange(columns, device=logits.device)].cumsum(1)  # [N, CDF_BLOCK]
     rest = (target - before).to(inside.dtype)
     rest = torch.minimum(rest, inside[:, -1:].nextafter(inside.new_zeros(()))).clamp_(min=0)
     offset = torch.searchsorted(inside, rest, right=True).clamp_(max=CDF_BLOCK - 1)
