@@ -44,8 +44,16 @@ struct TrunkGeometry {
   const Tree& t;
   int64_t positions;  // per tile
 
-  explicit TrunkGeometry(const Tree& tree)
-      : t(tree), positions(std::max<int64_t>(1, kTileRows / (tree.group() * tree.q_slots))) {}
+  explicit TrunkGeometry(const Tree& tree) : t(tree), positions(tile_positions(tree)) {}
+
+  // kTileRows query rows per tile, but at least two tiles per thread where the positions allow:
+  // one slot of queries (a sampling step through the cache) over three KV heads would otherwise
+  // be three tiles, leaving one of two threads idle for a third of the call.
+  static int64_t tile_positions(const Tree& t) {
+    const int64_t by_rows = std::max<int64_t>(1, kTileRows / (t.group() * t.q_slots));
+    const int64_t heads = t.batch * t.kv_heads, per_head = (2 * at::get_num_threads() + heads - 1) / heads;
+    return std::min(by_rows, std::max<int64_t>(1, (t.slot_len + per_head - 1) / per_head));
+  }
 
   int64_t stacked() const { return t.group() * t.q_slots; }  // query rows per position
   int64_t tiles_per_head() const { return (t.slot_len + positions - 1) / positions; }

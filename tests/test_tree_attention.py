@@ -275,15 +275,24 @@ def test_native_uses_its_bfloat16_products_for_bfloat16_values_at_every_length(m
         (1, 4, 1, 300, 2, 5, 2, False, 140),
         (2, 2, 1, 270, 2, 3, 1, True, 60),
         (1, 2, 2, 129, 1, 1, 1, False, None),
+        (1, 3, 1, 128, 1, 5, 1, True, None),
     ],
-    ids=["L300-3-key-blocks", "L300-padded", "L300-window-skips-blocks-Sq-lt-Sk", "L270-padded-window", "L129-one-slot"],
+    ids=[
+        "L300-3-key-blocks",
+        "L300-padded",
+        "L300-window-skips-blocks-Sq-lt-Sk",
+        "L270-padded-window",
+        "L129-one-slot",
+        "L128-a-sampling-step-split-into-tiles-per-thread",
+    ],
 )
 def test_native_trunk_matches_reference_across_tiles_and_key_blocks(
     batch, q_heads, kv_heads, slot_len, n_q, n_k, n_thoughts, padded, window, poisoned_allocations
 ):
     """The native float32 trunk: tiles of stacked query rows whose positions straddle the
     128-key blocks, the last block partial, Sq < Sk as in decoding; padding (left padding hides
-    every text key from the first positions of a row) and a window that skips whole blocks."""
+    every text key from the first positions of a row) and a window that skips whole blocks; a
+    call with fewer heads than threads, whose positions are split so each thread gets tiles."""
     q, k, v, mask = make_inputs(batch, q_heads, kv_heads, slot_len, n_q, n_k, 32, torch.float32, padded)
     assert_matches_reference("native", q, k, v, slot_len, n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window)
 
