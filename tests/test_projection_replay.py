@@ -114,3 +114,36 @@ def test_bfloat16_autocast_step_with_replay_equals_the_step_without(architecture
     assert relative_error(sampled.loss, given.loss) <= 1e-2
     for a, b in zip(replayed, computed):
         assert relative_error(a, b) <= 5e-2
+
+
+def test_active_dropout_in_the_layers_turns_the_replay_off(monkeypatch):
+    calls = count_replays(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    mlp = decoder_layers(qs.model)[0].mlp
+    mlp.down_proj = nn.Sequential(mlp.down_proj, nn.Dropout(0.1))
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    qs.train()(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert calls == []
+    qs.eval()(ids, generator=torch.Generator().manual_seed(1)).loss.backward()  # dropout off: replayed
+    assert calls
+
+
+def test_a_linear_subclass_computes_in_both_passes(monkeypatch):
+    class ScaledLinear(nn.Linear):  # does not compute x W^T + b from .weight
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def with_scaled_down_proj(qs):
+        for layer in decoder_layers(qs.model):
+            old = layer.mlp.down_proj
+            layer.mlp.down_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
+            layer.mlp.down_proj.weight = old.weight
+        return qs
+
+    calls = count_replays(monkeypatch)
+    qs = with_scaled_down_proj(quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=2))
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    sampled = qs(ids, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 2 * 6  # every projection but the two down_proj
+    given = qs(ids, thoughts=sampled.thoughts)
+    torch.testing.assert_close(sampled.loss, given.loss)

@@ -26,6 +26,12 @@ from torch import nn
 from quietstar.model.attention import autocast_dtype
 
 
+def replayable(layers: nn.Module) -> bool:
+    """Whether the tree pass may replay ``layers``' projections: it computes what the sampling
+    pass computed only if nothing in between is random (no active dropout)."""
+    return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in layers.modules())
+
+
 class ProjectionRecord:
     """The outputs of every ``nn.Linear`` under ``layers`` while recording, each module's calls
     written one after another along the token axis of one buffer ``[B, total_rows, out]``
@@ -33,7 +39,9 @@ class ProjectionRecord:
     buffer as its output."""
 
     def __init__(self, layers: nn.Module, total_rows: int) -> None:
-        self.linears = [module for module in layers.modules() if isinstance(module, nn.Linear)]
+        # Exactly nn.Linear: a subclass (a quantized linear, say) may not compute x W^T + b
+        # from .weight, so it is left to compute in both passes.
+        self.linears = [module for module in layers.modules() if type(module) is nn.Linear]
         self.total_rows = total_rows
         self.buffers: dict[nn.Linear, torch.Tensor] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}

@@ -29,7 +29,12 @@ from quietstar.model.checkpoint import load_pretrained, save_pretrained
 from quietstar.model.config import QuietStarConfig
 from quietstar.model.generation import generate
 from quietstar.model.mixing import MixingHead
-from quietstar.model.projection_replay import ProjectionRecord, recording_projections, replaying_projections
+from quietstar.model.projection_replay import (
+    ProjectionRecord,
+    recording_projections,
+    replayable,
+    replaying_projections,
+)
 from quietstar.model.sampling import sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
 from quietstar.ops.linear_cross_entropy import (
@@ -448,12 +453,13 @@ class QuietStarModel(nn.Module):
     ) -> tuple[torch.Tensor, ProjectionRecord | None]:
         """``sample_thoughts``, keeping (with ``keep``) the decoder's projections of the
         ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``);
-        the record is None when not kept or not usable."""
-        if not keep:
+        the record is None when not kept, not usable, or the layers hold active dropout."""
+        layers = decoder_layers(self.model)
+        if not (keep and replayable(layers)):
             return self.sample_thoughts(input_ids, attention_mask, generator), None
         cfg = self.config
         length = input_ids.shape[1]
-        with recording_projections(decoder_layers(self.model), (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
+        with recording_projections(layers, (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
             thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
         if record.rows() != (1 + cfg.thought_tokens * cfg.n_thoughts) * length:
             logger.debug("the sampling pass's projections do not line up with the tree's slots: not replayed")
