@@ -44,7 +44,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     c10::Allocator* fallback;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      fallback = n < min_block_ ? fallback_ : nullptr;
+      fallback = n < min_block_ || bypass_ ? fallback_ : nullptr;
     }
     if (fallback != nullptr) return fallback->allocate(n);
     size_t size = size_class(n);
@@ -82,6 +82,21 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (!enabled_) return;
     c10::SetCPUAllocator(fallback_, /*priority=*/0);
     enabled_ = false;
+    evict_to(0);
+  }
+
+  // While on, new requests go to the allocator it replaced (one-off copies the cache should not
+  // keep once freed); returns the previous setting.
+  bool bypass(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool previous = bypass_;
+    bypass_ = on;
+    return previous;
+  }
+
+  // Frees every cached block (the blocks in use stay).
+  void empty_cache() {
+    std::lock_guard<std::mutex> lock(mutex_);
     evict_to(0);
   }
 
@@ -170,7 +185,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   std::mutex mutex_;
   c10::Allocator* fallback_ = nullptr;
-  bool enabled_ = false;
+  bool enabled_ = false, bypass_ = false;
   size_t max_cached_ = 0, min_block_ = 1 << 20, cached_bytes_ = 0, live_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
   std::map<size_t, std::vector<void*>> cached_;  // size class -> free blocks
@@ -193,6 +208,10 @@ void cpu_caching_allocator_disable() { allocator().disable(); }
 
 std::vector<int64_t> cpu_caching_allocator_stats() { return allocator().stats(); }
 
+bool cpu_caching_allocator_bypass(bool on) { return allocator().bypass(on); }
+
+void cpu_caching_allocator_empty_cache() { allocator().empty_cache(); }
+
 }  // namespace
 }  // namespace quietstar
 
@@ -201,4 +220,6 @@ TORCH_LIBRARY_FRAGMENT(quietstar, m) {
         &quietstar::cpu_caching_allocator_enable);
   m.def("cpu_caching_allocator_disable() -> ()", &quietstar::cpu_caching_allocator_disable);
   m.def("cpu_caching_allocator_stats() -> int[]", &quietstar::cpu_caching_allocator_stats);
+  m.def("cpu_caching_allocator_bypass(bool on) -> bool", &quietstar::cpu_caching_allocator_bypass);
+  m.def("cpu_caching_allocator_empty_cache() -> ()", &quietstar::cpu_caching_allocator_empty_cache);
 }

@@ -11,8 +11,10 @@ import torch
 from helpers import requires_native
 from quietstar.ops.cpu_caching_allocator import (
     cpu_caching_allocator,
+    cpu_caching_allocator_bypassed,
     cpu_caching_allocator_stats,
     disable_cpu_caching_allocator,
+    empty_cpu_caching_allocator_cache,
     enable_cpu_caching_allocator,
 )
 
@@ -77,6 +79,39 @@ def test_cached_bytes_never_exceed_the_limit():
     assert stats.cached_bytes <= 5 * MIB and stats.cached_blocks == 2
     assert enable_cpu_caching_allocator(max_cached_bytes=0)  # lowering the limit frees at once
     assert cpu_caching_allocator_stats().cached_bytes == 0
+
+
+def test_emptying_the_cache_frees_cached_blocks_and_keeps_live_ones():
+    assert enable_cpu_caching_allocator()
+    live = block(2 * MIB).fill_(7)
+    freed = block(3 * MIB)
+    del freed
+    before = cpu_caching_allocator_stats()
+    assert before.cached_blocks >= 1
+    empty_cpu_caching_allocator_cache()
+    after = cpu_caching_allocator_stats()
+    assert after.enabled and (after.cached_bytes, after.cached_blocks) == (0, 0)
+    assert after.live_blocks == before.live_blocks
+    again = block(3 * MIB)  # a miss: nothing cached to serve it
+    assert cpu_caching_allocator_stats().misses == after.misses + 1 and again.numel() == 3 * MIB
+    assert bool((live == 7).all())
+
+
+def test_bypassed_requests_are_neither_served_nor_kept_by_the_cache():
+    assert enable_cpu_caching_allocator()
+    cached = block(4 * MIB)
+    del cached
+    before = cpu_caching_allocator_stats()
+    with cpu_caching_allocator_bypassed():
+        snapshot = block(4 * MIB)  # its size class is cached, yet PyTorch's allocator serves it
+        with cpu_caching_allocator_bypassed():  # nesting keeps it bypassed
+            inner = block(4 * MIB)
+        later = block(4 * MIB)
+    assert cpu_caching_allocator_stats() == before
+    del snapshot, inner, later
+    assert cpu_caching_allocator_stats() == before  # freed to the system, not cached
+    served = block(4 * MIB)  # after the block: the cache again
+    assert cpu_caching_allocator_stats().hits == before.hits + 1 and served.numel() == 4 * MIB
 
 
 def test_disabling_frees_the_cache_and_keeps_live_tensors_valid():

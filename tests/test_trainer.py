@@ -3,6 +3,7 @@ SIGTERM, and QuietStarModel under transformers' Trainer."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -15,8 +16,13 @@ import torch
 from helpers import CORPUS, DEVICE, requires_native, training_workspace
 from safetensors.torch import load_file
 
-from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator_stats
+from quietstar.ops.cpu_caching_allocator import (
+    cpu_caching_allocator_stats,
+    disable_cpu_caching_allocator,
+    enable_cpu_caching_allocator,
+)
 from quietstar.train import TrainConfig, train
+from quietstar.train import checkpoints
 from quietstar.train.checkpoints import list_checkpoints
 from quietstar.train.trainer import Trainer
 
@@ -97,6 +103,33 @@ def test_a_cpu_run_uses_the_caching_allocator_for_the_run_only(workspace, tmp_pa
         trainer.close()
     assert seen == [enabled] * 4  # 2 steps x 2 micro-steps
     assert not cpu_caching_allocator_stats().enabled
+
+
+@requires_native
+def test_a_checkpoint_snapshot_neither_sits_beside_nor_stays_in_the_allocators_cache(workspace, tmp_path, monkeypatch):
+    """The snapshot (the weights and optimizer state) is taken after the cache is emptied, and
+    not from it: a cache holding the last step's activations beside it would raise the run's
+    peak by the step's working set, and its freed blocks would stay cached until the next one."""
+    seen = []
+
+    def copy_counted(state):
+        before = cpu_caching_allocator_stats()
+        copied = copy.deepcopy(state)
+        after = cpu_caching_allocator_stats()
+        seen.append((before.cached_bytes, after.live_bytes - before.live_bytes, after.hits - before.hits))
+        return copied
+
+    monkeypatch.setattr(checkpoints, "_copy", copy_counted)
+    trainer = Trainer(config(workspace, tmp_path / "run", max_steps=2, save_every=1))
+    # Every size through the cache (the tiny model's tensors are below the default 64 KiB);
+    # the run keeps an allocator its caller enabled, with the caller's limits.
+    assert enable_cpu_caching_allocator(min_block_bytes=1)
+    try:
+        trainer.train()
+    finally:
+        disable_cpu_caching_allocator()
+        trainer.close()
+    assert len(seen) == 4 and all(entry == (0, 0, 0) for entry in seen)
 
 
 def test_only_the_newest_checkpoints_are_kept(workspace, tmp_path):

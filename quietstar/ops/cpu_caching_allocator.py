@@ -89,12 +89,35 @@ def disable_cpu_caching_allocator() -> None:
         torch.ops.quietstar.cpu_caching_allocator_disable()
 
 
+def empty_cpu_caching_allocator_cache() -> None:
+    """Free the cached blocks (as ``torch.cuda.empty_cache``); blocks in use stay. Before a
+    large one-off allocation this keeps the peak at what it would be without the cache."""
+    if native_unavailable() is None:
+        torch.ops.quietstar.cpu_caching_allocator_empty_cache()
+
+
 def cpu_caching_allocator_stats() -> CPUCacheStats:
     """The allocator's counters (all zero, not enabled, without the native extension)."""
     if native_unavailable() is not None:
         return CPUCacheStats(False, 0, 0, 0, 0, 0, 0)
     enabled, *counts = torch.ops.quietstar.cpu_caching_allocator_stats()
     return CPUCacheStats(bool(enabled), *counts)
+
+
+@contextlib.contextmanager
+def cpu_caching_allocator_bypassed() -> Iterator[None]:
+    """Inside the block new CPU tensors skip the cache: PyTorch's allocator serves them and they
+    go back to the system when freed. For large one-off copies, such as a checkpoint's snapshot
+    of the weights and optimizer state, which the cache would otherwise hold until the next
+    copy of their size. Nothing changes when the allocator is off or not built."""
+    if native_unavailable() is not None:
+        yield
+        return
+    previous = torch.ops.quietstar.cpu_caching_allocator_bypass(True)
+    try:
+        yield
+    finally:
+        torch.ops.quietstar.cpu_caching_allocator_bypass(previous)
 
 
 @contextlib.contextmanager

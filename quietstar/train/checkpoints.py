@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from quietstar.model.checkpoint import read_state_dict, save_pretrained
+from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator_bypassed, empty_cpu_caching_allocator_cache
 from quietstar.train.config import TrainConfig
 from quietstar.train.distributed import ProcessGroup, gather_to_main
 
@@ -82,8 +83,13 @@ class CheckpointWriter:
         """Checkpoint ``OUT/checkpoint-STEP`` (every process must call this); ``wait`` returns
         only once it is on disk."""
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = _copy(get_model_state_dict(module, options=full))
-        optimizer_state = _copy(get_optimizer_state_dict(module, optimizer, options=full))
+        # The CPU caching allocator's blocks (the last step's freed activations) go back first,
+        # so the snapshot (the size of the weights and optimizer state) takes their place
+        # instead of adding to them; and it skips the cache, which would hold it once freed.
+        empty_cpu_caching_allocator_cache()
+        with cpu_caching_allocator_bypassed():
+            model_state = _copy(get_model_state_dict(module, options=full))
+            optimizer_state = _copy(get_optimizer_state_dict(module, optimizer, options=full))
         rng_states = gather_to_main(_rng_state(generator, self.group), self.group)
         final = self.out / f"{PREFIX}{step}"
         if self.group.is_main:
