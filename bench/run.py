@@ -128,8 +128,21 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
     else:
-        env["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        env["device"] = f"CPU ({cpu_model()}; {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return env
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it multiplies bfloat16 natively (AVX-512 BF16 or AMX),
+    which decides the bfloat16 numbers; "unknown" where /proc/cpuinfo does not say."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return f"{names[0] if names else 'unknown'}, {' and '.join(bf16) if bf16 else 'no bfloat16 instructions'}"
 
 
 def format_table(results: list[dict]) -> str:
