@@ -60,6 +60,18 @@ def test_a_replay_refuses_input_of_other_rows_than_recorded():
         linear(torch.randn(1, 8, 4))
 
 
+def test_a_projection_not_called_while_recording_computes_as_usual():
+    first, unused = nn.Linear(4, 6), nn.Linear(4, 6)
+    layers = nn.ModuleList([first, unused])
+    x = torch.randn(1, 9, 4)
+    with torch.no_grad(), recording_projections(layers, total_rows=9) as record:
+        first(x[:, :5])
+    assert record.rows() == 5
+    with replaying_projections(record):
+        torch.testing.assert_close(unused(x), nn.functional.linear(x, unused.weight, unused.bias))
+        torch.testing.assert_close(first(x), nn.functional.linear(x, first.weight, first.bias))
+
+
 def test_a_record_with_more_rows_than_the_tree_is_not_replayable():
     linear = nn.Linear(4, 6)
     record = record_and_replay(linear, [torch.randn(1, 5, 4), torch.randn(1, 5, 4)], total_rows=9)

@@ -61,10 +61,11 @@ class ProjectionRecord:
         self.filled[module] = start + rows
 
     def rows(self) -> int | None:
-        """Rows recorded per module (the same for every module), or None if the modules were
-        not all called the same way (nothing can be replayed then)."""
-        counts = set(self.filled.values())
-        if self.overflow or len(counts) != 1 or 0 in counts:
+        """Rows recorded per module called (the same for each), or None if they were not all
+        called the same way (nothing can be replayed then). A module never called while
+        recording is not replayed: it computes in the tree pass as usual."""
+        counts = {rows for rows in self.filled.values() if rows}
+        if self.overflow or len(counts) != 1:
             return None
         return counts.pop()
 
@@ -92,7 +93,7 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
     in the recording's buffer), with a linear's gradients for all rows. Each module replays
     once: the record is used up."""
     replaced = []
-    for module in record.linears:
+    for module in [module for module in record.linears if record.filled[module]]:
         replaced.append((module, module.__dict__.get("forward")))
         module.forward = _ReplayedForward(module, record.buffers.pop(module), record.filled[module])
     try:
