@@ -7,7 +7,9 @@ The fast training step:
 2. **One tree pass with gradients** over the base slot and every chain slot (start, thought
    tokens, end, teacher-forced talk inputs): sampled tokens are detached, so this gives the
    gradients of the step-by-step algorithm (SPEC section 6). The base slot is computed once
-   for all branches, attention is ``tree_attention`` (no dense mask).
+   for all branches, attention is ``tree_attention`` (no dense mask). Without checkpointing,
+   the decoder projections of the slots step 1 computed are replayed from it
+   (``projection_replay``), so only the remaining slots are multiplied again.
 3. **Talk and learn**: every head (base NLL, mixed talk NLL, REINFORCE log-probabilities) is
    one ``linear_cross_entropy`` call; the logits are never held.
 """
