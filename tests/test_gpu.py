@@ -144,3 +144,26 @@ def test_training_step_in_bfloat16_is_as_close_to_float32_as_the_reference_in_bf
     for name, grad in exact_grads.items():
         error, allowed = relative_error(grads[name], grad), relative_error(ref_grads[name], grad)
         assert error <= 2 * allowed + 1e-2, (name, error, allowed)
+
+
+def sampled(qs, ids, mask, thoughts=None):
+    """A step that samples its own thoughts (the projection replay and inverse-CDF draws)."""
+    return qs(ids, mask, generator=torch.Generator(device=CUDA).manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_sampling_step_on_cuda_equals_the_step_given_its_thoughts(dtype):
+    """The tree pass replays the sampling pass's projections on the GPU too: the same losses and
+    gradients as the step handed the thoughts it drew (float32 to the CPU tests' tolerances;
+    bfloat16 to a bfloat16 rounding's)."""
+    qs = gpu_model().to(dtype)
+    ids, mask = gpu_batch()
+    out, grads = step(qs, sampled, ids, mask, None)
+    assert out.thoughts.device.type == CUDA.type and not torch.isin(out.thoughts, qs.masked_vocab).any()
+    given, given_grads = step(qs, fast, ids, mask, out.thoughts)
+    out_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    for field in OUTPUT_FIELDS:
+        assert relative_error(getattr(out, field), getattr(given, field)) <= out_tol, field
+    assert set(grads) == set(given_grads)
+    for name, grad in given_grads.items():
+        assert relative_error(grads[name], grad) <= grad_tol, (name, relative_error(grads[name], grad))
