@@ -20,7 +20,7 @@ def test_replayed_linear_has_a_linears_outputs_and_gradients():
     expected = nn.functional.linear(x, weight, bias)
     buffer = torch.empty(2, 7, 3, dtype=torch.float64)
     buffer[:, :4] = expected[:, :4].detach()
-    out = ReplayedLinear.apply(x, weight, bias, (buffer, 4))
+    out = ReplayedLinear.apply(x, weight, bias, (buffer, 4, torch.float64))
     assert torch.equal(out, expected)
     grad = torch.randn_like(expected)
     got = torch.autograd.grad(out, (x, weight, bias), grad)
@@ -46,11 +46,11 @@ def test_a_projection_replays_its_recorded_rows_and_multiplies_the_rest():
     record.buffers[linear][0, 0, 0] += 1.0
     with replaying_projections(record):
         out = linear(x)
-        with pytest.raises(RuntimeError, match="called more often than recorded"):
-            linear(x)
+        again = linear(x)  # the record is used up: computed as usual
     expected = linear(x)  # the module's own forward is back
     assert out[0, 0, 0] == expected[0, 0, 0] + 1.0
     torch.testing.assert_close(out[:, 1:], expected[:, 1:])
+    torch.testing.assert_close(again, expected)
 
 
 def test_a_replay_refuses_input_of_other_rows_than_recorded():
@@ -159,3 +159,60 @@ def test_a_linear_subclass_computes_in_both_passes(monkeypatch):
     assert len(calls) == 2 * 6  # every projection but the two down_proj
     given = qs(ids, thoughts=sampled.thoughts)
     torch.testing.assert_close(sampled.loss, given.loss)
+
+
+def test_layers_recomputed_in_the_backward_turn_the_replay_off(monkeypatch):
+    """Hugging Face's gradient checkpointing recomputes a layer with its plain projections,
+    which would save other tensors than the replayed ones did."""
+    calls = count_replays(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    # activation_checkpointing_enable from transformers 5.24 on, gradient_checkpointing_enable before
+    if hasattr(qs.model, "activation_checkpointing_enable"):
+        qs.model.activation_checkpointing_enable()
+    else:
+        qs.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    qs.train()(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert calls == []
+
+
+def test_a_projections_forward_hook_applies_once_to_replayed_rows(monkeypatch):
+    calls = count_replays(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=2)
+    decoder_layers(qs.model)[0].mlp.down_proj.register_forward_hook(lambda module, args, output: output * 2)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    sampled = qs(ids, generator=torch.Generator().manual_seed(1))
+    assert calls
+    torch.testing.assert_close(sampled.loss, qs(ids, thoughts=sampled.thoughts).loss)
+
+
+def test_a_projection_with_its_own_instance_forward_is_not_replayed(monkeypatch):
+    calls = count_replays(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    hooked = decoder_layers(qs.model)[0].self_attn.q_proj
+    hooked.forward = lambda x: nn.Linear.forward(hooked, x)  # as accelerate's device hooks do
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert len(calls) == 2 * 7 - 1 and "forward" in hooked.__dict__
+
+
+def test_under_autocast_the_replay_keeps_no_cast_copy_of_the_weight():
+    """The products run in bfloat16, as autocast's linear, but what is saved for the backward is
+    the float32 parameter (cast again there), not a bfloat16 copy of it for every layer."""
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 16)
+    x = torch.randn(1, 6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        record = record_and_replay(linear, [x[:, :4].detach()], total_rows=6)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with replaying_projections(record):
+                out = linear(x)
+        expected = linear(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert any(t is linear.weight for t in saved)
+    assert not any(t.shape == linear.weight.shape and t.dtype == torch.bfloat16 for t in saved)
+    grads = torch.autograd.grad(out.float().sum(), (x, linear.weight, linear.bias))
+    want = torch.autograd.grad(expected.float().sum(), (x, linear.weight, linear.bias))
+    for got, ref in zip(grads, want):
+        assert got.dtype == ref.dtype and relative_error(got, ref) <= 1e-2

@@ -28,8 +28,16 @@ from quietstar.model.attention import autocast_dtype
 
 def replayable(layers: nn.Module) -> bool:
     """Whether the tree pass may replay ``layers``' projections: it computes what the sampling
-    pass computed only if nothing in between is random (no active dropout)."""
-    return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in layers.modules())
+    pass computed only if nothing in between is random (no active dropout), and a layer
+    recomputed in the backward (Hugging Face's ``gradient_checkpointing_enable``, torch's
+    ``checkpoint_wrapper``) must recompute what it saved, which a replayed projection does not;
+    global forward hooks would see the recorded rows twice."""
+    for module in layers.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
+            return False
+        if getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper":
+            return False
+    return not nn.modules.module._global_forward_hooks
 
 
 class ProjectionRecord:
@@ -39,9 +47,12 @@ class ProjectionRecord:
     buffer as its output."""
 
     def __init__(self, layers: nn.Module, total_rows: int) -> None:
-        # Exactly nn.Linear: a subclass (a quantized linear, say) may not compute x W^T + b
-        # from .weight, so it is left to compute in both passes.
-        self.linears = [module for module in layers.modules() if type(module) is nn.Linear]
+        # Exactly nn.Linear with the class's forward: a subclass (a quantized linear, say) may
+        # not compute x W^T + b from .weight, and a forward set on the instance (accelerate's
+        # device or offload hooks) does more; both compute in the two passes.
+        self.linears = [
+            module for module in layers.modules() if type(module) is nn.Linear and "forward" not in module.__dict__
+        ]
         self.total_rows = total_rows
         self.buffers: dict[nn.Linear, torch.Tensor] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
@@ -75,8 +86,10 @@ def recording_projections(layers: nn.Module, total_rows: int) -> Iterator[Projec
     """Keep the output of every linear projection under ``layers`` called inside the block,
     into buffers of ``total_rows`` tokens (the tree pass's)."""
     record = ProjectionRecord(layers, total_rows)
+    # First among the module's hooks: the rows are the projection's own output, which the
+    # module's other hooks see again when the tree pass replays them.
     handles = [
-        module.register_forward_hook(lambda module, args, output: record.keep(module, output.detach()))
+        module.register_forward_hook(lambda module, args, output: record.keep(module, output.detach()), prepend=True)
         for module in record.linears
     ]
     try:
@@ -91,7 +104,8 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
     """Inside the block, each recorded projection's next call on ``x [B, total_rows, in]``
     returns its recorded rows followed by ``linear(x[:, recorded:])`` (``[B, total_rows, out]``,
     in the recording's buffer), with a linear's gradients for all rows. Each module replays
-    once: the record is used up."""
+    once (the record is used up); later calls compute as usual. The modules are patched for
+    every thread: run nothing else on the model inside the block."""
     replaced = []
     for module in [module for module in record.linears if record.filled[module]]:
         replaced.append((module, module.__dict__.get("forward")))
@@ -107,7 +121,7 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
 
 
 class _ReplayedForward:
-    """A projection's forward that returns its recorded rows once, then is spent."""
+    """A projection's forward that returns its recorded rows once, then computes as usual."""
 
     def __init__(self, module: nn.Linear, buffer: torch.Tensor, filled: int) -> None:
         self.module = module
@@ -117,33 +131,33 @@ class _ReplayedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         buffer, self.buffer = self.buffer, None
         if buffer is None:
-            raise RuntimeError(f"replaying_projections: {self.module} was called more often than recorded")
+            return type(self.module).forward(self.module, x)
         if x.shape[:-1] != buffer.shape[:-1]:
             raise RuntimeError(
                 f"replaying_projections: {self.module} got input {tuple(x.shape)}, recorded for "
                 f"{tuple(buffer.shape[:-1])} tokens"
             )
-        weight, bias = self.module.weight, self.module.bias
         dtype = autocast_dtype(x.device) or x.dtype
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        return ReplayedLinear.apply(x, weight, bias, (buffer.to(dtype), self.filled))
+        return ReplayedLinear.apply(x, self.module.weight, self.module.bias, (buffer.to(dtype), self.filled, dtype))
 
 
 class ReplayedLinear(torch.autograd.Function):
     """``linear(x, weight, bias)`` over ``x [..., T, in]`` whose first rows are given.
 
-    ``recorded = (buffer [..., T, out], R)``: the first ``R`` rows of the output, already in
-    ``buffer``. Forward: fills ``buffer[..., R:, :]`` with ``linear(x[..., R:, :])`` and
-    returns it; backward: a linear's gradients over all ``T`` rows.
+    ``recorded = (buffer [..., T, out], R, dtype)``: the first ``R`` rows of the output, already
+    in ``buffer``, and the dtype the products run in (autocast's, or x's). Forward: fills
+    ``buffer[..., R:, :]`` with ``linear(x[..., R:, :])`` (under the caller's autocast, whose
+    cached cast of the weight it uses) and returns it; backward: a linear's gradients over all
+    ``T`` rows in that dtype, the weight cast on the fly rather than kept cast, returned in the
+    inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, recorded):
-        buffer, rows = recorded
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        buffer, rows, dtype = recorded
         buffer[..., rows:, :] = nn.functional.linear(x[..., rows:, :], weight, bias)
+        ctx.save_for_backward(x.to(dtype), weight)
+        ctx.has_bias = bias is not None
         return buffer
 
     @staticmethod
@@ -151,9 +165,9 @@ class ReplayedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
+            grad_x = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2)
+            grad_weight = (grad.flatten(0, -2).t() @ x.flatten(0, -2)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.flatten(0, -2).sum(0)
+            grad_bias = grad.flatten(0, -2).sum(0).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None

@@ -457,12 +457,12 @@ class QuietStarModel(nn.Module):
         ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``);
         the record is None when not kept, not usable, or the layers hold active dropout."""
         layers = decoder_layers(self.model)
-        if not (keep and replayable(layers)):
-            return self.sample_thoughts(input_ids, attention_mask, generator), None
         cfg = self.config
+        if not (keep and replayable(layers)):
+            return self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2], None
         length = input_ids.shape[1]
         with recording_projections(layers, (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
-            thoughts = self.sample_thoughts(input_ids, attention_mask, generator)
+            thoughts = self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2]
         if record.rows() != (1 + cfg.thought_tokens * cfg.n_thoughts) * length:
             logger.debug("the sampling pass's projections do not line up with the tree's slots: not replayed")
             return thoughts, None
