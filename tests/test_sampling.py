@@ -65,3 +65,10 @@ def test_sample_tokens_never_draws_masked_ids_and_is_reproducible():
     greedy = sample_tokens(hidden, weight, masked_vocab=masked, greedy=True)
     logits = (hidden @ weight.t()).index_fill(-1, masked, float("-inf"))
     assert torch.equal(greedy, logits.argmax(-1))
+
+
+def test_non_finite_logits_still_give_token_ids():
+    logits = torch.randn(300, 4)
+    logits[5, 0], logits[:, 1], logits[7, 2] = float("nan"), float("nan"), float("inf")
+    draws = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(0))
+    assert draws.shape == (4,) and bool(((draws >= 0) & (draws < 300)).all())

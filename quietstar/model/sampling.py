@@ -60,15 +60,16 @@ def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None 
     zero = total.new_zeros(())
     target = torch.rand(columns, 1, generator=generator, dtype=torch.float64, device=logits.device) * total
     target = torch.minimum(target, total.nextafter(zero))
-    # The first block whose running sum exceeds the target (clamped: non-finite logits are
-    # the model's failure, which the loss reports; they must not index out of range here).
+    # The first block whose running sum exceeds the target (clamped, for non-finite logits).
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), zero)
     inside = blocks[block[:, 0], :, torch.arange(columns, device=logits.device)].cumsum(1)  # [N, CDF_BLOCK]
     rest = (target - before).to(inside.dtype)
     rest = torch.minimum(rest, inside[:, -1:].nextafter(inside.new_zeros(()))).clamp_(min=0)
     offset = torch.searchsorted(inside, rest, right=True).clamp_(max=CDF_BLOCK - 1)
-    return (block * CDF_BLOCK + offset)[:, 0]
+    # Clamped into the vocabulary: a column of NaN or +inf logits (a diverged model, which its
+    # loss reports) must still give a token id, as Gumbel-max's argmax did.
+    return (block * CDF_BLOCK + offset)[:, 0].clamp_(max=vocab - 1)
 
 
 @torch.no_grad()
