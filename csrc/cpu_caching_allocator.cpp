@@ -44,7 +44,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     c10::Allocator* fallback;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      fallback = n < min_block_ || bypass_ ? fallback_ : nullptr;
+      fallback = n < min_block_ || bypass_depth_ > 0 ? fallback_ : nullptr;
     }
     if (fallback != nullptr) return fallback->allocate(n);
     size_t size = size_class(n);
@@ -85,13 +85,16 @@ class CachingCPUAllocator final : public c10::Allocator {
     evict_to(0);
   }
 
-  // While on, new requests go to the allocator it replaced (one-off copies the cache should not
-  // keep once freed); returns the previous setting.
+  // Between bypass(true) and its bypass(false), new requests go to the allocator it replaced
+  // (one-off copies the cache should not keep once freed). Counted, so nested or overlapping
+  // blocks (other threads) end only with the last; returns whether requests are bypassed now.
   bool bypass(bool on) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const bool previous = bypass_;
-    bypass_ = on;
-    return previous;
+    if (on)
+      ++bypass_depth_;
+    else if (bypass_depth_ > 0)
+      --bypass_depth_;
+    return bypass_depth_ > 0;
   }
 
   // Frees every cached block (the blocks in use stay).
@@ -185,7 +188,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   std::mutex mutex_;
   c10::Allocator* fallback_ = nullptr;
-  bool enabled_ = false, bypass_ = false;
+  bool enabled_ = false;
+  int64_t bypass_depth_ = 0;
   size_t max_cached_ = 0, min_block_ = 1 << 20, cached_bytes_ = 0, live_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
   std::map<size_t, std::vector<void*>> cached_;  // size class -> free blocks

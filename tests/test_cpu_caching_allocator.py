@@ -114,6 +114,22 @@ def test_bypassed_requests_are_neither_served_nor_kept_by_the_cache():
     assert cpu_caching_allocator_stats().hits == before.hits + 1 and served.numel() == 4 * MIB
 
 
+def test_overlapping_bypasses_end_with_the_last():
+    assert enable_cpu_caching_allocator()
+    cached = block(4 * MIB)
+    del cached
+    first, second = cpu_caching_allocator_bypassed(), cpu_caching_allocator_bypassed()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # out of order, as two threads may end them
+    before = cpu_caching_allocator_stats()
+    still = block(4 * MIB)
+    assert cpu_caching_allocator_stats() == before  # still bypassed: the second block is open
+    second.__exit__(None, None, None)
+    served = block(4 * MIB)
+    assert cpu_caching_allocator_stats().hits == before.hits + 1 and still.numel() == served.numel()
+
+
 def test_disabling_frees_the_cache_and_keeps_live_tensors_valid():
     assert enable_cpu_caching_allocator()
     live_before = cpu_caching_allocator_stats().live_blocks  # another test's tensors may hold some

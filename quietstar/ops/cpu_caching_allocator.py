@@ -109,15 +109,16 @@ def cpu_caching_allocator_bypassed() -> Iterator[None]:
     """Inside the block new CPU tensors skip the cache: PyTorch's allocator serves them and they
     go back to the system when freed. For large one-off copies, such as a checkpoint's snapshot
     of the weights and optimizer state, which the cache would otherwise hold until the next
-    copy of their size. Nothing changes when the allocator is off or not built."""
+    copy of their size. Blocks may nest or overlap across threads: the bypass ends with the
+    last of them. Nothing changes when the allocator is off or not built."""
     if native_unavailable() is not None:
         yield
         return
-    previous = torch.ops.quietstar.cpu_caching_allocator_bypass(True)
+    torch.ops.quietstar.cpu_caching_allocator_bypass(True)
     try:
         yield
     finally:
-        torch.ops.quietstar.cpu_caching_allocator_bypass(previous)
+        torch.ops.quietstar.cpu_caching_allocator_bypass(False)
 
 
 @contextlib.contextmanager
