@@ -216,3 +216,22 @@ def test_under_autocast_the_replay_keeps_no_cast_copy_of_the_weight():
     want = torch.autograd.grad(expected.float().sum(), (x, linear.weight, linear.bias))
     for got, ref in zip(grads, want):
         assert got.dtype == ref.dtype and relative_error(got, ref) <= 1e-2
+
+
+def test_an_overridden_sample_thoughts_is_used_and_nothing_replayed(monkeypatch):
+    """A subclass may change the thoughts after running the layers; the recorded rows would then
+    not be the tree's."""
+    from quietstar import QuietStarModel
+
+    class FixedThoughts(QuietStarModel):
+        def sample_thoughts(self, input_ids, attention_mask=None, generator=None):
+            drawn = super().sample_thoughts(input_ids, attention_mask, generator)
+            return torch.full_like(drawn, 5)
+
+    calls = count_replays(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    qs.__class__ = FixedThoughts
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = qs(ids, generator=torch.Generator().manual_seed(1))
+    assert calls == [] and bool((out.thoughts == 5).all())
+    torch.testing.assert_close(out.loss, qs(ids, thoughts=out.thoughts).loss)

@@ -455,11 +455,14 @@ class QuietStarModel(nn.Module):
     ) -> tuple[torch.Tensor, ProjectionRecord | None]:
         """``sample_thoughts``, keeping (with ``keep``) the decoder's projections of the
         ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``);
-        the record is None when not kept, not usable, or the layers hold active dropout."""
+        the record is None when not kept, not usable (``replayable``), or when
+        ``sample_thoughts`` is overridden."""
         layers = decoder_layers(self.model)
         cfg = self.config
-        if not (keep and replayable(layers)):
-            return self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2], None
+        # An overridden sample_thoughts may change the thoughts after the layers ran: then the
+        # recorded rows would not be the tree's, so it runs as it is, and nothing is replayed.
+        if not (keep and replayable(layers)) or type(self).sample_thoughts is not _SAMPLE_THOUGHTS:
+            return self.sample_thoughts(input_ids, attention_mask, generator), None
         length = input_ids.shape[1]
         with recording_projections(layers, (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
             thoughts = self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2]
@@ -607,3 +610,7 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"thoughts must be token ids in [0, {vocab})")
         if self.masked_vocab.numel() and bool(torch.isin(thoughts, self.masked_vocab).any()):
             raise ValueError("thoughts must not contain the meta tokens (<|startthought|>, <|endthought|>)")
+
+
+# The class's own sampling: the only one whose recorded projections are the tree's (above).
+_SAMPLE_THOUGHTS = QuietStarModel.sample_thoughts
