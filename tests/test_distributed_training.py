@@ -1,5 +1,7 @@
 """Training on several processes (torchrun, gloo on CPU): two processes of batch 1 take the
-same steps as one process of batch 2, with DDP and with FSDP2, given the same thoughts."""
+same steps as one process of batch 2, with DDP and with FSDP2, given the same thoughts; and a
+step sampling its own thoughts, which replays its projections, has the gradients of the step
+given those thoughts under both."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +105,58 @@ def test_more_processes_than_gpus_is_an_error_naming_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node has 1 CUDA device"):
         setup("cuda")
+
+
+# Each process: a step sampling its own thoughts (the projection replay) and the step given
+# those thoughts, through DDP or FSDP2; writes the replays counted and the gradients' error.
+REPLAY_DRIVER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from helpers import quietstar_model, relative_error
+from quietstar.model import projection_replay
+from quietstar.train.distributed import ProcessGroup, wrap
+
+calls = []
+forward = projection_replay.ReplayedLinear.forward
+projection_replay.ReplayedLinear.forward = staticmethod(lambda ctx, *a: calls.append(1) or forward(ctx, *a))
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=2).train()
+module = wrap(qs, ProcessGroup(rank, dist.get_world_size(), torch.device("cpu")), fsdp=sys.argv[1] == "fsdp")
+ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(rank))
+
+def grads(**options):
+    qs.zero_grad(set_to_none=True)
+    out = module(ids, **options)
+    out.loss.backward()
+    full = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in qs.named_parameters() if p.grad is not None}
+    return out, {n: g.clone() for n, g in full.items()}
+
+sampled, replayed = grads(generator=torch.Generator().manual_seed(1))
+replays = len(calls)
+_, given = grads(thoughts=sampled.thoughts)
+assert replayed.keys() == given.keys()
+error = max(relative_error(replayed[n], given[n]) for n in given)
+open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(f"{replays} {error}")
+del module, qs  # FSDP2's state freed while its process group lives (else gloo aborts at exit)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_sampling_step_replays_its_projections_under_ddp_and_fsdp2(tmp_path, sharding):
+    driver = tmp_path / "replay_driver.py"
+    driver.write_text(REPLAY_DRIVER)
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node=2", str(driver), sharding, tests, str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in range(2)]
+    for replays, error in results:
+        assert int(replays) == 2 * 7  # every projection of both layers
+        assert float(error) <= 1e-6
