@@ -106,18 +106,16 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
     in the recording's buffer), with a linear's gradients for all rows. Each module replays
     once (the record is used up); later calls compute as usual. The modules are patched for
     every thread: run nothing else on the model inside the block."""
-    replaced = []
-    for module in [module for module in record.linears if record.filled[module]]:
-        replaced.append((module, module.__dict__.get("forward")))
+    # Recorded modules have no instance forward of their own (ProjectionRecord): deleting the
+    # patch restores the class's.
+    replaced = [module for module in record.linears if record.filled[module]]
+    for module in replaced:
         module.forward = _ReplayedForward(module, record.buffers.pop(module), record.filled[module])
     try:
         yield
     finally:
-        for module, forward in replaced:
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+        for module in replaced:
+            del module.forward
 
 
 class _ReplayedForward:
