@@ -61,6 +61,11 @@ class QuietStarConfig:
         """``C``: start, the thought tokens, end, then the ``talk_tokens - 1`` talk inputs."""
         return self.thought_tokens + self.talk_tokens + 1
 
+    @property
+    def tree_slots(self) -> int:
+        """``1 + C * N``: the text's slot and every chain step of every thought."""
+        return 1 + self.chain_steps * self.n_thoughts
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -440,7 +440,7 @@ class QuietStarModel(nn.Module):
         cfg = self.config
         batch, length = input_ids.shape
         targets = Targets.from_labels(labels, cfg.talk_tokens)
-        checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * (1 + cfg.chain_steps * cfg.n_thoughts))
+        checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * cfg.tree_slots)
         record = None
         if thoughts is None:
             thoughts, record = self._sample_recording(input_ids, attention_mask, generator, keep=not checkpoint)
@@ -464,7 +464,7 @@ class QuietStarModel(nn.Module):
         if not (keep and replayable(layers)) or type(self).sample_thoughts is not _SAMPLE_THOUGHTS:
             return self.sample_thoughts(input_ids, attention_mask, generator), None
         length = input_ids.shape[1]
-        with recording_projections(layers, (1 + cfg.chain_steps * cfg.n_thoughts) * length) as record:
+        with recording_projections(layers, cfg.tree_slots * length) as record:
             thoughts = self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2]
         if record.rows() != (1 + cfg.thought_tokens * cfg.n_thoughts) * length:
             logger.debug("the sampling pass's projections do not line up with the tree's slots: not replayed")
@@ -486,9 +486,8 @@ class QuietStarModel(nn.Module):
         batch, length = input_ids.shape
         n = cfg.n_thoughts
         chain = self.chain_embeddings(input_ids, thoughts)  # [B, C, N, L, d]
-        n_slots = 1 + cfg.chain_steps * n
         embeds = torch.cat([self.embed(input_ids)[:, None], chain.flatten(1, 2)], dim=1).flatten(1, 2)
-        positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), n_slots, n)
+        positions = tree_position_ids(base_positions(attention_mask, batch, length, input_ids.device), cfg.tree_slots, n)
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
         with replaying_projections(record) if record is not None else contextlib.nullcontext():
             hidden = run_backbone(self.model, embeds, positions, tree_layout=layout, checkpoint_layers=checkpoint)
