@@ -1,5 +1,5 @@
-// What the native tree-attention kernels share: a call's shapes (Tree), the vector helpers and
-// the clones that compile them for the CPU's feature level. The chain part is in
+// What the native tree-attention kernels share: a call's shapes (Tree) and the argument checks
+// (the vector helpers are vector_math.h's). The chain part is in
 // tree_attention.cpp, the trunk part in tree_attention_trunk.cpp.
 #pragma once
 
@@ -12,6 +12,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "vector_math.h"
 
 namespace quietstar {
 
@@ -43,66 +45,6 @@ struct Tree {
   // Key slot of query slot j.
   int64_t key_slot(int64_t j) const { return k_slots - q_slots + j; }
 };
-
-// Vector loops, inlined into the task functions below. The tasks that compute in float32
-// (float32, bfloat16 and float16 storage) are compiled for the x86-64 feature levels v4
-// (AVX-512), v3 (AVX2 + FMA) and the baseline, and picked at load time by the CPU's features
-// (GCC function multiversioning); float64 (the gradcheck path) is compiled once. Levels, not CPU names: a clone for "arch=skylake-avx512" is picked only on that Intel
-// model, so an AMD EPYC with AVX-512 ran the baseline SSE2 clone.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QUIETSTAR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define QUIETSTAR_INLINE inline __attribute__((always_inline))
-#else
-#define QUIETSTAR_CLONES
-#define QUIETSTAR_INLINE inline
-#endif
-
-#if defined(__GNUC__)
-// One 512-bit vector of T (GCC/Clang vector extensions: AVX-512 in the v4 clone, two or four
-// narrower registers in the others).
-template <typename T, int N>
-struct VectorOf {
-  typedef T type __attribute__((vector_size(N * sizeof(T))));
-};
-template <typename T, int N>
-using Vector = typename VectorOf<T, N>::type;
-
-// Sum of a vector's lanes as a tree of register halves (an `omp simd` reduction spills the
-// vector and adds its lanes one after another).
-template <typename T, int N>
-QUIETSTAR_INLINE T lane_sum(const Vector<T, N>& x) {
-  if constexpr (N == 2) {
-    return x[0] + x[1];
-  } else {
-    Vector<T, N / 2> low, high;
-    std::memcpy(&low, &x, sizeof(low));
-    std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof(low), sizeof(high));
-    return lane_sum<T, N / 2>(low + high);
-  }
-}
-
-template <typename T>
-QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 64 / sizeof(T);
-  Vector<T, kLanes> acc = {}, x, y;
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    std::memcpy(&x, a + d, sizeof(x));
-    std::memcpy(&y, b + d, sizeof(y));
-    acc += x * y;
-  }
-  T s = lane_sum<T, kLanes>(acc);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-#else
-template <typename T>
-QUIETSTAR_INLINE T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-#endif
 
 // Checks the arguments the ops share and reads their shapes; k and v's batch and head strides
 // are free (a cache's filled part), their rows and positions contiguous.

@@ -82,40 +82,6 @@ at::Tensor matrix(const float* data, int64_t rows, int64_t cols, int64_t ld) {
 }
 
 #if defined(__GNUC__)
-using Floats = Vector<float, 16>;
-using Ints = Vector<int32_t, 16>;
-constexpr int64_t kLanes = 16;
-
-QUIETSTAR_INLINE Floats splat(float x) { return Floats{} + x; }
-
-// exp of 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (n rounded through the 1.5 * 2^23 trick),
-// e^r by Cephes's degree-6 polynomial, 2^n written into the exponent bits. Relative error about
-// 2e-7. Inputs above 88.3 give e^88.3; below -87.3 (the result's normal range), -inf included,
-// exactly 0.
-QUIETSTAR_INLINE Floats vexp(Floats in) {
-  const Floats lo = splat(-87.3f), hi = splat(88.3f), magic = splat(12582912.0f);
-  Floats x = in < lo ? lo : in;
-  x = x > hi ? hi : x;
-  const Floats t = x * 1.44269504088896341f + magic;
-  const Floats n = t - magic;
-  Floats r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  Floats p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  Ints t_bits, magic_bits;
-  std::memcpy(&t_bits, &t, sizeof(t));
-  std::memcpy(&magic_bits, &magic, sizeof(magic));
-  const Ints exponent = (t_bits - magic_bits + 127) << 23;
-  Floats two_n;
-  std::memcpy(&two_n, &exponent, sizeof(two_n));
-  return in < lo ? splat(0.0f) : p * two_n;
-}
-
 QUIETSTAR_INLINE float lane_max(const Floats& x) {
   float m = x[0];
   for (int l = 1; l < kLanes; ++l) m = std::max(m, x[l]);
