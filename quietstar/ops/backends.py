@@ -148,3 +148,12 @@ def autocast_off(method):
             return method(ctx, first, *args)
 
     return run
+
+
+def native_chosen(backend: str | None, device: torch.device) -> bool:
+    """For an op whose only kernels are native (the rest is its ``torch`` composition): whether
+    ``backend`` on ``device`` picks them (``resolve_backend``); ``"reference"``, ``"torch"`` and
+    ``"triton"`` pick the composition."""
+    if backend in ("reference", "torch", "triton"):
+        return False
+    return resolve_backend(backend, device, has_native=True) == "native"

@@ -1,0 +1,69 @@
+"""``swiglu``: the native kernels against ``silu(gate) * up``, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import relative_error, requires_native
+from quietstar.ops.swiglu import swiglu
+
+
+def forward_backward(gate, up, grad, backend):
+    gate, up = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    out = swiglu(gate, up, backend=backend)
+    out.backward(grad)
+    return out, gate.grad, up.grad
+
+
+@requires_native
+@pytest.mark.parametrize("shape", [(1, 7, 1536), (3, 37), (2, 5), (1, 1, 16)])
+def test_native_swiglu_equals_silu_times_up_forward_and_backward(shape):
+    generator = torch.Generator().manual_seed(0)
+    gate, up, grad = (4 * torch.randn(shape, generator=generator) for _ in range(3))
+    out, d_gate, d_up = forward_backward(gate, up, grad, "native")
+    expected, expected_gate, expected_up = forward_backward(gate, up, grad, "torch")
+    assert out.grad_fn.name() == "SwiGLUNativeBackward"
+    assert relative_error(out, expected) < 1e-6
+    assert relative_error(d_gate, expected_gate) < 1e-6
+    assert relative_error(d_up, expected_up) < 1e-6
+
+
+@requires_native
+def test_native_swiglu_in_bfloat16_is_the_float32_result_rounded_once():
+    generator = torch.Generator().manual_seed(1)
+    gate, up, grad = (torch.randn(9, 45, generator=generator).bfloat16() for _ in range(3))
+    out, d_gate, d_up = forward_backward(gate, up, grad, "native")
+    assert out.dtype == d_gate.dtype == d_up.dtype == torch.bfloat16
+    expected, expected_gate, expected_up = forward_backward(gate.float(), up.float(), grad.float(), "torch")
+    for actual, exact in ((out, expected), (d_gate, expected_gate), (d_up, expected_up)):
+        # Rounding to nearest: at most half a bfloat16 step (2^-8 relative) from the float32 value.
+        assert ((actual.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+
+
+@requires_native
+def test_native_swiglu_keeps_large_gates_and_nan():
+    gate = torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0, float("nan")] + [1.0] * 12)
+    up = torch.full_like(gate, 2.0)
+    out = swiglu(gate, up, backend="native")
+    torch.testing.assert_close(out[:5], F.silu(gate[:5]) * up[:5], rtol=1e-6, atol=1e-30)
+    assert out[5].isnan() and out[6:].isfinite().all()
+
+
+@requires_native
+def test_swiglu_runs_native_for_float32_and_bfloat16_and_torch_otherwise():
+    gate, up = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    assert swiglu(gate, up).grad_fn.name() == "SwiGLUNativeBackward"
+    assert swiglu(gate.bfloat16(), up.bfloat16()).grad_fn.name() == "SwiGLUNativeBackward"
+    assert swiglu(gate, up, backend="torch").grad_fn.name() != "SwiGLUNativeBackward"
+    assert swiglu(gate, up.bfloat16()).dtype == torch.float32  # mixed dtypes: the composition promotes
+    with pytest.raises(ValueError, match="backend='native' takes gate and up of one shape"):
+        swiglu(gate.double(), up.double(), backend="native")
+
+
+def test_swiglu_rejects_bad_input_naming_the_argument():
+    with pytest.raises(ValueError, match="gate must have dtype"):
+        swiglu(torch.ones(3, dtype=torch.long), torch.ones(3))
+    with pytest.raises(ValueError, match="up must be a torch.Tensor"):
+        swiglu(torch.ones(3), [1.0, 2.0, 3.0])
