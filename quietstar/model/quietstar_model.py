@@ -29,6 +29,7 @@ from quietstar.model.backbone import run_backbone
 from quietstar.model.cache import KVCache
 from quietstar.model.checkpoint import load_pretrained, save_pretrained
 from quietstar.model.config import QuietStarConfig
+from quietstar.model.fused_layers import fuse_layers
 from quietstar.model.generation import generate
 from quietstar.model.mixing import MixingHead
 from quietstar.model.projection_replay import (
@@ -169,6 +170,9 @@ class QuietStarModel(nn.Module):
             times the tokens of the text, so this is most of the memory; it costs one more
             forward); ``False`` keeps them; ``"auto"`` (the default) keeps them when their
             estimate (``activation_bytes``) is under half the memory available on the device.
+        fused_layers: swap the decoder's RMSNorms and SiLU-gated MLPs for quietstar's fused ones
+            (``fuse_layers``: the same weights, keys and arithmetic in fewer passes over memory);
+            ``False`` keeps the model's own modules.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class QuietStarModel(nn.Module):
         config: QuietStarConfig | None = None,
         *,
         gradient_checkpointing: bool | str = "auto",
+        fused_layers: bool = True,
     ) -> None:
         super().__init__()
         if gradient_checkpointing not in (True, False, "auto"):
@@ -188,6 +193,8 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"config must be a QuietStarConfig, got {type(config).__name__}")
         self.config = config or QuietStarConfig()
         self.model = patch(model)
+        if fused_layers:
+            fuse_layers(self.model)
         self.tokenizer = tokenizer
         embedding = model.get_input_embeddings().weight
         hidden_size = embedding.shape[1]

@@ -1,0 +1,97 @@
+"""The decoder's norms and MLPs on quietstar's fused ops (``rms_norm``, ``swiglu``), as
+Liger-Kernel patches them: same arithmetic, fewer passes over memory.
+
+* ``QuietStarRMSNorm``: built from a Llama-family RMSNorm, sharing its ``weight``.
+* ``QuietStarMLP``: built from a Llama-family MLP with the SiLU gate, sharing its three
+  projection modules (so projection replay and hooks on them see the same modules).
+* ``fuse_layers(model)``: swaps every decoder layer's two norms and its MLP, and the final norm,
+  in place. Weights, state-dict keys and outputs stay the original's (to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+
+from quietstar.model.attention import decoder_layers
+from quietstar.ops.rms_norm import rms_norm
+from quietstar.ops.swiglu import swiglu
+
+logger = logging.getLogger(__name__)
+
+# Exactly these classes (a subclass may compute something else) are swapped.
+RMS_NORM_TYPES = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
+MLP_TYPES = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+
+
+class QuietStarRMSNorm(nn.Module):
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` through ``rms_norm``; ``[..., d] -> [..., d]``."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class QuietStarMLP(nn.Module):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))``; ``[..., d] -> [..., d]``."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _swappable(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """An instance of exactly one of ``types``, with no hooks or instance ``forward`` of its own
+    (a swap would drop them)."""
+    return (
+        type(module) in types
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+    )
+
+
+def _silu_gate(mlp: nn.Module) -> bool:
+    return getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu"
+
+
+def fuse_layers(model: nn.Module) -> nn.Module:
+    """Swap the decoder's RMSNorms and SiLU-gated MLPs of a Llama-family causal LM for
+    ``QuietStarRMSNorm`` and ``QuietStarMLP`` in place; returns the model. Modules of another
+    type (a subclass, another activation) or with hooks stay as they are; swapping twice is a
+    no-op."""
+    kept = 0
+    for layer in decoder_layers(model):
+        for name in NORM_NAMES:
+            norm = getattr(layer, name, None)
+            if _swappable(norm, RMS_NORM_TYPES):
+                setattr(layer, name, QuietStarRMSNorm(norm))
+            elif not isinstance(norm, QuietStarRMSNorm):
+                kept += 1
+        if _swappable(layer.mlp, MLP_TYPES) and _silu_gate(layer.mlp):
+            layer.mlp = QuietStarMLP(layer.mlp)
+        elif not isinstance(layer.mlp, QuietStarMLP):
+            kept += 1
+    inner = getattr(model, "model", model)
+    if _swappable(getattr(inner, "norm", None), RMS_NORM_TYPES):
+        inner.norm = QuietStarRMSNorm(inner.norm)
+    if kept:
+        logger.info("fuse_layers: %d decoder norms or MLPs are not the Llama family's own; they run as they are", kept)
+    return model
