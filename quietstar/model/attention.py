@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quietstar.ops.layout import TreeLayout
+from quietstar.ops.rotary_embedding import rotary_embedding
 from quietstar.ops.tree_attention import tree_attention
 from quietstar.ops.tree_attention_native import half_precision_pays
 
@@ -159,7 +159,7 @@ class QuietStarAttention(nn.Module):
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        query, key = rotary_embedding(query, cos, sin), rotary_embedding(key, cos, sin)  # [B, H, T, D]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         out, _ = quietstar_attention_forward(
