@@ -75,3 +75,24 @@ def test_rotary_embedding_native_backend_rejects_what_it_does_not_take():
     x, cos, sin, _ = inputs(1, 4, 2, 8)
     with pytest.raises(ValueError, match="backend='native' takes float32 or bfloat16 x"):
         rotary_embedding(x.double(), cos.double(), sin.double(), backend="native")
+
+
+@requires_native
+def test_native_elementwise_ops_give_their_shapes_on_meta_tensors():
+    """The fakes of the rms_norm, swiglu and rotary_embedding ops give what the kernels give."""
+    ops = torch.ops.quietstar
+    x, cos, sin, grad = inputs(2, 5, 3, 8, dtype=torch.bfloat16)
+    gate, weight = torch.randn(4, 6), torch.randn(6)
+    calls = [
+        (ops.rms_norm_forward, (gate, weight, 1e-6)),
+        (ops.rms_norm_backward, (gate, gate, weight, torch.ones(4))),
+        (ops.swiglu_forward, (gate.bfloat16(), gate.bfloat16())),
+        (ops.swiglu_backward, (gate, gate, gate)),
+        (ops.rotary_embedding_forward, (x, cos, sin)),
+        (ops.rotary_embedding_backward, (grad, cos, sin, torch.bfloat16)),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        fake = op(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+        for r, f in zip(*(t if isinstance(t, tuple) else (t,) for t in (real, fake))):
+            assert (f.device.type, f.shape, f.dtype) == ("meta", r.shape, r.dtype), op

@@ -35,9 +35,10 @@ def native_unavailable() -> str | None:
 
 
 def _register_fakes() -> None:
-    """The custom ops without running them, for meta-device runs (shape only). Both work in
-    place on tensors they are given, as their schemas declare (``Tensor(a!)``), so their fakes
-    return nothing; ``torch.compile`` traces them as those in-place updates."""
+    """The custom ops without running them, for meta-device runs (shape only). The tree
+    attention ops work in place on tensors they are given, as their schemas declare
+    (``Tensor(a!)``), so their fakes return nothing; ``torch.compile`` traces them as those
+    in-place updates. The elementwise ops return new tensors of the shapes below."""
     import torch
 
     @torch.library.register_fake("quietstar::tree_attention_trunk_forward_")
@@ -57,6 +58,32 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quietstar::tree_attention_chain_backward_")
     def _backward(grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, slot_len, n_thoughts, scale):
         return None  # in place on grad_q, grad_k and grad_v
+
+    @torch.library.register_fake("quietstar::rms_norm_forward")
+    def _rms_norm_forward(x, weight, eps):
+        return torch.empty_like(x), x.new_empty(x.numel() // max(x.shape[-1], 1))  # out, one rstd per row
+
+    @torch.library.register_fake("quietstar::rms_norm_backward")
+    def _rms_norm_backward(grad, x, weight, rstd):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    @torch.library.register_fake("quietstar::swiglu_forward")
+    def _swiglu_forward(gate, up):
+        return torch.empty_like(gate)
+
+    @torch.library.register_fake("quietstar::swiglu_backward")
+    def _swiglu_backward(grad, gate, up):
+        return torch.empty_like(gate), torch.empty_like(up)
+
+    @torch.library.register_fake("quietstar::rotary_embedding_forward")
+    def _rotary_forward(x, cos, sin):
+        batch, length, heads, dim = x.shape
+        return x.new_empty((batch, heads, length, dim), dtype=torch.float32)
+
+    @torch.library.register_fake("quietstar::rotary_embedding_backward")
+    def _rotary_backward(grad, cos, sin, x_dtype):
+        batch, heads, length, dim = grad.shape
+        return grad.new_empty((batch, length, heads, dim), dtype=x_dtype)
 
 
 @functools.lru_cache(maxsize=None)
