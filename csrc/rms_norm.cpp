@@ -4,7 +4,9 @@
 // keeps x, x^2's mean and the normalised x for the backward; these kernels keep x and one rstd
 // per row.
 //
-// float32 x [N, d] and weight [d], contiguous. Backward, per row with x_hat = x * rstd and
+// float32 x [N, d] and weight [d], contiguous; the output float32 or bfloat16 (rounded once: under
+// autocast the norm's consumers are projections that would round it to bfloat16 each), the
+// output's gradient of the output's dtype. Backward, per row with x_hat = x * rstd and
 // g = grad * weight: d_x = rstd * (g - x_hat * mean(g * x_hat)); d_weight = sum over rows of
 // grad * x_hat (each worker sums its rows, the workers' sums are added last).
 
@@ -36,11 +38,12 @@ QUIETSTAR_INLINE float row_dot(const float* x, const float* y, int64_t d) {
   return lane_sum<float, kLanes>(acc);
 }
 
-QUIETSTAR_CLONES void forward_rows(const float* x, const float* weight, float* out, float* rstd, int64_t d, float eps,
+template <typename Out>
+QUIETSTAR_INLINE void forward_rows(const float* x, const float* weight, Out* out, float* rstd, int64_t d, float eps,
                                    int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float* row = x + r * d;
-    float* y = out + r * d;
+    Out* y = out + r * d;
     const float inv = 1.0f / std::sqrt(row_dot(row, row, d) / static_cast<float>(d) + eps);
     rstd[r] = inv;
     int64_t j = 0;
@@ -50,10 +53,12 @@ QUIETSTAR_CLONES void forward_rows(const float* x, const float* weight, float* o
 }
 
 // d_x of rows [begin, end), their grad * x_hat added into d_weight (a worker's own sums).
-QUIETSTAR_CLONES void backward_rows(const float* grad, const float* x, const float* weight, const float* rstd,
+template <typename Grad>
+QUIETSTAR_INLINE void backward_rows(const Grad* grad, const float* x, const float* weight, const float* rstd,
                                     float* d_x, float* d_weight, int64_t d, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
-    const float *dy = grad + r * d, *row = x + r * d;
+    const Grad* dy = grad + r * d;
+    const float* row = x + r * d;
     float* dx = d_x + r * d;
     const float inv = rstd[r];
     Floats acc = {};
@@ -75,6 +80,24 @@ QUIETSTAR_CLONES void backward_rows(const float* grad, const float* x, const flo
   }
 }
 
+#define QUIETSTAR_RMS_NORM_TASKS(T)                                                                           \
+  QUIETSTAR_CLONES void forward_task(const float* x, const float* weight, T* out, float* rstd, int64_t d, float eps, \
+                                     int64_t begin, int64_t end) {                                             \
+    forward_rows(x, weight, out, rstd, d, eps, begin, end);                                                    \
+  }                                                                                                            \
+  QUIETSTAR_CLONES void backward_task(const T* grad, const float* x, const float* weight, const float* rstd,      \
+                                      float* d_x, float* d_weight, int64_t d, int64_t begin, int64_t end) {     \
+    backward_rows(grad, x, weight, rstd, d_x, d_weight, d, begin, end);                                        \
+  }
+QUIETSTAR_RMS_NORM_TASKS(float)
+QUIETSTAR_RMS_NORM_TASKS(c10::BFloat16)
+#undef QUIETSTAR_RMS_NORM_TASKS
+
+void check_out_dtype(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rms_norm: out_dtype must be float32 or bfloat16, got ",
+              dtype);
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "quietstar native rms_norm runs on CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
@@ -86,15 +109,21 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                                    at::ScalarType out_dtype) {
   check_inputs(x, weight);
+  check_out_dtype(out_dtype);
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(x, x.options().dtype(out_dtype));
   at::Tensor rstd = at::empty({rows}, x.options());
   const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>();
-  float *o = out.data_ptr<float>(), *s = rstd.data_ptr<float>();
+  float* s = rstd.data_ptr<float>();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    forward_rows(xp, w, o, s, d, static_cast<float>(eps), begin, end);
+    if (out_dtype == at::kFloat) {
+      forward_task(xp, w, out.data_ptr<float>(), s, d, static_cast<float>(eps), begin, end);
+    } else {
+      forward_task(xp, w, out.data_ptr<c10::BFloat16>(), s, d, static_cast<float>(eps), begin, end);
+    }
   });
   return {out, rstd};
 }
@@ -102,21 +131,26 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd) {
   check_inputs(x, weight);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
-              "rms_norm: grad must be contiguous float32 with x's shape");
+  check_out_dtype(grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous(), "rms_norm: grad must be contiguous with x's shape");
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == at::kFloat && rstd.is_contiguous(),
               "rms_norm: rstd must hold one float32 per row");
   at::Tensor d_x = at::empty_like(x);
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   at::Tensor partial = at::zeros({workers, d}, x.options());
-  const float *dy = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>(),
-              *s = rstd.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>(), *s = rstd.data_ptr<float>();
   float *dx = d_x.data_ptr<float>(), *dw = partial.data_ptr<float>();
   const int64_t per_worker = (rows + workers - 1) / workers;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
-      backward_rows(dy, xp, w, s, dx, dw + k * d, d, k * per_worker, std::min(rows, (k + 1) * per_worker));
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t first = k * per_worker, last = std::min(rows, (k + 1) * per_worker);
+      if (grad.scalar_type() == at::kFloat) {
+        backward_task(grad.data_ptr<float>(), xp, w, s, dx, dw + k * d, d, first, last);
+      } else {
+        backward_task(grad.data_ptr<c10::BFloat16>(), xp, w, s, dx, dw + k * d, d, first, last);
+      }
+    }
   });
   return {d_x, partial.sum(0)};
 }
@@ -124,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
 }  // namespace quietstar
 
 TORCH_LIBRARY_FRAGMENT(quietstar, m) {
-  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 

@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from helpers import relative_error, requires_native
-from quietstar.ops.rms_norm import RMSNormNative, rms_norm
+from quietstar.ops.rms_norm import rms_norm
 
 
 def forward_backward(x, weight, grad, backend):
@@ -63,10 +63,27 @@ def test_rms_norm_runs_native_for_float32_on_the_cpu_and_torch_otherwise():
 
 
 @requires_native
+def test_native_rms_norm_rounds_once_to_the_out_dtype_and_takes_its_gradient():
+    generator = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(6, 40, generator=generator), torch.randn(40, generator=generator)
+    grad = torch.randn(6, 40, generator=generator).bfloat16()
+    results = []
+    for backend in ("native", "torch"):
+        x_, weight_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = rms_norm(x_, weight_, 1e-6, out_dtype=torch.bfloat16, backend=backend)
+        out.backward(grad)
+        results.append((out, x_.grad, weight_.grad))
+    (out, d_x, d_weight), (expected, expected_x, expected_weight) = results
+    assert out.dtype == torch.bfloat16 and d_x.dtype == d_weight.dtype == torch.float32
+    assert (out.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2**-8
+    assert relative_error(d_x, expected_x) < 1e-5 and relative_error(d_weight, expected_weight) < 1e-5
+
+
+@requires_native
 def test_native_rms_norm_propagates_nan():
     x = torch.randn(2, 20)
     x[1, 3] = float("nan")
-    out = RMSNormNative.apply(x, torch.ones(20), 1e-6)
+    out = rms_norm(x, torch.ones(20), 1e-6, backend="native")
     assert out[1].isnan().all() and out[0].isfinite().all()
 
 
@@ -82,6 +99,11 @@ def test_native_rms_norm_propagates_nan():
 def test_rms_norm_rejects_bad_input_naming_the_argument(x, weight, eps, backend, message):
     with pytest.raises(ValueError, match=message):
         rms_norm(x, weight, eps, backend=backend)
+
+
+def test_rms_norm_rejects_an_out_dtype_that_is_not_floating_point():
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
+        rms_norm(torch.randn(3, 4), torch.randn(4), 1e-6, out_dtype=torch.long)
 
 
 @requires_native

@@ -84,7 +84,7 @@ def test_native_elementwise_ops_give_their_shapes_on_meta_tensors():
     x, cos, sin, grad = inputs(2, 5, 3, 8, dtype=torch.bfloat16)
     gate, weight = torch.randn(4, 6), torch.randn(6)
     calls = [
-        (ops.rms_norm_forward, (gate, weight, 1e-6)),
+        (ops.rms_norm_forward, (gate, weight, 1e-6, torch.bfloat16)),
         (ops.rms_norm_backward, (gate, gate, weight, torch.ones(4))),
         (ops.swiglu_forward, (gate.bfloat16(), gate.bfloat16())),
         (ops.swiglu_backward, (gate, gate, gate)),

@@ -19,7 +19,7 @@ from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
-from quietstar.model.attention import decoder_layers
+from quietstar.model.attention import autocast_dtype, decoder_layers
 from quietstar.ops.rms_norm import rms_norm
 from quietstar.ops.swiglu import swiglu
 
@@ -32,18 +32,28 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 
 
 class QuietStarRMSNorm(nn.Module):
-    """``weight * (x * rsqrt(mean(x^2) + eps))`` through ``rms_norm``; ``[..., d] -> [..., d]``."""
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` through ``rms_norm``; ``[..., d] -> [..., d]``.
 
-    def __init__(self, norm: nn.Module) -> None:
+    With ``feeds_projections`` (a decoder layer's two norms, whose outputs only enter the
+    attention's and the MLP's projections) the result comes in the autocast dtype while autocast
+    is on: the values the projections would have cast it to, cast once in the norm's kernel
+    instead of once per projection (three for q/k/v, two for gate/up; about 5% of a bfloat16
+    training step on the CPU). Their input gradients then add up in that dtype before the norm's
+    backward, as they would in a model stored in it.
+    """
+
+    def __init__(self, norm: nn.Module, feeds_projections: bool = False) -> None:
         super().__init__()
         self.weight = norm.weight
         self.variance_epsilon = norm.variance_epsilon
+        self.feeds_projections = feeds_projections
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        out_dtype = autocast_dtype(hidden_states.device) if self.feeds_projections else None
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, feeds_projections={self.feeds_projections}"
 
 
 class QuietStarMLP(nn.Module):
@@ -82,7 +92,7 @@ def fuse_layers(model: nn.Module) -> nn.Module:
         for name in NORM_NAMES:
             norm = getattr(layer, name, None)
             if _swappable(norm, RMS_NORM_TYPES):
-                setattr(layer, name, QuietStarRMSNorm(norm))
+                setattr(layer, name, QuietStarRMSNorm(norm, feeds_projections=True))
             elif not isinstance(norm, QuietStarRMSNorm):
                 kept += 1
         if _swappable(layer.mlp, MLP_TYPES) and _silu_gate(layer.mlp):

@@ -60,8 +60,8 @@ def _register_fakes() -> None:
         return None  # in place on grad_q, grad_k and grad_v
 
     @torch.library.register_fake("quietstar::rms_norm_forward")
-    def _rms_norm_forward(x, weight, eps):
-        return torch.empty_like(x), x.new_empty(x.numel() // max(x.shape[-1], 1))  # out, one rstd per row
+    def _rms_norm_forward(x, weight, eps, out_dtype):
+        return torch.empty_like(x, dtype=out_dtype), x.new_empty(x.numel() // max(x.shape[-1], 1))  # out, rstd per row
 
     @torch.library.register_fake("quietstar::rms_norm_backward")
     def _rms_norm_backward(grad, x, weight, rstd):

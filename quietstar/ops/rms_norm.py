@@ -20,46 +20,67 @@ from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import native_chosen
 
 
+NATIVE_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class RMSNormNative(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
         x, weight = x.contiguous(), weight.contiguous()
-        out, rstd = torch.ops.quietstar.rms_norm_forward(x, weight, eps)
+        out, rstd = torch.ops.quietstar.rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.out_dtype = out_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        d_x, d_weight = torch.ops.quietstar.rms_norm_backward(grad.contiguous(), x, weight, rstd)
-        return d_x, d_weight, None
+        grad = grad.to(ctx.out_dtype).contiguous()
+        d_x, d_weight = torch.ops.quietstar.rms_norm_backward(grad, x, weight, rstd)
+        return d_x, d_weight, None, None
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The Llama family's arithmetic, op by op."""
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The Llama family's arithmetic, op by op (then cast to ``out_dtype`` when given)."""
     normed = x.to(torch.float32)
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    out = weight * normed.to(x.dtype)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
-def native_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the native kernels take these inputs: float32 ``x`` and ``weight`` on the CPU."""
-    return x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+def native_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
+    """Whether the native kernels take these inputs: float32 ``x`` and ``weight`` on the CPU,
+    the result float32 or bfloat16."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (out_dtype is None or out_dtype in NATIVE_OUT_DTYPES)
+    )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """RMSNorm over the last dimension, as ``LlamaRMSNorm`` (and Mistral's and Qwen's) computes it.
 
     Args:
         x: ``[..., d]``, floating point.
         weight: ``[d]``, on ``x``'s device.
         eps: added to the mean of the squares, a finite number >= 0.
+        out_dtype: the result's dtype (rounded once), or None for the module's own
+            (``weight * x`` promoted). Under autocast the decoder's norms return the autocast
+            dtype: their consumers are projections that would round it to that dtype each.
         backend: ``"torch"``, ``"native"`` or None: native for float32 ``x`` and ``weight`` on a
             CPU where the extension is built, else torch (``"reference"`` and ``"triton"`` mean
             torch: there is no other kernel).
 
     Returns:
-        ``[..., d]`` in the dtype ``weight * x`` promotes to (``x``'s for float32 inputs).
+        ``[..., d]`` in ``out_dtype``, or the dtype ``weight * x`` promotes to.
 
     Raises:
         ValueError: a shape, dtype, device or ``eps`` that does not fit, naming the argument,
@@ -71,9 +92,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
         raise ValueError(f"weight must be [d] for x [..., d], got {tuple(weight.shape)} and {tuple(x.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     if native_chosen(backend, x.device):
-        if native_takes(x, weight):
-            return RMSNormNative.apply(x, weight, float(eps))
+        if native_takes(x, weight, out_dtype):
+            return RMSNormNative.apply(x, weight, float(eps), out_dtype or torch.float32)
         if backend == "native":
-            raise ValueError(f"backend='native' takes float32 x and weight, got {x.dtype} and {weight.dtype}")
-    return rms_norm_torch(x, weight, eps)
+            raise ValueError(
+                f"backend='native' takes float32 x and weight and a float32 or bfloat16 out_dtype, "
+                f"got {x.dtype}, {weight.dtype} and {out_dtype}"
+            )
+    return rms_norm_torch(x, weight, eps, out_dtype)
