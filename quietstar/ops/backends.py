@@ -9,6 +9,9 @@ Each op has three implementations with one signature:
 * ``native``: C++ CPU kernels (``quietstar._C``, built by ``CMakeLists.txt``), for
   ``tree_attention``; an op without native kernels runs its ``torch`` backend under it.
 
+The decoder's elementwise ops (``rms_norm``, ``swiglu``, ``rotary_embedding``) have only
+``torch`` (transformers' own arithmetic, their reference) and ``native`` (``native_chosen``).
+
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
 ``triton`` for CUDA tensors when triton is installed, ``native`` for CPU tensors of an op with
 native kernels when the extension is built (measured the fastest on CPU), and ``torch`` for
