@@ -24,7 +24,12 @@ namespace {
 // Values per task: a task's three or five streams (about 320 KB) stay in a core's L2.
 constexpr int64_t kValuesPerTask = 16384;
 
-QUIETSTAR_INLINE Floats sigmoid(Floats x) { return 1.0f / (1.0f + vexp(-x)); }
+// 1 / (1 + e^-x), exactly 0 where e^-x overflows (vexp stops at e^88.3), as PyTorch's: silu of a
+// very negative gate is then -0, and of -inf NaN, not a finite multiple of the gate.
+QUIETSTAR_INLINE Floats sigmoid(Floats x) {
+  const Floats s = 1.0f / (1.0f + vexp(-x));
+  return x < -88.3f ? Floats{} : s;
+}
 
 template <typename T>
 QUIETSTAR_INLINE void forward_lanes(const T* gate, const T* up, T* out, int64_t i, int64_t n) {

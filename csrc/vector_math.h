@@ -85,10 +85,11 @@ QUIETSTAR_INLINE Floats vexp(Floats in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  Ints t_bits, magic_bits;
+  using Words = Vector<uint32_t, 16>;  // unsigned: shifting a NaN's bits left is defined
+  Words t_bits, magic_bits;
   std::memcpy(&t_bits, &t, sizeof(t));
   std::memcpy(&magic_bits, &magic, sizeof(magic));
-  const Ints exponent = (t_bits - magic_bits + 127) << 23;
+  const Words exponent = (t_bits - magic_bits + 127u) << 23;
   Floats two_n;
   std::memcpy(&two_n, &exponent, sizeof(two_n));
   return in < lo ? splat(0.0f) : p * two_n;

@@ -89,3 +89,24 @@ def test_the_step_with_fused_layers_equals_the_step_without():
     assert grads_fused.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():
         assert relative_error(grads_fused[name], grad) < 1e-3, name
+
+
+def test_fuse_layers_keeps_modules_with_backward_or_activation_hooks_and_the_training_mode():
+    model = tiny_causal_lm()  # eval mode
+    norm = model.model.layers[0].input_layernorm
+    norm.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    act = model.model.layers[1].mlp.act_fn
+    act.register_forward_hook(lambda module, args, out: out)
+    fuse_layers(model)
+    assert model.model.layers[0].input_layernorm is norm
+    assert model.model.layers[1].mlp.act_fn is act
+    assert isinstance(model.model.layers[0].mlp, QuietStarMLP)
+    assert not any(module.training for module in model.modules())
+
+
+def test_fuse_layers_leaves_an_mlp_whose_activation_was_replaced():
+    model = tiny_causal_lm()
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    fuse_layers(model)
+    assert not isinstance(model.model.layers[0].mlp, QuietStarMLP)
+    assert isinstance(model.model.layers[1].mlp, QuietStarMLP)

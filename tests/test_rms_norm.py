@@ -94,6 +94,7 @@ def test_native_rms_norm_propagates_nan():
         (torch.randn(3, 4), torch.randn(4), -1.0, None, "eps must be a finite number >= 0"),
         (torch.randn(3, 4), torch.randn(4), float("nan"), None, "eps must be"),
         (torch.randn(3, 4).long(), torch.randn(4), 1e-6, None, "x must have dtype"),
+        (torch.tensor(1.0), torch.randn(1), 1e-6, None, "x must have at least one dimension"),
     ],
 )
 def test_rms_norm_rejects_bad_input_naming_the_argument(x, weight, eps, backend, message):

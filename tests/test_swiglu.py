@@ -67,3 +67,41 @@ def test_swiglu_rejects_bad_input_naming_the_argument():
         swiglu(torch.ones(3, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError, match="up must be a torch.Tensor"):
         swiglu(torch.ones(3), [1.0, 2.0, 3.0])
+
+
+@requires_native
+def test_native_swiglu_gives_what_torch_gives_for_gates_past_the_exp_range():
+    gate = torch.tensor([-3e38, -1000.0, -100.0, float("-inf"), float("inf")] + [0.5] * 11)
+    up = torch.tensor([1.0, 3e38, 2.0, 1.0, 1.0] + [1.0] * 11)
+    out = swiglu(gate, up, backend="native")
+    expected = F.silu(gate) * up
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-6, atol=0)
+
+
+@requires_native
+@pytest.mark.parametrize("op", ["swiglu", "rms_norm", "rotary_embedding"])
+def test_native_elementwise_ops_refuse_a_second_derivative(op):
+    from quietstar.ops.rms_norm import rms_norm
+    from quietstar.ops.rotary_embedding import rotary_embedding
+
+    x = torch.randn(1, 3, 2, 8, requires_grad=True)
+    if op == "swiglu":
+        out = swiglu(x, x, backend="native")
+    elif op == "rms_norm":
+        out = rms_norm(x, torch.ones(8), 1e-6, backend="native")
+    else:
+        out = rotary_embedding(x, torch.ones(1, 3, 8), torch.zeros(1, 3, 8), backend="native")
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
+def test_the_backend_variable_names_the_composition_for_ops_without_other_kernels(monkeypatch):
+    # QUIETSTAR_BACKEND=triton on a CPU picks the composition here, as backend="triton" does.
+    monkeypatch.setenv("QUIETSTAR_BACKEND", "triton")
+    gate, up = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5)
+    out = swiglu(gate, up)
+    assert out.grad_fn.name() != "SwiGLUNativeBackward"
+    torch.testing.assert_close(out, F.silu(gate) * up)

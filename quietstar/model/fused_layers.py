@@ -14,6 +14,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
@@ -67,41 +68,55 @@ class QuietStarMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+# Every kind of hook a module can carry; a swap would drop them with the module.
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in HOOK_DICTS)
+
+
 def _swappable(module: nn.Module, types: tuple[type, ...]) -> bool:
     """An instance of exactly one of ``types``, with no hooks or instance ``forward`` of its own
     (a swap would drop them)."""
-    return (
-        type(module) in types
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in vars(module)
-    )
+    return type(module) in types and not _has_hooks(module) and "forward" not in vars(module)
 
 
 def _silu_gate(mlp: nn.Module) -> bool:
-    return getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu"
+    """The MLP's activation is SiLU (transformers' or torch's module) and carries no hooks."""
+    act = getattr(mlp, "act_fn", None)
+    return type(act) in (SiLUActivation, nn.SiLU) and not _has_hooks(act)
 
 
 def fuse_layers(model: nn.Module) -> nn.Module:
     """Swap the decoder's RMSNorms and SiLU-gated MLPs of a Llama-family causal LM for
     ``QuietStarRMSNorm`` and ``QuietStarMLP`` in place; returns the model. Modules of another
-    type (a subclass, another activation) or with hooks stay as they are; swapping twice is a
-    no-op."""
+    type (a subclass, another activation module) or with hooks of any kind (on the module or
+    on its activation) stay as they are; swapping twice is a no-op."""
     kept = 0
     for layer in decoder_layers(model):
         for name in NORM_NAMES:
             norm = getattr(layer, name, None)
             if _swappable(norm, RMS_NORM_TYPES):
-                setattr(layer, name, QuietStarRMSNorm(norm, feeds_projections=True))
+                setattr(layer, name, QuietStarRMSNorm(norm, feeds_projections=True).train(norm.training))
             elif not isinstance(norm, QuietStarRMSNorm):
                 kept += 1
         if _swappable(layer.mlp, MLP_TYPES) and _silu_gate(layer.mlp):
-            layer.mlp = QuietStarMLP(layer.mlp)
+            layer.mlp = QuietStarMLP(layer.mlp).train(layer.mlp.training)
         elif not isinstance(layer.mlp, QuietStarMLP):
             kept += 1
     inner = getattr(model, "model", model)
     if _swappable(getattr(inner, "norm", None), RMS_NORM_TYPES):
-        inner.norm = QuietStarRMSNorm(inner.norm)
+        inner.norm = QuietStarRMSNorm(inner.norm).train(inner.norm.training)
     if kept:
         logger.info("fuse_layers: %d decoder norms or MLPs are not the Llama family's own; they run as they are", kept)
     return model

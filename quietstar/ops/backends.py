@@ -155,8 +155,10 @@ def autocast_off(method):
 
 def native_chosen(backend: str | None, device: torch.device) -> bool:
     """For an op whose only kernels are native (the rest is its ``torch`` composition): whether
-    ``backend`` on ``device`` picks them (``resolve_backend``); ``"reference"``, ``"torch"`` and
-    ``"triton"`` pick the composition."""
-    if backend in ("reference", "torch", "triton"):
+    ``backend`` (else ``QUIETSTAR_BACKEND``) on ``device`` picks them (``resolve_backend``);
+    ``"reference"``, ``"torch"`` and ``"triton"`` pick the composition, by argument or
+    environment alike."""
+    name = backend or os.environ.get(BACKEND_ENV_VAR) or None
+    if name in ("reference", "torch", "triton"):
         return False
     return resolve_backend(backend, device, has_native=True) == "native"

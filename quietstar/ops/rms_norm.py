@@ -13,8 +13,10 @@ for every backend.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import native_chosen
@@ -33,6 +35,7 @@ class RMSNormNative(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         grad = grad.to(ctx.out_dtype).contiguous()
@@ -87,10 +90,12 @@ def rms_norm(
             or ``backend="native"`` for inputs it does not take.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension ([..., d]), got a 0-d tensor")
     check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+    if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [d] for x [..., d], got {tuple(weight.shape)} and {tuple(x.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")

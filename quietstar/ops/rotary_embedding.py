@@ -11,6 +11,7 @@ the projection's ``[B, T, H, D]`` to the attention's ``[B, H, T, D]``, one entry
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import native_chosen
@@ -27,6 +28,7 @@ class RotaryEmbeddingNative(torch.autograd.Function):
         return torch.ops.quietstar.rotary_embedding_forward(x.contiguous(), cos, sin)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return torch.ops.quietstar.rotary_embedding_backward(grad.float().contiguous(), cos, sin, ctx.x_dtype), None, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import native_chosen
@@ -29,6 +30,7 @@ class SwiGLUNative(torch.autograd.Function):
         return torch.ops.quietstar.swiglu_forward(gate, up)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         return torch.ops.quietstar.swiglu_backward(grad.to(gate.dtype).contiguous(), gate, up)
