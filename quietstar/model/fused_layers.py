@@ -39,8 +39,8 @@ class QuietStarRMSNorm(nn.Module):
     attention's and the MLP's projections) the result comes in the autocast dtype while autocast
     is on: the values the projections would have cast it to, cast once in the norm's kernel
     instead of once per projection (three for q/k/v, two for gate/up; about 5% of a bfloat16
-    training step on the CPU). Their input gradients then add up in that dtype before the norm's
-    backward, as they would in a model stored in it.
+    training step on a 2-core AMD EPYC, docs/benchmarks.md). Their input gradients then add up
+    in that dtype before the norm's backward, as they would in a model stored in it.
     """
 
     def __init__(self, norm: nn.Module, feeds_projections: bool = False) -> None:
