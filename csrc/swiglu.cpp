@@ -12,6 +12,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <functional>
+
 #include "vector_math.h"
 
 #if !defined(__GNUC__)

@@ -34,6 +34,8 @@ from quietstar._checks import HALF_DTYPES
 
 BACKENDS = ("reference", "torch", "triton", "native")
 BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
+# What the native elementwise kernels (rms_norm's result, swiglu, rotary_embedding's x) store.
+NATIVE_ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
 

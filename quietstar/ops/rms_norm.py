@@ -19,10 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
-from quietstar.ops.backends import native_chosen
-
-
-NATIVE_OUT_DTYPES = (torch.float32, torch.bfloat16)
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, native_chosen
 
 
 class RMSNormNative(torch.autograd.Function):
@@ -57,7 +54,7 @@ def native_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype |
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and (out_dtype is None or out_dtype in NATIVE_OUT_DTYPES)
+        and (out_dtype is None or out_dtype in NATIVE_ELEMENTWISE_DTYPES)
     )
 
 

@@ -14,9 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
-from quietstar.ops.backends import native_chosen
-
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, native_chosen
 
 
 class RotaryEmbeddingNative(torch.autograd.Function):
@@ -52,7 +50,7 @@ def native_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     ``cos`` and ``sin`` (no gradient of their own), on the CPU."""
     return (
         x.device.type == "cpu"
-        and x.dtype in NATIVE_DTYPES
+        and x.dtype in NATIVE_ELEMENTWISE_DTYPES
         and cos.dtype == sin.dtype == torch.float32
         and not (cos.requires_grad or sin.requires_grad)
     )

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
-from quietstar.ops.backends import native_chosen
-
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, native_chosen
 
 
 class SwiGLUNative(torch.autograd.Function):
@@ -38,8 +36,13 @@ class SwiGLUNative(torch.autograd.Function):
 
 def native_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether the native kernels take these inputs: one shape and one dtype of
-    ``NATIVE_DTYPES``, on the CPU."""
-    return gate.device.type == "cpu" and gate.dtype == up.dtype and gate.dtype in NATIVE_DTYPES and gate.shape == up.shape
+    ``NATIVE_ELEMENTWISE_DTYPES``, on the CPU."""
+    return (
+        gate.device.type == "cpu"
+        and gate.dtype == up.dtype
+        and gate.dtype in NATIVE_ELEMENTWISE_DTYPES
+        and gate.shape == up.shape
+    )
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
