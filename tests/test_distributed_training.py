@@ -116,7 +116,7 @@ import torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
 from helpers import quietstar_model, relative_error
 from quietstar.model import projection_replay
-from quietstar.train.distributed import ProcessGroup, wrap
+from quietstar.train.distributed import ProcessGroup, teardown, wrap
 
 calls = []
 forward = projection_replay.ReplayedLinear.forward
@@ -124,7 +124,8 @@ projection_replay.ReplayedLinear.forward = staticmethod(lambda ctx, *a: calls.ap
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=2).train()
-module = wrap(qs, ProcessGroup(rank, dist.get_world_size(), torch.device("cpu")), fsdp=sys.argv[1] == "fsdp")
+group = ProcessGroup(rank, dist.get_world_size(), torch.device("cpu"))
+module = wrap(qs, group, fsdp=sys.argv[1] == "fsdp")
 ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(rank))
 
 def grads(**options):
@@ -140,9 +141,8 @@ _, given = grads(thoughts=sampled.thoughts)
 assert replayed.keys() == given.keys()
 error = max(relative_error(replayed[n], given[n]) for n in given)
 open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(f"{replays} {error}")
-del module, qs  # FSDP2's state freed while its process group lives (else gloo aborts at exit)
-dist.barrier()
-dist.destroy_process_group()
+del module, qs
+teardown(group)
 """
 
 
@@ -160,3 +160,42 @@ def test_a_sampling_step_replays_its_projections_under_ddp_and_fsdp2(tmp_path, s
     for replays, error in results:
         assert int(replays) == 2 * 7  # every projection of both layers
         assert float(error) <= 1e-6
+
+
+@pytest.fixture
+def gloo_group_of_one(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_teardown_frees_a_gloo_group_nothing_else_holds_without_waiting(gloo_group_of_one, monkeypatch):
+    import weakref
+
+    from quietstar.train import distributed
+
+    dist = gloo_group_of_one
+    dist.all_reduce(torch.ones(3))  # the worker threads have run a collective
+    world = weakref.ref(dist.group.WORLD)
+    slept = []
+    monkeypatch.setattr(distributed.time, "sleep", slept.append)
+    distributed.teardown(distributed.ProcessGroup(0, 2, torch.device("cpu")))
+    assert not dist.is_initialized()
+    assert world() is None  # destroyed, so its worker threads were joined
+    assert slept == []
+
+
+def test_teardown_gives_gloo_workers_time_when_the_group_outlives_it(gloo_group_of_one, monkeypatch):
+    from quietstar.train import distributed
+
+    dist = gloo_group_of_one
+    holder = [dist.group.WORLD]  # as FSDP2's state on a model holds it
+    slept = []
+    monkeypatch.setattr(distributed.time, "sleep", slept.append)
+    distributed.teardown(distributed.ProcessGroup(0, 2, torch.device("cpu")))
+    assert not dist.is_initialized()
+    assert slept == [distributed.GLOO_WORKERS_SETTLE_S]
+    del holder

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# How long teardown lets go of the GIL when a gloo group outlives destroy_process_group: its
+# worker threads may still be freeing the last collectives' tensors, which takes the GIL, and
+# a thread that takes it once the interpreter is finalizing aborts the whole process.
+GLOO_WORKERS_SETTLE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,24 @@ def setup(device: str) -> ProcessGroup:
 
 
 def teardown(group: ProcessGroup) -> None:
-    if group.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the run: destroy the process group, and let its gloo worker threads finish.
+
+    Gloo's worker threads free a finished collective's tensors after the caller has seen it
+    finish; freeing a tensor Python created takes the GIL, and a thread that takes it while
+    the interpreter exits aborts the process ("terminate called without an active
+    exception"). Destroying the group joins those threads when nothing else holds it (drop
+    DDP/FSDP wrappers first); where something still does (FSDP2's state on the model), the
+    threads get :data:`GLOO_WORKERS_SETTLE_S` with the GIL free.
+    """
+    if not (group.distributed and dist.is_initialized()):
+        return
+    gloo = dist.get_backend() == "gloo"
+    world = weakref.ref(dist.group.WORLD)
+    gc.collect()  # wrappers in reference cycles that still hold the group
+    dist.destroy_process_group()
+    if gloo and world() is not None:
+        logger.debug("the gloo group outlives destroy_process_group; waiting %.1f s for its workers", GLOO_WORKERS_SETTLE_S)
+        time.sleep(GLOO_WORKERS_SETTLE_S)
 
 
 def wrap(qs: nn.Module, group: ProcessGroup, fsdp: bool) -> nn.Module:

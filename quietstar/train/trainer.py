@@ -300,6 +300,8 @@ class Trainer:
         return records
 
     def close(self) -> None:
+        """Leave the run's process group; the trainer cannot step after this (``self.qs`` stays)."""
+        self.module = None  # a DDP wrapper holds the group: dropped, teardown can free it
         teardown(self.group)
 
 
