@@ -285,6 +285,54 @@ def test_weighted_triton_form_is_exact_across_row_chunks(dtype, monkeypatch, poi
     assert_weighted_form_matches_reference("triton", kwargs, weights, temperature)
 
 
+def given_scores(kwargs, temperature):
+    """The scores ``weighted_linear_cross_entropy`` would compute: ``[V, N]`` float32."""
+    with torch.no_grad():
+        h, weight, bias = kwargs["hidden"].float(), kwargs["lm_weight"].float(), kwargs.get("lm_bias")
+        z = h @ weight.T + (0 if bias is None else bias.float())
+        z = (z / temperature).T.contiguous()
+        if kwargs.get("masked_vocab") is not None:
+            z[torch.as_tensor(kwargs["masked_vocab"], device=z.device)] = float("-inf")
+    return z
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [21, 700], ids=["one-chunk", "several-chunks"])
+def test_weighted_form_from_given_scores_equals_the_reference(backend, rows, monkeypatch):
+    """Given the scores (the sampling pass's logits), the weighted form skips its first product
+    and still gives the reference's loss, NLLs and gradients, across row chunks of 128."""
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 128 * 101 * 4)
+    kwargs = make_inputs(rows, 40, 101, torch.float32, mix=False, bias=True, masked=True, ignored=True, seed=8)
+    weights = torch.randn(rows, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    scores = given_scores(kwargs, 3.0)
+    reference = as_float32_leaves(kwargs)
+    ref_nll = linear_cross_entropy(backend="reference", temperature=3.0, **reference)
+    ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
+    with torch.profiler.profile() as profile:
+        loss, nll = weighted_linear_cross_entropy(
+            row_weights=weights, backend=backend, temperature=3.0, scores=scores, **kwargs
+        )
+    products = [e for e in profile.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")]
+    assert len(products) == 2 * -(-rows // 128)  # dh and dW per chunk: no scores product
+    assert relative_error(nll, ref_nll) <= 1e-5
+    assert relative_error(loss, (weights * ref_nll).sum()) <= 1e-5
+    grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
+    for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= 1e-5, name
+
+
+def test_weighted_form_rejects_scores_of_another_shape_dtype_or_with_mix():
+    kwargs = make_inputs(4, 8, 20, torch.float32, mix=False)
+    weights = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scores must be \[V, N\] = \[20, 4\]"):
+        weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(4, 20, device=DEVICE), **kwargs)
+    with pytest.raises(ValueError, match="scores must have dtype"):
+        weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(20, 4, device=DEVICE).double(), **kwargs)
+    mixed = make_inputs(4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="scores cannot be given with mix"):
+        weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(20, 4, device=DEVICE), **mixed)
+
+
 def test_weighted_form_rejects_weights_that_are_not_constants():
     kwargs = make_inputs(4, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="row_weights must not require grad"):

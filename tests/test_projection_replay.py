@@ -235,3 +235,61 @@ def test_an_overridden_sample_thoughts_is_used_and_nothing_replayed(monkeypatch)
     out = qs(ids, generator=torch.Generator().manual_seed(1))
     assert calls == [] and bool((out.thoughts == 5).all())
     torch.testing.assert_close(out.loss, qs(ids, thoughts=out.thoughts).loss)
+
+
+def count_given_scores(monkeypatch) -> list[tuple[int, int]]:
+    """The shapes of the scores the model hands ``weighted_linear_cross_entropy``."""
+    import quietstar.model.quietstar_model as quietstar_model_module
+
+    given = []
+    weighted = quietstar_model_module.weighted_linear_cross_entropy
+
+    def counted(*args, scores=None, **kwargs):
+        if scores is not None:
+            given.append(tuple(scores.shape))
+        return weighted(*args, scores=scores, **kwargs)
+
+    monkeypatch.setattr(quietstar_model_module, "weighted_linear_cross_entropy", counted)
+    return given
+
+
+@pytest.mark.parametrize("policy_temperature", [3.0, 1.0], ids=["rescaled", "same-temperature"])
+def test_the_policy_loss_from_the_draws_logits_equals_scoring_the_thoughts_again(monkeypatch, policy_temperature):
+    """A sampling step keeps the logits its thoughts were drawn from and the REINFORCE term
+    uses them (at its own temperature) instead of scoring those rows again: its losses and
+    gradients are those of the step given the same thoughts."""
+    given = count_given_scores(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
+    qs.config.policy_temperature = policy_temperature
+    params = [p for p in qs.parameters() if p.requires_grad]
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    sampled = qs(ids, generator=torch.Generator().manual_seed(1))
+    assert given == [(qs.lm_head[0].shape[0], 3 * 2 * 2 * 7)]  # [V, T * B * N * L]
+    from_draws = torch.autograd.grad(sampled.loss, params)
+    again = qs(ids, thoughts=sampled.thoughts)
+    assert len(given) == 1  # given thoughts: the rows are scored
+    for name in ("loss", "nll_loss", "policy_loss"):
+        assert relative_error(getattr(sampled, name), getattr(again, name)) <= 1e-5, name
+    for p, a, b in zip(params, from_draws, torch.autograd.grad(again.loss, params)):
+        assert relative_error(a, b) <= 1e-5, p.shape
+
+
+def test_the_draws_logits_are_not_kept_where_memory_is_short_or_without_gradients(monkeypatch):
+    import quietstar.model.quietstar_model as quietstar_model_module
+
+    given = count_given_scores(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = qs.thought_logits_bytes(1, 6, torch.float32)
+    activations = qs.activation_bytes(6 * qs.config.tree_slots, torch.float32)
+    share = quietstar_model_module.AUTO_CHECKPOINT_SHARE
+    # Enough for the activations alone (no checkpointing), not for the logits too.
+    monkeypatch.setattr(quietstar_model_module, "available_memory", lambda device: int((activations + logits / 2) / share))
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert given == []
+    monkeypatch.setattr(quietstar_model_module, "available_memory", lambda device: int((activations + logits) / share) + 1)
+    with torch.no_grad():
+        qs(ids, generator=torch.Generator().manual_seed(1))
+    assert given == []
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert given == [(qs.lm_head[0].shape[0], 2 * 6)]

@@ -67,6 +67,18 @@ def test_sample_tokens_never_draws_masked_ids_and_is_reproducible():
     assert torch.equal(greedy, logits.argmax(-1))
 
 
+def test_sample_tokens_writes_the_logits_it_draws_from():
+    torch.manual_seed(0)
+    weight, bias, hidden = torch.randn(50, 8), torch.randn(50), torch.randn(2, 30, 8)
+    masked = torch.tensor([4, 17])
+    out = torch.full((50, 60), 7.0)
+    first = sample_tokens(hidden, weight, bias, temperature=2.0, masked_vocab=masked, generator=torch.Generator().manual_seed(1), logits_out=out)
+    again = sample_tokens(hidden, weight, bias, temperature=2.0, masked_vocab=masked, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)  # keeping the logits leaves the draw as it was
+    expected = ((hidden.reshape(60, 8) @ weight.t() + bias) / 2.0).index_fill(-1, masked, float("-inf")).t()
+    torch.testing.assert_close(out, expected)
+
+
 def test_non_finite_logits_still_give_token_ids():
     logits = torch.randn(300, 4)
     logits[5, 0], logits[:, 1], logits[7, 2] = float("nan"), float("nan"), float("inf")

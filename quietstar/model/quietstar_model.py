@@ -265,11 +265,13 @@ class QuietStarModel(nn.Module):
         mix: tuple[torch.Tensor, torch.Tensor] | None = None,
         temperature: float = 1.0,
         weights: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``linear_cross_entropy`` of ``hidden [..., d]`` (mixed with ``(base [..., d], w [...])``)
         against ``targets [...]`` with the model's lm_head and masked meta ids; returns the NLL
         ``[...]``. With ``weights [...]`` (constants), ``weighted_linear_cross_entropy``: returns
-        ``(sum(weights * nll), nll detached)``, with the gradients formed in the forward."""
+        ``(sum(weights * nll), nll detached)``, with the gradients formed in the forward, from
+        the rows' ``scores [V, rows]`` when given (consumed)."""
         weight, bias = self.lm_head
         width = hidden.shape[-1]
         # Under autocast the op takes half-precision hidden states next to the float32 master
@@ -285,12 +287,19 @@ class QuietStarModel(nn.Module):
             nll = linear_cross_entropy(hidden.reshape(-1, width), weight, targets.reshape(-1), **options)
             return nll.view(targets.shape)
         loss, nll = weighted_linear_cross_entropy(
-            hidden.reshape(-1, width), weight, targets.reshape(-1), weights.reshape(-1).detach(), **options
+            hidden.reshape(-1, width), weight, targets.reshape(-1), weights.reshape(-1).detach(), **options, scores=scores
         )
         return loss, nll.view(targets.shape)
 
-    def sample(self, hidden: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False):
-        """Thought/next tokens ``[...]`` drawn from the lm_head on ``hidden [..., d]``."""
+    def sample(
+        self,
+        hidden: torch.Tensor,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        logits_out: torch.Tensor | None = None,
+    ):
+        """Thought/next tokens ``[...]`` drawn from the lm_head on ``hidden [..., d]`` (the
+        logits they were drawn from also into ``logits_out [V, rows]``: ``sample_tokens``)."""
         weight, bias = self.lm_head
         return sample_tokens(
             hidden,
@@ -300,6 +309,7 @@ class QuietStarModel(nn.Module):
             masked_vocab=self.masked_vocab,
             greedy=greedy,
             generator=generator,
+            logits_out=logits_out,
         )
 
     # --- think ----------------------------------------------------------------------
@@ -332,14 +342,20 @@ class QuietStarModel(nn.Module):
         return self._chain_through_cache(input_ids, attention_mask, generator, self.config.thought_tokens)[2]
 
     def _chain_through_cache(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None, steps: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+        steps: int,
+        thought_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The base pass and the first ``steps`` chain steps through a KV cache in the tree
         layout, sampling the thought tokens on the way; returns ``h_base [B, L, d]``, the
         chain steps' hidden states ``[B, steps, N, L, d]`` (those of the tree pass) and the
         thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
         thought token ``c`` (``1 <= c <= T``), the end token (``T + 1``), then the talk input
-        ``x[i + c - T - 1]``."""
+        ``x[i + c - T - 1]``. With ``thought_logits [V, T, B * N * L]``, the logits each thought
+        token was drawn from are written there (``sample``)."""
         cfg = self.config
         batch, length = input_ids.shape
         n, t_len = cfg.n_thoughts, cfg.thought_tokens
@@ -363,7 +379,8 @@ class QuietStarModel(nn.Module):
             hidden = run_backbone(self.model, step_input, step_positions, cache=cache, tree_layout=layout)
             hidden_steps.append(hidden)
             if c < t_len:
-                thoughts.append(self.sample(hidden, generator).view(batch, n, length))
+                logits_out = None if thought_logits is None else thought_logits[:, c]
+                thoughts.append(self.sample(hidden, generator, logits_out=logits_out).view(batch, n, length))
         h_chain = torch.stack(hidden_steps, dim=1).unflatten(2, (n, length))
         return h_base, h_chain, torch.stack(thoughts, dim=-1)
 
@@ -448,35 +465,71 @@ class QuietStarModel(nn.Module):
         batch, length = input_ids.shape
         targets = Targets.from_labels(labels, cfg.talk_tokens)
         checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * cfg.tree_slots)
-        record = None
+        record = thought_logits = None
         if thoughts is None:
-            thoughts, record = self._sample_recording(input_ids, attention_mask, generator, keep=not checkpoint)
+            keep = not checkpoint
+            keep_logits = keep and torch.is_grad_enabled() and self._keeps_thought_logits(batch, length)
+            thoughts, record, thought_logits = self._sample_recording(
+                input_ids, attention_mask, generator, keep, keep_logits
+            )
         else:
             self._check_thoughts(thoughts, batch, length)
         h_base, h_chain = self._tree_pass(input_ids, attention_mask, thoughts, checkpoint, record)
-        return self.losses(h_base, h_chain, targets, thoughts)
+        return self.losses(h_base, h_chain, targets, thoughts, thought_logits)
+
+    def thought_logits_bytes(self, batch: int, length: int, dtype: torch.dtype) -> int:
+        """Bytes of the logits the thoughts of a step are drawn from: ``[V, T, B * N * L]``
+        in float32 (float64 for a float64 model)."""
+        cfg = self.config
+        itemsize = 8 if dtype == torch.float64 else 4
+        return self.lm_head[0].shape[0] * cfg.thought_tokens * batch * cfg.n_thoughts * length * itemsize
+
+    def _keeps_thought_logits(self, batch: int, length: int) -> bool:
+        """Whether the sampling pass may keep the logits it draws the thoughts from, for the
+        policy loss to use instead of scoring those rows again: when they and the tree pass's
+        activations take at most ``AUTO_CHECKPOINT_SHARE`` of the memory available."""
+        embedding = self.model.get_input_embeddings().weight
+        tree_tokens = batch * length * self.config.tree_slots
+        needed = self.activation_bytes(tree_tokens, embedding.dtype) + self.thought_logits_bytes(
+            batch, length, embedding.dtype
+        )
+        return needed <= AUTO_CHECKPOINT_SHARE * available_memory(embedding.device)
 
     @torch.no_grad()
     def _sample_recording(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None, keep: bool
-    ) -> tuple[torch.Tensor, ProjectionRecord | None]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+        keep: bool,
+        keep_logits: bool = False,
+    ) -> tuple[torch.Tensor, ProjectionRecord | None, torch.Tensor | None]:
         """``sample_thoughts``, keeping (with ``keep``) the decoder's projections of the
-        ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``);
-        the record is None when not kept, not usable (``replayable``), or when
-        ``sample_thoughts`` is overridden."""
+        ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``)
+        and (with ``keep_logits`` too) the logits the thoughts were drawn from (``[V, T, B * N
+        * L]``, for ``losses``); returns ``(thoughts, record, logits)``, the last two None
+        when not kept, not usable (``replayable``: the tree pass would not compute the same
+        rows), or when ``sample_thoughts`` is overridden."""
         layers = decoder_layers(self.model)
         cfg = self.config
         # An overridden sample_thoughts may change the thoughts after the layers ran: then the
         # recorded rows would not be the tree's, so it runs as it is, and nothing is replayed.
         if not (keep and replayable(layers)) or type(self).sample_thoughts is not _SAMPLE_THOUGHTS:
-            return self.sample_thoughts(input_ids, attention_mask, generator), None
-        length = input_ids.shape[1]
+            return self.sample_thoughts(input_ids, attention_mask, generator), None, None
+        batch, length = input_ids.shape
+        thought_logits = None
+        if keep_logits:
+            vocab, rows = self.lm_head[0].shape[0], batch * cfg.n_thoughts * length
+            dtype = torch.float64 if self.lm_head[0].dtype == torch.float64 else torch.float32
+            thought_logits = torch.empty(vocab, cfg.thought_tokens, rows, dtype=dtype, device=input_ids.device)
         with recording_projections(layers, cfg.tree_slots * length) as record:
-            thoughts = self._chain_through_cache(input_ids, attention_mask, generator, cfg.thought_tokens)[2]
+            thoughts = self._chain_through_cache(
+                input_ids, attention_mask, generator, cfg.thought_tokens, thought_logits
+            )[2]
         if record.rows() != (1 + cfg.thought_tokens * cfg.n_thoughts) * length:
             logger.debug("the sampling pass's projections do not line up with the tree's slots: not replayed")
-            return thoughts, None
-        return thoughts, record
+            return thoughts, None, None
+        return thoughts, record, thought_logits
 
     def _tree_pass(
         self,
@@ -501,10 +554,17 @@ class QuietStarModel(nn.Module):
         return hidden[:, :length], hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))
 
     def losses(
-        self, h_base: torch.Tensor, h_chain: torch.Tensor, targets: Targets, thoughts: torch.Tensor
+        self,
+        h_base: torch.Tensor,
+        h_chain: torch.Tensor,
+        targets: Targets,
+        thoughts: torch.Tensor,
+        thought_logits: torch.Tensor | None = None,
     ) -> QuietStarOutput:
         """Talk and learn from the final hidden states of the base slot ``[B, L, d]`` and the
-        chain steps ``[B, C, N, L, d]`` (SPEC sections 2 and 3)."""
+        chain steps ``[B, C, N, L, d]`` (SPEC sections 2 and 3); the REINFORCE term from
+        ``thought_logits [V, T, B * N * L]`` (the logits the thoughts were drawn from, at the
+        sampling temperature; consumed) when given, instead of scoring those rows again."""
         cfg = self.config
         n, t_len, k_len = cfg.n_thoughts, cfg.thought_tokens, cfg.talk_tokens
         # L_nll's weight of every scored row: the base term's mean and, per talk offset k, its mean.
@@ -544,12 +604,20 @@ class QuietStarModel(nn.Module):
             if cfg.clamp_negative_rewards:
                 rewards = rewards.clamp(min=0)
         acting = targets.acting  # [B, L]: the authors' positions (policy_positions)
-        h_policy = h_chain[:, :t_len].permute(0, 2, 3, 1, 4)  # step t produced thought token t
-        policy_targets = thoughts.masked_fill(~acting[:, None, :, None], IGNORE_INDEX)
+        # Rows in the order of the thought logits' columns: [T, B, N, L] (step t produced thought token t).
+        h_policy = h_chain[:, :t_len].transpose(0, 1)
+        policy_targets = thoughts.permute(3, 0, 1, 2).masked_fill(~acting[None, :, None], IGNORE_INDEX)
         n_actions = acting.sum() * n * t_len
-        policy_weights = (rewards / n_actions.clamp(min=1))[..., None].expand_as(policy_targets)
+        policy_weights = (rewards / n_actions.clamp(min=1))[None].expand_as(policy_targets)
+        scores = None
+        if thought_logits is not None:  # at the sampling temperature: rescaled to the policy's
+            scores = thought_logits.view(thought_logits.shape[0], -1)
+            if cfg.sampling_temperature != cfg.policy_temperature:
+                scores.mul_(cfg.sampling_temperature / cfg.policy_temperature)
         # -mean r * log p_tau(thought token) = sum (r / n_actions) * nll_tau
-        policy_loss, _ = self.head_nll(h_policy, policy_targets, temperature=cfg.policy_temperature, weights=policy_weights)
+        policy_loss, _ = self.head_nll(
+            h_policy, policy_targets, temperature=cfg.policy_temperature, weights=policy_weights, scores=scores
+        )
         return QuietStarOutput(
             loss=nll_loss + cfg.policy_weight * policy_loss,
             nll_loss=nll_loss,

@@ -82,10 +82,13 @@ def sample_tokens(
     masked_vocab: torch.Tensor | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    logits_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row of ``hidden [..., d]``: a sample from ``softmax(logits / temperature)``
     (``draw_by_inverse_cdf``: the distribution of the hard Gumbel-softmax, from one uniform
-    number per row) or the argmax; masked ids are never drawn.
+    number per row) or the argmax; masked ids are never drawn. With ``logits_out`` (``[V,
+    rows]``, vocabulary-major), the logits divided by ``temperature`` (``head_logits``) are
+    also written there.
 
     Returns:
         ``[...]`` int64.
@@ -95,5 +98,7 @@ def sample_tokens(
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // lm_weight.shape[0])
     for start in range(0, flat.shape[0], chunk):
         logits = head_logits(flat[start : start + chunk], lm_weight, lm_bias, masked_vocab, temperature, vocab_major=True)
+        if logits_out is not None:
+            logits_out[:, start : start + chunk] = logits
         out[start : start + chunk] = logits.argmax(0) if greedy else draw_by_inverse_cdf(logits, generator)
     return out.view(hidden.shape[:-1])

@@ -15,6 +15,7 @@ import torch
 
 from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
 from quietstar.ops.backends import resolve_backend
+from quietstar.ops.linear_cross_entropy_common import compute_dtype
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IGNORE_INDEX = -100
@@ -87,6 +88,7 @@ def weighted_linear_cross_entropy(
     masked_vocab: Sequence[int] | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str | None = None,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear_cross_entropy`` summed with known per-row weights, for a loss that is a weighted
     sum of NLLs: returns ``(loss, nll)`` with ``loss = sum_i row_weights[i] * nll[i]`` (scalar,
@@ -103,11 +105,18 @@ def weighted_linear_cross_entropy(
     Args:
         row_weights: ``[N]`` floating, the rows' weights in the loss (constants: no gradient
             flows into them; 0 for ignored rows is implied).
+        scores: optional ``[V, N]`` float32 (float64 for float64 inputs), vocabulary-major: the
+            scores the head would compute, ``(hidden @ lm_weight.T + lm_bias) / temperature``
+            with masked ids ``-inf``, already at hand (the thought-sampling pass computed them
+            to draw the tokens). With gradients to form, the forward then skips its first
+            product (two per chunk instead of three) and overwrites ``scores``; without, they
+            are not read. Not with ``mix``.
         Other arguments: as ``linear_cross_entropy``.
 
     Raises:
         ValueError: as ``linear_cross_entropy``, and ``row_weights`` of another shape, a
-            non-float dtype, another device, or requiring grad.
+            non-float dtype, another device, or requiring grad; ``scores`` of another shape,
+            dtype or device, or given with ``mix``.
     """
     args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
     check_tensor("row_weights", row_weights, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
@@ -115,22 +124,39 @@ def weighted_linear_cross_entropy(
         raise ValueError(f"row_weights must be [N={hidden.shape[0]}], got {tuple(row_weights.shape)}")
     if row_weights.requires_grad:
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
+    if scores is not None:
+        _check_scores(scores, hidden, lm_weight, mix)
     backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    if scores is not None and backend == "triton":
+        backend = "torch"  # the torch form, on any device, skips the product that made the scores
     if backend in ("torch", "triton") and needs_grad:  # without gradients to form, one product per chunk is all
-        if backend == "torch":
-            from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch as fused
-        else:
-            from quietstar.ops.linear_cross_entropy_triton import weighted_linear_cross_entropy_triton as fused
-
         hidden_, weight_, targets_, bias_, base_, w_, *rest = args
-        return fused(hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest)
+        if backend == "torch":
+            from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
+
+            return weighted_linear_cross_entropy_torch(
+                hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest, scores=scores
+            )
+        from quietstar.ops.linear_cross_entropy_triton import weighted_linear_cross_entropy_triton
+
+        return weighted_linear_cross_entropy_triton(hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest)
     nll = linear_cross_entropy(
         hidden, lm_weight, targets, lm_bias=lm_bias, mix=mix, temperature=temperature, masked_vocab=masked_vocab,
         ignore_index=ignore_index, backend=backend,
     )
     return (row_weights.to(nll.dtype) * nll).sum(), nll.detach()
+
+
+def _check_scores(scores: torch.Tensor, hidden: torch.Tensor, lm_weight: torch.Tensor, mix: object) -> None:
+    """``weighted_linear_cross_entropy``'s given ``scores``: ``[V, N]`` in the head's compute dtype."""
+    check_tensor("scores", scores, ndim=2, dtypes=(compute_dtype(hidden.dtype),), device=hidden.device)
+    want = (lm_weight.shape[0], hidden.shape[0])
+    if tuple(scores.shape) != want:
+        raise ValueError(f"scores must be [V, N] = {list(want)} (vocabulary-major), got {tuple(scores.shape)}")
+    if mix is not None:
+        raise ValueError("scores cannot be given with mix: the head would score the mixed rows")
 
 
 def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index) -> tuple:

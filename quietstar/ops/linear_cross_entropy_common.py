@@ -119,7 +119,7 @@ def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tenso
     """The backward of a weighted form whose forward formed the gradients of ``sum_i weight_i *
     nll_i`` (``keep_formed_gradients``): scales them in place by ``grad_loss`` and returns one
     gradient per argument of ``(hidden, lm_weight, targets, row_weights, lm_bias, base_hidden,
-    w, temperature, masked_ids, ignore_index)``. It can therefore run once."""
+    w, ...)`` (None for every argument after those). It can therefore run once."""
     hidden, lm_weight, lm_bias, base_hidden, w = ctx.saved_tensors
     if ctx.grads is None:
         raise RuntimeError(
@@ -131,4 +131,5 @@ def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tenso
     d_hidden, d_weight, _, d_bias, d_base, d_w = input_gradients(
         _unweighted_needs(ctx.needs_input_grad), *scaled, hidden, lm_weight, lm_bias, base_hidden, w
     )[:6]
-    return d_hidden, d_weight, None, None, d_bias, d_base, d_w, None, None, None
+    grads = (d_hidden, d_weight, None, None, d_bias, d_base, d_w)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))

@@ -215,11 +215,14 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
 class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
     """``sum(row_weights * nll)`` with every gradient formed in the forward (three products
     per chunk: the scores, ``dh`` and ``dW``; the backward only scales them), for losses whose
-    per-row weights are known before the head runs."""
+    per-row weights are known before the head runs. Given ``scores`` (``[V, N]``, what the
+    first product would give), two products per chunk; the scores are overwritten."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index):
+    def forward(
+        ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index, scores
+    ):
         with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
             dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
             # (grad mode is off inside forward; needs_input_grad says what the caller wants)
@@ -233,10 +236,10 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
             # Written by the first chunk's product, not zero-filled first ([V, d] is large).
             grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
             grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
-            buffer = scorer.buffer()
+            buffer = scorer.buffer() if scores is None else None
             for index, chunk in enumerate(scorer.chunks()):
                 h = scorer.mixed(chunk)
-                z = scorer.scores(h, buffer)
+                z = scorer.scores(h, buffer) if scores is None else scores[:, chunk]
                 picked = z.gather(0, picked_ids[None, chunk])[0]
                 top = z.amax(0, keepdim=True)
                 probs = z.sub_(top).exp_()
@@ -276,11 +279,12 @@ def weighted_linear_cross_entropy_torch(
     temperature: float,
     masked_ids: torch.Tensor | None,
     ignore_index: int,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum(row_weights * nll), nll)`` with the gradients formed in the forward; arguments as
     ``quietstar.weighted_linear_cross_entropy`` (already checked)."""
     return WeightedLinearCrossEntropyTorch.apply(
-        hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index
+        hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index, scores
     )
 
 
