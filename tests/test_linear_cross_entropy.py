@@ -321,13 +321,17 @@ def test_weighted_form_from_given_scores_equals_the_reference(backend, rows, mon
         assert relative_error(grad, ref_grad) <= 1e-5, name
 
 
-def test_weighted_form_rejects_scores_of_another_shape_dtype_or_with_mix():
+def test_weighted_form_rejects_scores_of_another_shape_dtype_requiring_grad_or_with_mix():
     kwargs = make_inputs(4, 8, 20, torch.float32, mix=False)
     weights = torch.ones(4, device=DEVICE)
     with pytest.raises(ValueError, match=r"scores must be \[V, N\] = \[20, 4\]"):
         weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(4, 20, device=DEVICE), **kwargs)
     with pytest.raises(ValueError, match="scores must have dtype"):
         weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(20, 4, device=DEVICE).double(), **kwargs)
+    with pytest.raises(ValueError, match="scores must not require grad"):
+        weighted_linear_cross_entropy(
+            row_weights=weights, scores=torch.zeros(20, 4, device=DEVICE, requires_grad=True), **kwargs
+        )
     mixed = make_inputs(4, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="scores cannot be given with mix"):
         weighted_linear_cross_entropy(row_weights=weights, scores=torch.zeros(20, 4, device=DEVICE), **mixed)

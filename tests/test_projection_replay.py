@@ -253,14 +253,19 @@ def count_given_scores(monkeypatch) -> list[tuple[int, int]]:
     return given
 
 
-@pytest.mark.parametrize("policy_temperature", [3.0, 1.0], ids=["rescaled", "same-temperature"])
-def test_the_policy_loss_from_the_draws_logits_equals_scoring_the_thoughts_again(monkeypatch, policy_temperature):
+@pytest.mark.parametrize(
+    "sampling_temperature, policy_temperature", [(1.0, 3.0), (2.0, 3.0), (0.5, 0.5)],
+    ids=["rescaled", "both-not-1", "same-temperature"],
+)
+def test_the_policy_loss_from_the_draws_logits_equals_scoring_the_thoughts_again(
+    monkeypatch, sampling_temperature, policy_temperature
+):
     """A sampling step keeps the logits its thoughts were drawn from and the REINFORCE term
     uses them (at its own temperature) instead of scoring those rows again: its losses and
     gradients are those of the step given the same thoughts."""
     given = count_given_scores(monkeypatch)
     qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
-    qs.config.policy_temperature = policy_temperature
+    qs.config.sampling_temperature, qs.config.policy_temperature = sampling_temperature, policy_temperature
     params = [p for p in qs.parameters() if p.requires_grad]
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     sampled = qs(ids, generator=torch.Generator().manual_seed(1))
@@ -293,3 +298,19 @@ def test_the_draws_logits_are_not_kept_where_memory_is_short_or_without_gradient
     assert given == []
     qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
     assert given == [(qs.lm_head[0].shape[0], 2 * 6)]
+
+
+def test_an_overridden_sample_keeps_no_logits_and_its_thoughts_are_scored(monkeypatch):
+    from quietstar import QuietStarModel
+
+    class GreedyThoughts(QuietStarModel):
+        def sample(self, hidden, generator=None, greedy=False, **options):
+            return super().sample(hidden, generator, greedy=True)
+
+    given = count_given_scores(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    qs.__class__ = GreedyThoughts
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = qs(ids, generator=torch.Generator().manual_seed(1))
+    assert given == []
+    torch.testing.assert_close(out.policy_loss, qs(ids, thoughts=out.thoughts).policy_loss)

@@ -507,9 +507,9 @@ class QuietStarModel(nn.Module):
         """``sample_thoughts``, keeping (with ``keep``) the decoder's projections of the
         ``1 + T * N`` slots it computes for the tree pass to replay (``projection_replay``)
         and (with ``keep_logits`` too) the logits the thoughts were drawn from (``[V, T, B * N
-        * L]``, for ``losses``); returns ``(thoughts, record, logits)``, the last two None
-        when not kept, not usable (``replayable``: the tree pass would not compute the same
-        rows), or when ``sample_thoughts`` is overridden."""
+        * L]``, for ``losses``; not when ``sample`` is overridden); returns ``(thoughts,
+        record, logits)``, the last two None when not kept, not usable (``replayable``: the
+        tree pass would not compute the same rows), or when ``sample_thoughts`` is overridden."""
         layers = decoder_layers(self.model)
         cfg = self.config
         # An overridden sample_thoughts may change the thoughts after the layers ran: then the
@@ -518,7 +518,8 @@ class QuietStarModel(nn.Module):
             return self.sample_thoughts(input_ids, attention_mask, generator), None, None
         batch, length = input_ids.shape
         thought_logits = None
-        if keep_logits:
+        # An overridden sample may draw from other logits than the lm_head's, or not write them.
+        if keep_logits and type(self).sample is _SAMPLE:
             vocab, rows = self.lm_head[0].shape[0], batch * cfg.n_thoughts * length
             dtype = torch.float64 if self.lm_head[0].dtype == torch.float64 else torch.float32
             thought_logits = torch.empty(vocab, cfg.thought_tokens, rows, dtype=dtype, device=input_ids.device)
@@ -688,3 +689,4 @@ class QuietStarModel(nn.Module):
 
 # The class's own sampling: the only one whose recorded projections are the tree's (above).
 _SAMPLE_THOUGHTS = QuietStarModel.sample_thoughts
+_SAMPLE = QuietStarModel.sample

@@ -110,13 +110,13 @@ def weighted_linear_cross_entropy(
             with masked ids ``-inf``, already at hand (the thought-sampling pass computed them
             to draw the tokens). With gradients to form, the forward then skips its first
             product (two per chunk instead of three) and overwrites ``scores``; without, they
-            are not read. Not with ``mix``.
+            are not read. Not with ``mix``; no gradient flows into them.
         Other arguments: as ``linear_cross_entropy``.
 
     Raises:
         ValueError: as ``linear_cross_entropy``, and ``row_weights`` of another shape, a
             non-float dtype, another device, or requiring grad; ``scores`` of another shape,
-            dtype or device, or given with ``mix``.
+            dtype or device, requiring grad, or given with ``mix``.
     """
     args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
     check_tensor("row_weights", row_weights, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
@@ -129,7 +129,7 @@ def weighted_linear_cross_entropy(
     backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    if scores is not None and backend == "triton":
+    if scores is not None and backend == "triton" and needs_grad:
         backend = "torch"  # the torch form, on any device, skips the product that made the scores
     if backend in ("torch", "triton") and needs_grad:  # without gradients to form, one product per chunk is all
         hidden_, weight_, targets_, bias_, base_, w_, *rest = args
@@ -157,6 +157,8 @@ def _check_scores(scores: torch.Tensor, hidden: torch.Tensor, lm_weight: torch.T
         raise ValueError(f"scores must be [V, N] = {list(want)} (vocabulary-major), got {tuple(scores.shape)}")
     if mix is not None:
         raise ValueError("scores cannot be given with mix: the head would score the mixed rows")
+    if scores.requires_grad:
+        raise ValueError("scores must not require grad: they are constants the op overwrites (detach them)")
 
 
 def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index) -> tuple:
