@@ -46,6 +46,7 @@ from quietstar.ops.linear_cross_entropy import (
     linear_cross_entropy,
     weighted_linear_cross_entropy,
 )
+from quietstar.ops.linear_cross_entropy_common import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +482,7 @@ class QuietStarModel(nn.Module):
         """Bytes of the logits the thoughts of a step are drawn from: ``[V, T, B * N * L]``
         in float32 (float64 for a float64 model)."""
         cfg = self.config
-        itemsize = 8 if dtype == torch.float64 else 4
+        itemsize = compute_dtype(dtype).itemsize
         return self.lm_head[0].shape[0] * cfg.thought_tokens * batch * cfg.n_thoughts * length * itemsize
 
     def _keeps_thought_logits(self, batch: int, length: int) -> bool:
@@ -521,7 +522,7 @@ class QuietStarModel(nn.Module):
         # An overridden sample may draw from other logits than the lm_head's, or not write them.
         if keep_logits and type(self).sample is _SAMPLE:
             vocab, rows = self.lm_head[0].shape[0], batch * cfg.n_thoughts * length
-            dtype = torch.float64 if self.lm_head[0].dtype == torch.float64 else torch.float32
+            dtype = compute_dtype(self.lm_head[0].dtype)  # the sampler's logits'
             thought_logits = torch.empty(vocab, cfg.thought_tokens, rows, dtype=dtype, device=input_ids.device)
         with recording_projections(layers, cfg.tree_slots * length) as record:
             thoughts = self._chain_through_cache(
