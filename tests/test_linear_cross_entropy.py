@@ -13,6 +13,7 @@ import quietstar.ops.linear_cross_entropy_torch as torch_backend
 from quietstar import linear_cross_entropy, weighted_linear_cross_entropy
 from quietstar.ops import backends
 from quietstar.ops.backends import BACKEND_ENV_VAR
+from quietstar.ops.linear_cross_entropy import weighted_form_reads_scores
 
 IGNORE = -100
 TOLERANCE = {
@@ -93,13 +94,15 @@ def assert_matches_reference(backend, kwargs, **options):
         assert relative_error(grad, ref_grads[name]) <= tol, (f"d{name}", relative_error(grad, ref_grads[name]))
 
 
-def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature):
+def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature, scores=None):
     """``weighted_linear_cross_entropy``'s loss, NLLs and every gradient (with a backward scale
-    that is not 1) against the reference's weighted sum in float32."""
+    that is not 1) against the reference's weighted sum in float32 (given ``scores``, if any)."""
     reference = as_float32_leaves(kwargs)
     ref_nll = linear_cross_entropy(backend="reference", temperature=temperature, **reference)
     ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
-    loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend=backend, temperature=temperature, **kwargs)
+    loss, nll = weighted_linear_cross_entropy(
+        row_weights=weights, backend=backend, temperature=temperature, scores=scores, **kwargs
+    )
     assert not nll.requires_grad and loss.dim() == 0
     tol = TOLERANCE.get(backend, TOLERANCE["torch"])[kwargs["hidden"].dtype]
     assert relative_error(nll, ref_nll) <= tol
@@ -296,11 +299,11 @@ def given_scores(kwargs, temperature):
     return z
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows", [21, 700], ids=["one-chunk", "several-chunks"])
-def test_weighted_form_from_given_scores_equals_the_reference(backend, rows, monkeypatch):
-    """Given the scores (the sampling pass's logits), the weighted form skips its first product
+def test_weighted_form_from_given_scores_equals_the_reference(rows, monkeypatch):
+    """Given the scores (the sampling pass's logits), the torch form skips its first product
     and still gives the reference's loss, NLLs and gradients, across row chunks of 128."""
+    backend = "torch"
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 128 * 101 * 4)
     kwargs = make_inputs(rows, 40, 101, torch.float32, mix=False, bias=True, masked=True, ignored=True, seed=8)
     weights = torch.randn(rows, generator=torch.Generator().manual_seed(9)).to(DEVICE)
@@ -319,6 +322,33 @@ def test_weighted_form_from_given_scores_equals_the_reference(backend, rows, mon
     grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
     for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
         assert relative_error(grad, ref_grad) <= 1e-5, name
+
+
+@requires_triton
+def test_the_triton_weighted_form_does_not_read_given_scores():
+    """The Triton kernel scores its tiles itself: given scores (NaN here) are neither read nor
+    written, and the result is the reference's."""
+    kwargs = make_inputs(21, 40, 101, torch.float32, mix=False, bias=True, masked=True, ignored=True, seed=8)
+    weights = torch.randn(21, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    scores = torch.full((101, 21), float("nan"), device=DEVICE)
+    assert_weighted_form_matches_reference("triton", kwargs, weights, 3.0, scores=scores)
+    assert scores.isnan().all()
+
+
+@pytest.mark.parametrize(
+    "device, dtype, backend, reads",
+    [
+        ("cpu", torch.float32, None, True),
+        ("cpu", torch.float32, "reference", False),
+        ("cpu", torch.float32, "native", True),
+        ("cuda", torch.bfloat16, "torch", True),
+        ("cuda", torch.float64, None, True),  # no Triton kernel for float64: the torch form
+        pytest.param("cuda", torch.bfloat16, None, False, marks=requires_triton),
+    ],
+)
+def test_weighted_form_reads_scores_only_in_its_torch_form(device, dtype, backend, reads, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert weighted_form_reads_scores(torch.device(device), dtype, backend) is reads
 
 
 def test_weighted_form_rejects_scores_of_another_shape_dtype_requiring_grad_or_with_mix():

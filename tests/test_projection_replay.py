@@ -300,6 +300,29 @@ def test_the_draws_logits_are_not_kept_where_memory_is_short_or_without_gradient
     assert given == [(qs.lm_head[0].shape[0], 2 * 6)]
 
 
+def test_the_draws_logits_are_not_kept_where_the_policy_head_would_not_read_them(monkeypatch):
+    """Where the policy head runs the Triton kernel (``weighted_form_reads_scores`` is False),
+    which scores the rows faster than its torch form reads them, the sampling pass keeps no
+    logits and the step is the step given its thoughts."""
+    import quietstar.model.quietstar_model as quietstar_model_module
+
+    asked = []
+
+    def reads_scores(device, dtype, backend=None):
+        asked.append((device.type, dtype))
+        return False
+
+    monkeypatch.setattr(quietstar_model_module, "weighted_form_reads_scores", reads_scores)
+    given = count_given_scores(monkeypatch)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = qs(ids, generator=torch.Generator().manual_seed(1))
+        again = qs(ids, thoughts=out.thoughts)
+    assert given == [] and asked == [("cpu", torch.bfloat16)]  # the head's dtype under autocast
+    torch.testing.assert_close(out.policy_loss, again.policy_loss)
+
+
 def test_an_overridden_sample_keeps_no_logits_and_its_thoughts_are_scored(monkeypatch):
     from quietstar import QuietStarModel
 

@@ -44,6 +44,7 @@ from quietstar.ops.linear_cross_entropy import (
     IGNORE_INDEX,
     head_dtypes,
     linear_cross_entropy,
+    weighted_form_reads_scores,
     weighted_linear_cross_entropy,
 )
 from quietstar.ops.linear_cross_entropy_common import compute_dtype
@@ -487,9 +488,14 @@ class QuietStarModel(nn.Module):
 
     def _keeps_thought_logits(self, batch: int, length: int) -> bool:
         """Whether the sampling pass may keep the logits it draws the thoughts from, for the
-        policy loss to use instead of scoring those rows again: when they and the tree pass's
-        activations take at most ``AUTO_CHECKPOINT_SHARE`` of the memory available."""
+        policy loss to use instead of scoring those rows again: where the policy head reads
+        them (``weighted_form_reads_scores``: its torch form, not the Triton kernel) and they
+        and the tree pass's activations take at most ``AUTO_CHECKPOINT_SHARE`` of the memory
+        available."""
         embedding = self.model.get_input_embeddings().weight
+        head_dtype = autocast_dtype(embedding.device) or embedding.dtype  # what head_nll passes on
+        if not weighted_form_reads_scores(embedding.device, head_dtype):
+            return False
         tree_tokens = batch * length * self.config.tree_slots
         needed = self.activation_bytes(tree_tokens, embedding.dtype) + self.thought_logits_bytes(
             batch, length, embedding.dtype

@@ -62,7 +62,7 @@ def linear_cross_entropy(
             argument; also a target that is a masked id (its NLL would be infinite).
     """
     args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
+    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden.dtype))
     if backend == "reference":
         from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
 
@@ -108,9 +108,10 @@ def weighted_linear_cross_entropy(
         scores: optional ``[V, N]`` float32 (float64 for float64 inputs), vocabulary-major: the
             scores the head would compute, ``(hidden @ lm_weight.T + lm_bias) / temperature``
             with masked ids ``-inf``, already at hand (the thought-sampling pass computed them
-            to draw the tokens). With gradients to form, the forward then skips its first
-            product (two per chunk instead of three) and overwrites ``scores``; without, they
-            are not read. Not with ``mix``; no gradient flows into them.
+            to draw the tokens). With gradients to form, the ``torch`` form then skips its
+            first product (two per chunk instead of three) and overwrites ``scores``; the
+            Triton kernel and calls without gradients do not read them
+            (``weighted_form_reads_scores``). Not with ``mix``; no gradient flows into them.
         Other arguments: as ``linear_cross_entropy``.
 
     Raises:
@@ -126,11 +127,9 @@ def weighted_linear_cross_entropy(
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
     if scores is not None:
         _check_scores(scores, hidden, lm_weight, mix)
-    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden))
+    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden.dtype))
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    if scores is not None and backend == "triton" and needs_grad:
-        backend = "torch"  # the torch form, on any device, skips the product that made the scores
     if backend in ("torch", "triton") and needs_grad:  # without gradients to form, one product per chunk is all
         hidden_, weight_, targets_, bias_, base_, w_, *rest = args
         if backend == "torch":
@@ -197,10 +196,19 @@ def head_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return (dtype, torch.float32) if dtype in HALF_DTYPES else (dtype,)
 
 
-def _triton_unsupported(hidden: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take ``hidden``, or None when they can."""
-    if hidden.dtype not in TRITON_DTYPES:
-        return f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {hidden.dtype}"
+def weighted_form_reads_scores(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> bool:
+    """Whether ``weighted_linear_cross_entropy`` with gradients, on ``device`` with hidden
+    states of ``dtype`` and ``backend``, reads given ``scores``: its ``torch`` form does. The
+    Triton kernel does not: it scores the rows again on chip, and on a GPU that beats the torch
+    form that skips the product (an H100 ran the weighted torch form 5.9x slower than the
+    kernel at V=128,256; see ``docs/benchmarks.md``)."""
+    return resolve_backend(backend, device, _triton_unsupported(dtype)) == "torch"
+
+
+def _triton_unsupported(dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot take hidden states of ``dtype``, or None when they can."""
+    if dtype not in TRITON_DTYPES:
+        return f"hidden dtype must be float16, bfloat16 or float32 for the triton backend, got {dtype}"
     return None
 
 
