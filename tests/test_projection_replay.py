@@ -10,6 +10,7 @@ from torch import nn
 from quietstar.model import projection_replay
 from quietstar.model.attention import decoder_layers
 from quietstar.model.projection_replay import ReplayedLinear, recording_projections, replaying_projections
+from quietstar.ops.onednn_linear import onednn_linear_available
 
 
 def test_replayed_linear_has_a_linears_outputs_and_gradients():
@@ -337,3 +338,32 @@ def test_an_overridden_sample_keeps_no_logits_and_its_thoughts_are_scored(monkey
     out = qs(ids, generator=torch.Generator().manual_seed(1))
     assert given == []
     torch.testing.assert_close(out.policy_loss, qs(ids, thoughts=out.thoughts).policy_loss)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_through_torch(monkeypatch):
+    """The sampling pass's projections, the tree pass's remaining rows and their input
+    gradients go through ``onednn_linear`` in float32; under autocast none does."""
+    import quietstar.ops.onednn_linear as onednn_module
+
+    rows = []
+    product = onednn_module._onednn_product
+
+    def counted(x, weight, bias):
+        rows.append(x.shape[-2])
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(onednn_module, "_onednn_product", counted)
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
+    linears = sum(isinstance(m, nn.Linear) for m in decoder_layers(qs.model).modules())
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    loss = qs(ids, generator=torch.Generator().manual_seed(1)).loss
+    # the base pass and two chain steps of 6 rows each, then the tree's 3 other slots
+    assert sorted(rows) == [6] * 3 * linears + [18] * linears
+    rows.clear()
+    loss.backward()
+    assert rows == [36] * linears  # dY W over the tree's 6 slots
+    rows.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    assert rows == []

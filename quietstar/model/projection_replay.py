@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from quietstar.model.attention import autocast_dtype
+from quietstar.ops.onednn_linear import onednn_linear, onednn_linear_input_grad
 
 
 def replayable(layers: nn.Module) -> bool:
@@ -86,17 +87,16 @@ def recording_projections(layers: nn.Module, total_rows: int) -> Iterator[Projec
     """Keep the output of every linear projection under ``layers`` called inside the block,
     into buffers of ``total_rows`` tokens (the tree pass's)."""
     record = ProjectionRecord(layers, total_rows)
-    # First among the module's hooks: the rows are the projection's own output, which the
-    # module's other hooks see again when the tree pass replays them.
-    handles = [
-        module.register_forward_hook(lambda module, args, output: record.keep(module, output.detach()), prepend=True)
-        for module in record.linears
-    ]
+    # The module's forward itself keeps the rows: they are the projection's own output, which
+    # the module's hooks see again when the tree pass replays them. Recorded modules have no
+    # instance forward of their own (ProjectionRecord): deleting the patch restores the class's.
+    for module in record.linears:
+        module.forward = _RecordingForward(module, record)
     try:
         yield record
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in record.linears:
+            del module.forward
 
 
 @contextlib.contextmanager
@@ -116,6 +116,20 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
     finally:
         for module in replaced:
             del module.forward
+
+
+class _RecordingForward:
+    """A projection's forward that computes ``linear(x)`` (through ``onednn_linear``) and keeps
+    the result in the record."""
+
+    def __init__(self, module: nn.Linear, record: ProjectionRecord) -> None:
+        self.module = module
+        self.record = record
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = onednn_linear(x, self.module.weight, self.module.bias)
+        self.record.keep(self.module, out.detach())
+        return out
 
 
 class _ReplayedForward:
@@ -153,7 +167,7 @@ class ReplayedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recorded):
         buffer, rows, dtype = recorded
-        buffer[..., rows:, :] = nn.functional.linear(x[..., rows:, :], weight, bias)
+        buffer[..., rows:, :] = onednn_linear(x[..., rows:, :], weight, bias)
         ctx.save_for_backward(x.to(dtype), weight)
         ctx.has_bias = bias is not None
         return buffer
@@ -163,7 +177,7 @@ class ReplayedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight.to(grad.dtype)
+            grad_x = onednn_linear_input_grad(grad, weight.to(grad.dtype))
         if ctx.needs_input_grad[1]:
             grad_weight = (grad.flatten(0, -2).t() @ x.flatten(0, -2)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

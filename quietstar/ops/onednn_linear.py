@@ -1,0 +1,70 @@
+"""The two products of a linear layer, ``x W^T + b`` and ``dY W``, through oneDNN on the CPU.
+
+PyTorch multiplies float32 on the CPU with MKL's sgemm. On the 2-core AMD EPYC with AVX-512
+that the benchmarks ran on, oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which
+PyTorch ships for the CPU code of ``torch.compile``) ran the decoder products of the training
+step faster: at 128 rows 1.2-1.3x, at 640 and 1,920 rows 1.1-1.4x, ``dY W`` through a
+transposed view of ``W`` 1.1-1.5x (docs/benchmarks.md). It computes the same float32 products,
+in another summation order.
+
+These functions carry no autograd: they serve passes without gradients (the thought sampling)
+and the forward and backward of autograd Functions (``ReplayedLinear``). Wherever oneDNN does
+not take the inputs (another device or dtype, autocast on, an input that needs a gradient
+here, a torch without the op, or ``QUIETSTAR_NO_ONEDNN=1``) they compute what PyTorch's own
+``linear`` and ``@`` compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN's linear op and ``QUIETSTAR_NO_ONEDNN`` is not ``1``."""
+    if os.environ.get(NO_ONEDNN_ENV_VAR) == "1" or not torch.backends.mkldnn.is_available():
+        return False
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 CPU tensors with rows, no autocast and no gradient to record."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and onednn_linear_available()
+    )
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., k] weight[n, k]^T (+ bias [n])`` -> ``[..., n]`` through oneDNN."""
+    flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return flat.view(*x.shape[:-1], weight.shape[0])
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` ->
+    ``[..., out]``; through oneDNN where it takes the inputs (module docstring)."""
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    if _onednn_takes(x, weight):
+        return _onednn_product(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def onednn_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight``, a linear layer's input gradient: ``grad [..., out]``, ``weight
+    [out, in]`` -> ``[..., in]``; through oneDNN (a transposed view of ``weight``, no copy)
+    where it takes the inputs."""
+    if _onednn_takes(grad, weight):
+        return _onednn_product(grad, weight.t(), None)
+    return grad @ weight

@@ -1,0 +1,101 @@
+"""``onednn_linear`` and ``onednn_linear_input_grad``: PyTorch's products, through oneDNN where it
+takes the inputs, and PyTorch's own everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import relative_error
+
+import quietstar.ops.onednn_linear as onednn_module
+from quietstar.ops.onednn_linear import (
+    NO_ONEDNN_ENV_VAR,
+    onednn_linear,
+    onednn_linear_available,
+    onednn_linear_input_grad,
+)
+
+requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The input shapes of the products that went through oneDNN."""
+    calls = []
+    product = onednn_module._onednn_product
+
+    def counted(x, weight, bias):
+        calls.append(tuple(x.shape))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(onednn_module, "_onednn_product", counted)
+    return calls
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@requires_onednn
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_onednn_linear_equals_torch_linear_through_onednn(bias, onednn_calls):
+    x = randn(2, 9, 40, seed=1)[:, 2:]  # not contiguous: [2, 7, 40]
+    weight, b = randn(24, 40, seed=2), randn(24, seed=3) if bias else None
+    out = onednn_linear(x, weight, b)
+    assert out.shape == (2, 7, 24) and out.dtype == torch.float32
+    assert relative_error(out, F.linear(x.double(), weight.double(), None if b is None else b.double())) <= 1e-6
+    assert onednn_calls == [(2, 7, 40)]
+
+
+@requires_onednn
+def test_onednn_input_grad_equals_grad_times_weight_through_onednn(onednn_calls):
+    grad, weight = randn(3, 5, 24, seed=4), randn(24, 40, seed=5)
+    out = onednn_linear_input_grad(grad, weight)
+    assert out.shape == (3, 5, 40)
+    assert relative_error(out, grad.double() @ weight.double()) <= 1e-6
+    assert onednn_calls == [(3, 5, 24)]
+
+
+def test_onednn_linear_is_torch_linear_where_a_gradient_is_needed(onednn_calls):
+    x, weight = randn(4, 16, seed=6).requires_grad_(), randn(8, 16, seed=7).requires_grad_()
+    out = onednn_linear(x, weight)
+    assert out.grad_fn is not None and onednn_calls == []
+    grad_x, grad_w = torch.autograd.grad(out.sum(), (x, weight))
+    torch.testing.assert_close(grad_x, torch.ones(4, 8) @ weight.detach())
+    torch.testing.assert_close(grad_w, torch.ones(4, 8).T @ x.detach())
+    bias = randn(8, seed=8).requires_grad_()
+    assert onednn_linear(x.detach(), weight.detach(), bias).grad_fn is not None and onednn_calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_onednn_linear_leaves_other_dtypes_to_torch(dtype, onednn_calls):
+    x, weight = randn(4, 16, seed=9, dtype=dtype), randn(8, 16, seed=10, dtype=dtype)
+    torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
+    torch.testing.assert_close(onednn_linear_input_grad(x[:, :8], weight), x[:, :8] @ weight)
+    assert onednn_calls == []
+
+
+def test_onednn_linear_under_autocast_multiplies_in_the_autocast_dtype(onednn_calls):
+    x, weight = randn(4, 16, seed=11), randn(8, 16, seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = onednn_linear(x, weight)
+    assert out.dtype == torch.bfloat16 and onednn_calls == []
+
+
+def test_onednn_linear_takes_no_rows(onednn_calls):
+    out = onednn_linear(torch.empty(0, 16), randn(8, 16, seed=13))
+    assert out.shape == (0, 8) and onednn_calls == []
+
+
+def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_calls):
+    monkeypatch.setenv(NO_ONEDNN_ENV_VAR, "1")
+    onednn_linear_available.cache_clear()
+    try:
+        assert not onednn_linear_available()
+        x, weight = randn(4, 16, seed=14), randn(8, 16, seed=15)
+        torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
+        assert onednn_calls == []
+    finally:
+        monkeypatch.delenv(NO_ONEDNN_ENV_VAR)
+        onednn_linear_available.cache_clear()
