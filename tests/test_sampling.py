@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, sample_tokens
+from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, head_logits, sample_tokens
+from quietstar.ops.onednn_linear import onednn_linear_available
 
 
 def draw_columns(logits: torch.Tensor, columns: int, seed: int = 0) -> torch.Tensor:
@@ -84,3 +85,20 @@ def test_non_finite_logits_still_give_token_ids():
     logits[5, 0], logits[:, 1], logits[7, 2] = float("nan"), float("nan"), float("inf")
     draws = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(0))
     assert draws.shape == (4,) and bool(((draws >= 0) & (draws < 300)).all())
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+def test_vocabulary_major_logits_multiply_through_onednn_in_float32(monkeypatch):
+    import quietstar.ops.onednn_linear as onednn_module
+
+    calls = []
+    product = onednn_module._onednn_product
+    monkeypatch.setattr(onednn_module, "_onednn_product", lambda x, w, b: calls.append(x.shape) or product(x, w, b))
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(5, 16, generator=gen), torch.randn(40, 16, generator=gen).requires_grad_()
+    with torch.no_grad():
+        logits = head_logits(hidden, weight, None, torch.tensor([3]), temperature=2.0, vocab_major=True)
+    expected = (weight.detach().double() @ hidden.double().T) / 2.0
+    expected[3] = float("-inf")
+    assert logits.shape == (40, 5) and calls == [(40, 16)]
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from quietstar.ops.onednn_linear import onednn_linear
+
 # Float32 logits scored at a time: 64 MiB, whatever the vocabulary (rows = this // V).
 SAMPLE_CHUNK_ELEMENTS = 16 * 2**20
 # Vocabulary entries whose weights are summed in float32 before their blocks' sums go float64.
@@ -26,8 +28,8 @@ def head_logits(
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     # ``linear`` hands autocast the weight itself (a leaf), whose cast autocast then caches for
     # the rest of its region; a transposed view would be cast again at every call.
-    if vocab_major:
-        logits, vocab_axis = torch.nn.functional.linear(lm_weight, hidden).to(dtype), 0
+    if vocab_major:  # float32 on the CPU through oneDNN (onednn_linear), 1.2-1.4x MKL's product here
+        logits, vocab_axis = onednn_linear(lm_weight, hidden).to(dtype), 0
     else:
         logits, vocab_axis = torch.nn.functional.linear(hidden, lm_weight).to(dtype), -1
     if lm_bias is not None:
