@@ -71,6 +71,12 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int, warm
     peak, _ = _peak_run(step, device)
     if device.type == "cpu":
         _set_mmap_threshold(TIMED_RUN_MMAP_THRESHOLD, trim=False)
+    times = _timed_runs(step, device, repeats)
+    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+
+
+def _timed_runs(step: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``step``, the device synchronized around each."""
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -78,7 +84,7 @@ def measure(step: Callable[[], object], device: torch.device, repeats: int, warm
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+    return times
 
 
 def _peak_run(step: Callable[[], object], device: torch.device) -> tuple[int, float]:
@@ -148,14 +154,7 @@ def matmul_tflops(
         best = math.inf
         for product in products:
             product()
-            times = []
-            for _ in range(repeats):
-                _sync(device)
-                start = time.perf_counter()
-                product()
-                _sync(device)
-                times.append(time.perf_counter() - start)
-            best = min(best, statistics.median(times))
+            best = min(best, statistics.median(_timed_runs(product, device, repeats)))
         flops += runs * 2.0 * batch * m * k * n
         seconds += runs * best
     return flops / seconds / 1e12

@@ -2,10 +2,9 @@
 
 PyTorch multiplies float32 on the CPU with MKL's sgemm. On the 2-core AMD EPYC with AVX-512
 that the benchmarks ran on, oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which
-PyTorch ships for the CPU code of ``torch.compile``) ran the decoder products of the training
-step faster: at 128 rows 1.2-1.3x, at 640 and 1,920 rows 1.1-1.4x, ``dY W`` through a
-transposed view of ``W`` 1.1-1.5x (docs/benchmarks.md). It computes the same float32 products,
-in another summation order.
+PyTorch ships for the CPU code of ``torch.compile``) ran the training step's decoder products
+1.1-1.3x faster at 128-1,920 rows, and ``dY W`` through a transposed view of ``W`` 1.5x
+(docs/benchmarks.md). It computes the same float32 products, in another summation order.
 
 These functions carry no autograd: they serve passes without gradients (the thought sampling)
 and the forward and backward of autograd Functions (``ReplayedLinear``). Wherever oneDNN does
