@@ -99,3 +99,17 @@ def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_
     finally:
         monkeypatch.delenv(NO_ONEDNN_ENV_VAR)
         onednn_linear_available.cache_clear()
+
+
+def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog):
+    monkeypatch.setattr(onednn_module, "_onednn_product", lambda x, weight, bias: torch.zeros(x.shape[0], weight.shape[0]))
+    onednn_linear_available.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):
+            available = onednn_linear_available()
+        assert not available
+        assert "PyTorch's own linear" in caplog.text
+        x, weight = randn(4, 16, seed=16), randn(8, 16, seed=17)
+        torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
+    finally:
+        onednn_linear_available.cache_clear()

@@ -9,13 +9,15 @@ PyTorch ships for the CPU code of ``torch.compile``) ran the training step's dec
 These functions carry no autograd: they serve passes without gradients (the thought sampling)
 and the forward and backward of autograd Functions (``ReplayedLinear``). Wherever oneDNN does
 not take the inputs (another device or dtype, autocast on, an input that needs a gradient
-here, a torch without the op, or ``QUIETSTAR_NO_ONEDNN=1``) they compute what PyTorch's own
+here, a torch without the op or whose op fails a first small check, or
+``QUIETSTAR_NO_ONEDNN=1``) they compute what PyTorch's own
 ``linear`` and ``@`` compute.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -23,13 +25,31 @@ import torch.nn.functional as F
 
 NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
 
+logger = logging.getLogger(__name__)
+
 
 @functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
-    """Whether this torch has oneDNN's linear op and ``QUIETSTAR_NO_ONEDNN`` is not ``1``."""
-    if os.environ.get(NO_ONEDNN_ENV_VAR) == "1" or not torch.backends.mkldnn.is_available():
-        return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch has oneDNN's linear op, it computes a small ``F.linear`` right (it is
+    internal to PyTorch: a version that changed it is not used), and ``QUIETSTAR_NO_ONEDNN`` is
+    not ``1``. The first call logs why it is not available."""
+    if os.environ.get(NO_ONEDNN_ENV_VAR) == "1":
+        reason = f"{NO_ONEDNN_ENV_VAR}=1"
+    elif not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        reason = "this torch has no oneDNN linear op"
+    else:
+        x = torch.arange(6.0).view(2, 3)
+        weight, bias = torch.arange(12.0).view(4, 3) / 8, torch.arange(4.0)
+        try:
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                same = torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias))
+            if same:
+                return True
+            reason = "its oneDNN linear op computed a wrong result"
+        except RuntimeError as error:
+            reason = f"its oneDNN linear op failed ({error})"
+    logger.info("float32 CPU products stay with PyTorch's own linear: %s", reason)
+    return False
 
 
 def _onednn_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
