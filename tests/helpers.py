@@ -111,3 +111,21 @@ def training_workspace(root, corpus_repeats: int = 20):
     (root / "corpus.txt").write_text(CORPUS * corpus_repeats, encoding="utf-8")
     return root
 
+
+def count_onednn_products(monkeypatch, weights=None) -> list[tuple[int, ...]]:
+    """The input shapes of the products that go through oneDNN (``onednn_linear``'s
+    ``_onednn_product``) from now on; with ``weights`` (data pointers), only those whose weight
+    is one of them."""
+    import quietstar.ops.onednn_linear as onednn_module
+
+    calls = []
+    product = onednn_module._onednn_product
+
+    def counted(x, weight, bias):
+        if weights is None or weight.data_ptr() in weights:
+            calls.append(tuple(x.shape))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(onednn_module, "_onednn_product", counted)
+    return calls
+

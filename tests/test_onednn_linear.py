@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import relative_error
+from helpers import count_onednn_products, relative_error
 
 import quietstar.ops.onednn_linear as onednn_module
 from quietstar.ops.onednn_linear import (
@@ -22,15 +22,7 @@ requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this
 @pytest.fixture
 def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
     """The input shapes of the products that went through oneDNN."""
-    calls = []
-    product = onednn_module._onednn_product
-
-    def counted(x, weight, bias):
-        calls.append(tuple(x.shape))
-        return product(x, weight, bias)
-
-    monkeypatch.setattr(onednn_module, "_onednn_product", counted)
-    return calls
+    return count_onednn_products(monkeypatch)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -38,10 +30,11 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 @requires_onednn
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("bias", ["none", "contiguous", "strided"])
 def test_onednn_linear_equals_torch_linear_through_onednn(bias, onednn_calls):
     x = randn(2, 9, 40, seed=1)[:, 2:]  # not contiguous: [2, 7, 40]
-    weight, b = randn(24, 40, seed=2), randn(24, seed=3) if bias else None
+    weight = randn(24, 40, seed=2)
+    b = {"none": None, "contiguous": randn(24, seed=3), "strided": randn(48, seed=3)[::2]}[bias]
     out = onednn_linear(x, weight, b)
     assert out.shape == (2, 7, 24) and out.dtype == torch.float32
     assert relative_error(out, F.linear(x.double(), weight.double(), None if b is None else b.double())) <= 1e-6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import quietstar_model, relative_error
+from helpers import count_onednn_products, quietstar_model, relative_error
 from torch import nn
 
 from quietstar.model import projection_replay
@@ -344,28 +344,18 @@ def test_an_overridden_sample_keeps_no_logits_and_its_thoughts_are_scored(monkey
 def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_through_torch(monkeypatch):
     """The sampling pass's projections, the tree pass's remaining rows and their input
     gradients go through ``onednn_linear`` in float32; under autocast none does."""
-    import quietstar.ops.onednn_linear as onednn_module
-
-    rows = []
-    product = onednn_module._onednn_product
     qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1)
     weights = {m.weight.data_ptr() for m in decoder_layers(qs.model).modules() if isinstance(m, nn.Linear)}
     linears = len(weights)
-
-    def counted(x, weight, bias):
-        if weight.data_ptr() in weights:  # not the sampling's lm_head product
-            rows.append(x.shape[-2])
-        return product(x, weight, bias)
-
-    monkeypatch.setattr(onednn_module, "_onednn_product", counted)
+    calls = count_onednn_products(monkeypatch, weights)  # not the sampling's lm_head product
     ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
     loss = qs(ids, generator=torch.Generator().manual_seed(1)).loss
     # the base pass and two chain steps of 6 rows each, then the tree's 3 other slots
-    assert sorted(rows) == [6] * 3 * linears + [18] * linears
-    rows.clear()
+    assert sorted(shape[-2] for shape in calls) == [6] * 3 * linears + [18] * linears
+    calls.clear()
     loss.backward()
-    assert rows == [36] * linears  # dY W over the tree's 6 slots
-    rows.clear()
+    assert [shape[-2] for shape in calls] == [36] * linears  # dY W over the tree's 6 slots
+    calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
-    assert rows == []
+    assert calls == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import count_onednn_products
 
 from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, head_logits, sample_tokens
 from quietstar.ops.onednn_linear import onednn_linear_available
@@ -89,11 +90,7 @@ def test_non_finite_logits_still_give_token_ids():
 
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
 def test_vocabulary_major_logits_multiply_through_onednn_in_float32(monkeypatch):
-    import quietstar.ops.onednn_linear as onednn_module
-
-    calls = []
-    product = onednn_module._onednn_product
-    monkeypatch.setattr(onednn_module, "_onednn_product", lambda x, w, b: calls.append(x.shape) or product(x, w, b))
+    calls = count_onednn_products(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(5, 16, generator=gen), torch.randn(40, 16, generator=gen).requires_grad_()
     with torch.no_grad():

@@ -62,7 +62,7 @@ def linear_cross_entropy(
             argument; also a target that is a masked id (its NLL would be infinite).
     """
     args = _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, masked_vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden.dtype))
+    backend = _resolve(backend, hidden.device, hidden.dtype)
     if backend == "reference":
         from quietstar.ops.linear_cross_entropy_reference import linear_cross_entropy_reference
 
@@ -127,7 +127,7 @@ def weighted_linear_cross_entropy(
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
     if scores is not None:
         _check_scores(scores, hidden, lm_weight, mix)
-    backend = resolve_backend(backend, hidden.device, _triton_unsupported(hidden.dtype))
+    backend = _resolve(backend, hidden.device, hidden.dtype)
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if backend in ("torch", "triton") and needs_grad:  # without gradients to form, one product per chunk is all
@@ -197,12 +197,18 @@ def head_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 
 def weighted_form_reads_scores(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> bool:
-    """Whether ``weighted_linear_cross_entropy`` with gradients, on ``device`` with hidden
-    states of ``dtype`` and ``backend``, reads given ``scores``: its ``torch`` form does. The
-    Triton kernel does not: it scores the rows again on chip, and on a GPU that beats the torch
-    form that skips the product (an H100 ran the weighted torch form 5.9x slower than the
-    kernel at V=128,256; see ``docs/benchmarks.md``)."""
-    return resolve_backend(backend, device, _triton_unsupported(dtype)) == "torch"
+    """Whether ``weighted_linear_cross_entropy`` forming gradients (without ``mix``, with which
+    no scores are taken), on ``device`` with hidden states of ``dtype`` and ``backend``, reads
+    given ``scores``: its ``torch`` form does. The Triton kernel does not: it scores the rows
+    again on chip, and on a GPU that beats the torch form that skips the product (an H100 ran
+    the weighted torch form 5.9x slower than the kernel at V=128,256;
+    ``bench/results/gpu-h100.md``)."""
+    return _resolve(backend, device, dtype) == "torch"
+
+
+def _resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend both ops run for hidden states of ``dtype`` on ``device``."""
+    return resolve_backend(backend, device, _triton_unsupported(dtype))
 
 
 def _triton_unsupported(dtype: torch.dtype) -> str | None:

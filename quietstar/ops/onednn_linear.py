@@ -42,7 +42,9 @@ def onednn_linear_available() -> bool:
         weight, bias = torch.arange(12.0).view(4, 3) / 8, torch.arange(4.0)
         try:
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                same = torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias))
+                same = torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias)) and torch.allclose(
+                    _onednn_product(x, weight.t().contiguous().t(), None), x @ weight.T  # a transposed view
+                )
             if same:
                 return True
             reason = "its oneDNN linear op computed a wrong result"
@@ -66,6 +68,8 @@ def _onednn_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., k] weight[n, k]^T (+ bias [n])`` -> ``[..., n]`` through oneDNN."""
+    # The op reads the bias as if contiguous (a strided one gives wrong sums).
+    bias = None if bias is None else bias.contiguous()
     flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return flat.view(*x.shape[:-1], weight.shape[0])
 
