@@ -54,14 +54,14 @@ def onednn_linear_available() -> bool:
     return False
 
 
-def _onednn_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """float32 CPU tensors with rows, no autocast and no gradient to record."""
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
         and onednn_linear_available()
     )
 
@@ -77,9 +77,7 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` ->
     ``[..., out]``; through oneDNN where it takes the inputs (module docstring)."""
-    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    if _onednn_takes(x, weight):
+    if _onednn_takes(x, weight, bias):
         return _onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
