@@ -17,6 +17,28 @@ from quietstar.ops.onednn_linear import (
 )
 
 requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+_REAL_PRODUCT = onednn_module._onednn_product
+
+
+@pytest.fixture
+def rechecked_availability():
+    """``onednn_linear_available`` asked afresh inside the test, and afterwards settled again
+    with the real op (so later tests' counters never see the first-use check)."""
+    onednn_linear_available.cache_clear()
+    yield onednn_linear_available
+    onednn_linear_available.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onednn_module, "_onednn_product", _REAL_PRODUCT)
+        patch.delenv(NO_ONEDNN_ENV_VAR, raising=False)
+        onednn_linear_available()
+
+
+def test_onednn_linear_is_available_wherever_torch_has_the_op(monkeypatch, rechecked_availability):
+    """The skips below are only for a torch without the op: one whose op fails the first-use
+    check fails here instead of skipping."""
+    monkeypatch.delenv(NO_ONEDNN_ENV_VAR, raising=False)
+    has_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert rechecked_availability() == has_op
 
 
 @pytest.fixture
@@ -81,28 +103,18 @@ def test_onednn_linear_takes_no_rows(onednn_calls):
     assert out.shape == (0, 8) and onednn_calls == []
 
 
-def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_calls):
+def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_calls, rechecked_availability):
     monkeypatch.setenv(NO_ONEDNN_ENV_VAR, "1")
-    onednn_linear_available.cache_clear()
-    try:
-        assert not onednn_linear_available()
-        x, weight = randn(4, 16, seed=14), randn(8, 16, seed=15)
-        torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
-        assert onednn_calls == []
-    finally:
-        monkeypatch.delenv(NO_ONEDNN_ENV_VAR)
-        onednn_linear_available.cache_clear()
+    assert not rechecked_availability()
+    x, weight = randn(4, 16, seed=14), randn(8, 16, seed=15)
+    torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
+    assert onednn_calls == []
 
 
-def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog):
+def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog, rechecked_availability):
     monkeypatch.setattr(onednn_module, "_onednn_product", lambda x, weight, bias: torch.zeros(x.shape[0], weight.shape[0]))
-    onednn_linear_available.cache_clear()
-    try:
-        with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):
-            available = onednn_linear_available()
-        assert not available
-        assert "PyTorch's own linear" in caplog.text
-        x, weight = randn(4, 16, seed=16), randn(8, 16, seed=17)
-        torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
-    finally:
-        onednn_linear_available.cache_clear()
+    with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):
+        assert not rechecked_availability()
+    assert "PyTorch's own linear" in caplog.text
+    x, weight = randn(4, 16, seed=16), randn(8, 16, seed=17)
+    torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
