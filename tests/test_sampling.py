@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import count_onednn_products
 
-from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, head_logits, sample_tokens
+import quietstar.model.sampling as sampling
+from quietstar.model.sampling import CDF_BLOCK, draw_by_inverse_cdf, head_logits, sample_chunk_rows, sample_tokens
 from quietstar.ops.onednn_linear import onednn_linear_available
 
 
@@ -79,6 +80,30 @@ def test_sample_tokens_writes_the_logits_it_draws_from():
     assert torch.equal(first, again)  # keeping the logits leaves the draw as it was
     expected = ((hidden.reshape(60, 8) @ weight.t() + bias) / 2.0).index_fill(-1, masked, float("-inf")).t()
     torch.testing.assert_close(out, expected)
+
+
+def test_sample_tokens_in_chunks_gives_what_one_chunk_gives(monkeypatch):
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(50, 8), torch.randn(2, 30, 8)
+    results = []
+    for rows in (7, 60):
+        monkeypatch.setattr(sampling, "SAMPLE_CHUNK_ELEMENTS", rows * 50)
+        out = torch.empty(50, 60)
+        greedy = sample_tokens(hidden, weight, greedy=True, logits_out=out)
+        drawn = sample_tokens(hidden, weight, generator=torch.Generator().manual_seed(1))
+        results.append((greedy, out, drawn))
+    (greedy, out, drawn), (whole_greedy, whole_out, whole_drawn) = results
+    assert torch.equal(greedy, whole_greedy) and torch.equal(out, whole_out)
+    assert drawn.shape == (2, 30) and torch.equal(drawn, whole_drawn)  # on the CPU, seeded draws too
+
+
+def test_sample_chunk_rows_hold_64_mib_of_logits_on_the_cpu_and_a_share_of_a_gpus_memory():
+    assert sample_chunk_rows(49152, torch.device("cpu")) == 16 * 2**20 // 49152
+    assert sample_chunk_rows(2**25, torch.device("cpu")) == 1  # a vocabulary over the budget
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        total = torch.cuda.get_device_properties(device).total_memory
+        assert sample_chunk_rows(128256, device) == int(total * sampling.GPU_SAMPLE_CHUNK_MEMORY_SHARE) // 4 // 128256
 
 
 def test_non_finite_logits_still_give_token_ids():

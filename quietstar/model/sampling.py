@@ -6,8 +6,12 @@ import torch
 
 from quietstar.ops.onednn_linear import onednn_linear
 
-# Float32 logits scored at a time: 64 MiB, whatever the vocabulary (rows = this // V).
+# Float32 logits scored at a time on the CPU: 64 MiB, whatever the vocabulary (rows = this // V).
 SAMPLE_CHUNK_ELEMENTS = 16 * 2**20
+# On a GPU, the share of its memory that one chunk's float32 logits may take: 2.5 GiB on an
+# 80 GiB H100, where the 1B bench step's draws (4,096 rows, V=128,256) then run as one chunk
+# and its sampling pass took 313 ms against 488 ms in 130-row chunks (bench/results/gpu-h100.md).
+GPU_SAMPLE_CHUNK_MEMORY_SHARE = 1 / 32
 # Vocabulary entries whose weights are summed in float32 before their blocks' sums go float64.
 CDF_BLOCK = 256
 
@@ -74,6 +78,17 @@ def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None 
     return (block * CDF_BLOCK + offset)[:, 0].clamp_(max=vocab - 1)
 
 
+def sample_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows whose logits ``sample_tokens`` scores at a time: ``SAMPLE_CHUNK_ELEMENTS`` logits on
+    the CPU; on a GPU, ``GPU_SAMPLE_CHUNK_MEMORY_SHARE`` of its memory in float32 logits (larger
+    products and fewer launches of the draw's elementwise kernels)."""
+    if device.type == "cuda":
+        elements = int(torch.cuda.get_device_properties(device).total_memory * GPU_SAMPLE_CHUNK_MEMORY_SHARE) // 4
+    else:
+        elements = SAMPLE_CHUNK_ELEMENTS
+    return max(1, elements // vocab_size)
+
+
 @torch.no_grad()
 def sample_tokens(
     hidden: torch.Tensor,
@@ -97,7 +112,7 @@ def sample_tokens(
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
-    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // lm_weight.shape[0])
+    chunk = sample_chunk_rows(lm_weight.shape[0], hidden.device)
     for start in range(0, flat.shape[0], chunk):
         logits = head_logits(flat[start : start + chunk], lm_weight, lm_bias, masked_vocab, temperature, vocab_major=True)
         if logits_out is not None:
