@@ -51,10 +51,22 @@ def run_worker(spec: dict) -> dict:
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
     record = {**info, **allocator, **measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False))}
-    if spec.get("matmul_rate"):  # the baseline's worker also measures the case's matmul rate
+    if spec.get("matmul_rate"):  # measured right after the timing, on the case's shapes in the variant's dtype
         dtype, shapes = case.matmul_shapes(spec["size"], device)
-        record["matmul_tflops"] = matmul_tflops(device, dtype, shapes)
+        record["matmul_tflops"] = matmul_tflops(device, matmul_dtype(case, spec["variant"], dtype), shapes)
     return record
+
+
+def matmul_dtype(case, variant: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``variant`` multiplies in: the case's, unless its ``VARIANT_MATMUL_DTYPE`` says."""
+    return getattr(case, "VARIANT_MATMUL_DTYPE", {}).get(variant, dtype)
+
+
+def measures_matmul_rate(case, variant: str, device: torch.device, scale: str) -> bool:
+    """Whether ``variant``'s worker measures its own matmul rate: the baseline's always, and a
+    variant that multiplies in another dtype; at ``--full`` every variant's, next to its timing,
+    since a machine's speed drifts over the minutes between workers (10-30% on shared CPUs)."""
+    return variant == case.baseline(device) or scale == "full" or variant in getattr(case, "VARIANT_MATMUL_DTYPE", {})
 
 
 def spawn_worker(spec: dict) -> dict:
@@ -181,16 +193,17 @@ def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
     if env.get("peak_matmul_tflops"):
         lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['peak_matmul_tflops']:.0f} TFLOP/s.")
     lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
-                 "rate of the case's own matrix products in its dtype (float32 on CPU: the faster of MKL and "
-                 "oneDNN per shape), measured in the same run.")
+                 "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the faster of MKL and "
+                 "oneDNN per shape), measured in the same run: in the baseline's worker and in that of a variant "
+                 "of another dtype, and with --full in every variant's worker, right after its timing.")
     lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
 
 
-def add_ratios(results: list[dict], baseline: str, floor: str | None, matmul: float | None) -> None:
+def add_ratios(results: list[dict], baseline: str, floor: str | None) -> None:
     """Speed-up and memory ratio against ``baseline``, time over ``floor``'s, and the fraction
-    of the measured matmul rate, for the records of one case and size."""
+    of each record's measured matmul rate, for the records of one case and size."""
     measured = {r["variant"]: r for r in results if "time_s" in r}
     for r in measured.values():
         if baseline in measured:
@@ -201,8 +214,8 @@ def add_ratios(results: list[dict], baseline: str, floor: str | None, matmul: fl
             r["floor_ratio"] = r["time_s"] / measured[floor]["time_s"]
         if r.get("useful_flops"):
             r["tflops"] = r["useful_flops"] / r["time_s"] / 1e12
-            if matmul:
-                r["matmul_fraction"] = r["tflops"] / matmul
+            if r.get("matmul_tflops"):
+                r["matmul_fraction"] = r["tflops"] / r["matmul_tflops"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     record["skipped"] = reason
                 else:
                     spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats,
-                            "matmul_rate": variant == case.baseline(device)}
+                            "matmul_rate": measures_matmul_rate(case, variant, device, args.scale or "default")}
                     record.update(spawn_worker(spec))
                     if "time_s" in record:
                         record["useful_flops"] = case.useful_flops(size, variant, device)
@@ -269,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
             matmul = next((r.get("matmul_tflops") for r in results if r["variant"] == case.baseline(device)), None)
             for record in results:
-                record["matmul_tflops"] = matmul
-            add_ratios(results, case.baseline(device), floor, matmul)
+                record.setdefault("matmul_tflops", matmul)  # the baseline's where the variant measured none
+            add_ratios(results, case.baseline(device), floor)
             all_results.extend(results)
             # Written after every size, so a run cut short keeps what it measured.
             report = {"environment": env, "scale": args.scale or "default", "results": all_results}

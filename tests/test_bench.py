@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from cases import CASES  # noqa: E402
 from helpers import requires_native  # noqa: E402
 from measure import measure  # noqa: E402
-from run import spawn_worker  # noqa: E402
+from run import add_ratios, matmul_dtype, measures_matmul_rate, spawn_worker  # noqa: E402
 
 CPU = torch.device("cpu")
 # FlexAttention is compiled (tens of seconds on CPU); bench/run.py --quick covers it.
@@ -43,6 +43,28 @@ def test_training_step_workers_run_with_the_cpu_caching_allocator_as_the_trainer
     record = spawn_worker({"case": "training_step", "variant": "quietstar", "size": size, "device": "cpu", "repeats": 1})
     assert record.get("cpu_caching_allocator") is True, record
     assert record["time_s"] > 0
+
+
+def test_a_bfloat16_variant_is_held_against_the_bfloat16_matmul_rate():
+    step = CASES["training_step"]
+    dtype, _ = step.matmul_shapes(step.sizes(CPU, "quick")[0], CPU)
+    assert dtype == torch.float32
+    assert matmul_dtype(step, "quietstar+sampling-bf16", dtype) == torch.bfloat16
+    assert matmul_dtype(step, "quietstar+sampling", dtype) == torch.float32
+    measured = {v: measures_matmul_rate(step, v, CPU, "default") for v in step.variants(CPU)}
+    assert measured == {"reference": True, "quietstar": False, "quietstar+sampling": False,
+                        "quietstar-checkpointing": False, "quietstar+sampling-bf16": True}
+    assert all(measures_matmul_rate(step, v, CPU, "full") for v in step.variants(CPU))
+
+
+def test_each_record_is_a_fraction_of_its_own_matmul_rate():
+    records = [
+        {"variant": "reference", "time_s": 4.0, "peak_mib": 8.0, "useful_flops": 4e12, "matmul_tflops": 2.0},
+        {"variant": "fast", "time_s": 1.0, "peak_mib": 2.0, "useful_flops": 4e12, "matmul_tflops": 8.0},
+    ]
+    add_ratios(records, "reference", None)
+    assert records[0]["matmul_fraction"] == pytest.approx(0.5) and records[1]["matmul_fraction"] == pytest.approx(0.5)
+    assert records[1]["speedup"] == pytest.approx(4.0) and records[1]["memory_ratio"] == pytest.approx(4.0)
 
 
 def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):

@@ -18,7 +18,9 @@
 and optionally ``floor(device)``: a variant whose time is a lower bound for the others (the
 table shows each variant's time over it), ``skip(variant, size, device)``: why a variant
 does not run at a size (None when it does), ``COLD_START = True``: a step is long enough
-to be timed without a warm-up run, and ``IN_DEFAULT_RUN = False``: only ``--case`` runs it.
+to be timed without a warm-up run, ``IN_DEFAULT_RUN = False``: only ``--case`` runs it, and
+``VARIANT_MATMUL_DTYPE``: ``{variant: dtype}`` for variants that multiply in another dtype
+than ``matmul_shapes`` says (a bfloat16 autocast variant), whose floor is then that dtype's rate.
 """
 
 from cases import evaluation, linear_cross_entropy, train, training_step, tree_attention

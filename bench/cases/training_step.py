@@ -44,6 +44,7 @@ MODELS = {
     ),
 }
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+VARIANT_MATMUL_DTYPE = {"quietstar+sampling-bf16": torch.bfloat16}
 
 
 def baseline(device: torch.device) -> str:
