@@ -83,7 +83,8 @@ def sample_chunk_rows(vocab_size: int, device: torch.device) -> int:
     the CPU; on a GPU, ``GPU_SAMPLE_CHUNK_MEMORY_SHARE`` of its memory in float32 logits (larger
     products and fewer launches of the draw's elementwise kernels)."""
     if device.type == "cuda":
-        elements = int(torch.cuda.get_device_properties(device).total_memory * GPU_SAMPLE_CHUNK_MEMORY_SHARE) // 4
+        memory = torch.cuda.get_device_properties(device).total_memory
+        elements = int(memory * GPU_SAMPLE_CHUNK_MEMORY_SHARE) // torch.float32.itemsize
     else:
         elements = SAMPLE_CHUNK_ELEMENTS
     return max(1, elements // vocab_size)
