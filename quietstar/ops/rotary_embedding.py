@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
-from transformers.models.llama.modeling_llama import rotate_half
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, native_chosen
@@ -31,6 +30,13 @@ class RotaryEmbeddingNative(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return torch.ops.quietstar.rotary_embedding_backward(grad.float().contiguous(), cos, sin, ctx.x_dtype), None, None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[..., D] -> [..., D]``: the last axis's halves ``(x1, x2)`` as ``(-x2, x1)``, the Llama
+    family's pairing of rotated entries (``i`` with ``i + D/2``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def rotary_embedding_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""The layers of docs/architecture.md import one way: kernels <- ops <- model <- train.
+
+Read from the source with ``ast`` (importing ``quietstar`` loads every layer), so a new import
+that points up, or an ops module that reaches for transformers, fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Each folder and the top-level modules it must not import (a prefix matches its submodules).
+FORBIDDEN = {
+    "kernels": ("quietstar.ops", "quietstar.model", "quietstar.train", "transformers"),
+    "quietstar/ops": ("quietstar.model", "quietstar.train", "transformers"),
+    "quietstar/model": ("quietstar.train",),
+}
+
+
+def package_of(path: Path) -> str:
+    """The package a module file belongs to once installed (``kernels/`` is ``quietstar.kernels``)."""
+    package = ".".join(path.relative_to(ROOT).parts[:-1])
+    return "quietstar." + package if package.startswith("kernels") else package
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Every module ``source`` imports (and every name it imports from one, as ``module.name``),
+    relative imports resolved against ``package``."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def upward(source: str, package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """The imports of ``source`` that fall under one of ``forbidden``."""
+    names = imported_modules(source, package)
+    return sorted(name for name in names if any(name == f or name.startswith(f + ".") for f in forbidden))
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_no_module_imports_a_layer_above_its_own(folder):
+    files = sorted((ROOT / folder).glob("*.py"))
+    assert files, f"no modules under {folder}"
+    found = {str(path.relative_to(ROOT)): upward(path.read_text(), package_of(path), FORBIDDEN[folder]) for path in files}
+    assert not {path: names for path, names in found.items() if names}
+
+
+def test_the_layering_check_sees_relative_and_absolute_upward_imports():
+    source = "from ..model import attention\nfrom . import layout\nimport transformers.activations\n"
+    found = upward(source, package_of(ROOT / "quietstar" / "ops" / "example.py"), FORBIDDEN["quietstar/ops"])
+    assert found == ["quietstar.model", "quietstar.model.attention", "transformers.activations"]
+    assert package_of(ROOT / "kernels" / "tree_attention.py") == "quietstar.kernels"
