@@ -161,3 +161,43 @@ def test_training_step_matmul_rate_counts_the_products_the_useful_flops_count(n_
     assert {m for _, m, _, _, _ in forward[:-1]} == set(training_step.forward_rows(size))
     # Evaluation runs every chain step through the cache.
     assert training_step.forward_rows(size, sampled_steps=6) == [16] + [16 * n_thoughts] * 6
+
+
+@pytest.mark.parametrize("variant", ["base-generate", "quietstar-generate"])
+def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(variant, monkeypatch):
+    """The useful FLOPs rest on passes_per_token and head_rows_per_token: count the calls of the
+    first decoder layer (one per pass, the prefill included) and the lm_head rows scored in a
+    run at the quick size; the base model's products are what matmul_shapes counts."""
+    from cases import generation
+
+    import quietstar.model.generation
+    import quietstar.model.sampling
+    from quietstar.model.attention import decoder_layers
+
+    size = generation.sizes(CPU, "quick")[0]
+    step, _ = generation.build(variant, size, CPU)
+    qs = next(cell.cell_contents for cell in step.__closure__ if hasattr(cell.cell_contents, "lm_head"))
+    passes, head_rows = [], []
+    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: passes.append(1))
+    # The base model scores through its lm_head module; QuietStarModel through head_logits.
+    qs.model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.numel() // out.shape[-1]))
+
+    def counted(head_logits):
+        def run(hidden, *args, **kwargs):
+            head_rows.append(hidden.numel() // hidden.shape[-1])
+            return head_logits(hidden, *args, **kwargs)
+
+        return run
+
+    for module in (quietstar.model.sampling, quietstar.model.generation):
+        monkeypatch.setattr(module, "head_logits", counted(module.head_logits))
+    step()
+    new = size["new_tokens"]
+    assert len(passes) == 1 + generation.passes_per_token(size, variant) * new - 1
+    assert sum(head_rows) == generation.head_rows_per_token(size, variant) * new * size["batch"]
+    if variant == "base-generate":
+        _, shapes = generation.matmul_shapes(size, CPU)
+        cfg = generation.MODELS[size["model"]]
+        counted_flops = sum(2 * b * m * k * n * count for b, m, k, n, count in shapes)
+        decoder = 2 * generation.decoder_params(size) * size["batch"] * (size["prompt"] + new - 1)
+        assert counted_flops == decoder + 2 * cfg["hidden_size"] * cfg["vocab_size"] * new * size["batch"]

@@ -23,7 +23,7 @@ to be timed without a warm-up run, ``IN_DEFAULT_RUN = False``: only ``--case`` r
 than ``matmul_shapes`` says (a bfloat16 autocast variant), whose floor is then that dtype's rate.
 """
 
-from cases import evaluation, linear_cross_entropy, train, training_step, tree_attention
+from cases import evaluation, generation, linear_cross_entropy, train, training_step, tree_attention
 
 CASES = {
     "tree_attention": tree_attention,
@@ -31,5 +31,6 @@ CASES = {
     "training_step": training_step,
     "train": train,
     "evaluation": evaluation,
+    "generation": generation,
 }
 SCALES = ("quick", "default", "full")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cases.training_step import MODELS, make_model, matmul_shapes as step_matmul_shapes
+from cases.training_step import MODELS, decoder_params, make_model, matmul_shapes as step_matmul_shapes
 
 IN_DEFAULT_RUN = False  # about 40 s on 2 CPU cores: `bench/run.py --case evaluation` runs it
 
@@ -59,10 +59,8 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """A plain forward's ``2 P X + 2 d V X`` over the text; with thinking, ``1 + C`` times that
     (every chain slot of the tree once, as the floor the target is set against)."""
     cfg = MODELS[size["model"]]
-    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    params = size["layers"] * (2 * d * d + 2 * d * kv_heads * (d // heads) + 3 * d * cfg["intermediate_size"])
     text = tokens(size)
-    plain = 2.0 * params * text + 2.0 * d * cfg["vocab_size"] * text
+    plain = 2.0 * decoder_params(size) * text + 2.0 * cfg["hidden_size"] * cfg["vocab_size"] * text
     return plain if variant == "plain-forward" else plain * (1 + chain_slots(size))
 
 

@@ -117,6 +117,14 @@ def matmul_shapes(
     return DTYPE[device.type], shapes
 
 
+def decoder_params(size: dict) -> int:
+    """``P``: the decoder's non-embedding parameters (attention projections and MLP) over
+    ``size["layers"]`` layers."""
+    cfg = MODELS[size["model"]]
+    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return size["layers"] * (2 * d * d + 2 * d * kv_heads * (d // heads) + 3 * d * cfg["intermediate_size"])
+
+
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     """The step's useful FLOPs, ``3 x (2 P X + 2 d V R + 4 D A)``: forward and backward of the
     decoder's non-embedding parameters ``P`` over the tree's ``X`` tokens (the text once, every
@@ -125,9 +133,9 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     layers and query heads, head size ``D``. Sampling the thoughts and any recomputation are
     not useful work: the same count holds for every variant."""
     cfg = {**MODELS[size["model"]], "num_hidden_layers": size["layers"]}
-    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = d // heads
-    params = cfg["num_hidden_layers"] * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * cfg["intermediate_size"])
+    params = decoder_params(size)
     batch, length, n = size["batch"], size["length"], size["n_thoughts"]
     t_len, k_len = size["thought_tokens"], size["talk_tokens"]
     n_slots = 1 + (t_len + 1 + k_len) * n
