@@ -165,9 +165,9 @@ def test_training_step_matmul_rate_counts_the_products_the_useful_flops_count(n_
 
 @pytest.mark.parametrize("variant", ["base-generate", "quietstar-generate"])
 def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(variant, monkeypatch):
-    """The useful FLOPs rest on passes_per_token and head_rows_per_token: count the calls of the
-    first decoder layer (one per pass, the prefill included) and the lm_head rows scored in a
-    run at the quick size; the base model's products are what matmul_shapes counts."""
+    """The useful FLOPs rest on tokens_per_token and head_rows_per_token: count the tokens and
+    calls of the first decoder layer (the prefill included) and the lm_head rows scored in a run
+    at the quick size; the base model's products are what matmul_shapes counts."""
     from cases import generation
 
     import quietstar.model.generation
@@ -178,7 +178,7 @@ def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(va
     step, _ = generation.build(variant, size, CPU)
     qs = next(cell.cell_contents for cell in step.__closure__ if hasattr(cell.cell_contents, "lm_head"))
     passes, head_rows = [], []
-    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: passes.append(1))
+    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[1]))
     # The base model scores through its lm_head module; QuietStarModel through head_logits.
     qs.model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.numel() // out.shape[-1]))
 
@@ -193,7 +193,8 @@ def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(va
         monkeypatch.setattr(module, "head_logits", counted(module.head_logits))
     step()
     new = size["new_tokens"]
-    assert len(passes) == 1 + generation.passes_per_token(size, variant) * new - 1
+    assert len(passes) == generation.decoder_passes(size, variant)
+    assert sum(passes) == size["prompt"] + generation.tokens_per_token(size, variant) * new - 1
     assert sum(head_rows) == generation.head_rows_per_token(size, variant) * new * size["batch"]
     if variant == "base-generate":
         _, shapes = generation.matmul_shapes(size, CPU)

@@ -70,6 +70,22 @@ def test_batched_generation_equals_slow_per_token_reference(mix):
         assert torch.equal(out.thoughts[row], thoughts), row
 
 
+def test_tokens_known_together_share_a_pass_t_plus_one_passes_per_new_token():
+    """The last thought token goes with the end token and each drawn token with the next start
+    token: after the prompt and the first start token, T + 1 passes of the decoder per token."""
+    from quietstar.model.attention import decoder_layers
+
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    tokens_per_pass = []
+    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: tokens_per_pass.append(args[0].shape[1]))
+    qs.generate(ids, mask, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    t_len = qs.config.thought_tokens
+    assert tokens_per_pass[:2] == [6, 1]  # the prompt, the first start token
+    assert len(tokens_per_pass) == 2 + (t_len + 1) * 4 - 1
+    assert sum(tokens_per_pass) == 6 + (t_len + 3) * 4 - 1
+
+
 def test_sampled_generation_is_reproducible():
     qs = make_model()
     ids, mask = left_padded_prompts()

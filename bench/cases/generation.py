@@ -1,12 +1,13 @@
 """Generation with thoughts against the base model's own generation: the cost of thinking
 before every token at inference.
 
-Per new token, ``QuietStarModel.generate`` runs ``T + 3`` one-token decoder passes through its
-KV cache (the start token and ``T - 1`` thought tokens, each drawing the next one; the last
-thought token; the end token, whose state is the talk state; the drawn token appended) and
-``T + 1`` lm_head products (``T`` thought tokens, one next token), against one pass and one
-product for the base model (transformers' ``generate``, sampling at temperature 1, no top-k or
-top-p). The table's ``x floor`` column is the time over the base model's. SmolLM2-135M's shapes
+Per new token, ``QuietStarModel.generate`` runs ``T + 3`` tokens through the decoder and its KV
+cache (the start token and ``T - 1`` thought tokens, each drawing the next one; the last thought
+token; the end token, whose state is the talk state; the drawn token appended), in ``T + 1``
+passes (the last thought token with the end token, the drawn token with the next start token),
+and ``T + 1`` lm_head products (``T`` thought tokens, one next token), against one token, one
+pass and one product for the base model (transformers' ``generate``, sampling at temperature 1,
+no top-k or top-p). The table's ``x floor`` column is the time over the base model's. SmolLM2-135M's shapes
 with random weights; the prompt's prefill is timed in both.
 """
 
@@ -49,9 +50,16 @@ def tokens(size: dict) -> int:
     return size["batch"] * size["new_tokens"]
 
 
-def passes_per_token(size: dict, variant: str) -> int:
-    """One-token decoder passes per new token (the last token's append included)."""
+def tokens_per_token(size: dict, variant: str) -> int:
+    """Tokens through the decoder per new token (the drawn token's append included)."""
     return size["thought_tokens"] + 3 if variant == "quietstar-generate" else 1
+
+
+def decoder_passes(size: dict, variant: str) -> int:
+    """Calls of the decoder in one run, the prompt's prefill included: the base model's one per
+    new token; with thinking, the first thought's start token alone, then ``T + 1`` per token."""
+    new = size["new_tokens"]
+    return 1 + (size["thought_tokens"] + 1) * new if variant == "quietstar-generate" else new
 
 
 def head_rows_per_token(size: dict, variant: str) -> int:
@@ -72,12 +80,12 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
-    """``2 P`` per token through the decoder (the prompt once, then ``passes_per_token`` per new
+    """``2 P`` per token through the decoder (the prompt once, then ``tokens_per_token`` per new
     token, less the last token's append) and ``2 d V`` per lm_head row (``head_rows_per_token``
     per new token); attention's FLOPs, a few percent at these lengths, are not counted."""
     cfg = MODELS[size["model"]]
     batch, new = size["batch"], size["new_tokens"]
-    decoder_tokens = size["prompt"] + passes_per_token(size, variant) * new - 1
+    decoder_tokens = size["prompt"] + tokens_per_token(size, variant) * new - 1
     head_rows = head_rows_per_token(size, variant) * new
     return batch * (2.0 * decoder_params(size) * decoder_tokens + 2.0 * cfg["hidden_size"] * cfg["vocab_size"] * head_rows)
 

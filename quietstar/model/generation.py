@@ -37,14 +37,17 @@ class _TextState:
         self.key_pos = base_positions(attention_mask, *attention_mask.shape, attention_mask.device)
         self.last_pos = self.key_pos[:, -1]
 
-    def mask(self, n_chain: int, window: int | None) -> torch.Tensor:
-        """``[B, 1, 1, text + n_chain]`` bool: a query after the last text token (a thought
-        token or the next token) sees the real text keys (within the window) and the chain."""
+    def mask(self, n_chain: int, window: int | None, queries: int = 1) -> torch.Tensor:
+        """``[B, 1, queries, text + n_chain]`` bool for the last ``queries`` of ``n_chain`` tokens
+        after the last text token (chain tokens; a query of chain count 0 is the last text token
+        itself): each sees the real text keys (within the window) and the chain up to itself."""
         visible = self.key_real
         if window is not None:
             visible = visible & (self.last_pos[:, None] - self.key_pos < window)
-        chain = visible.new_ones(visible.shape[0], n_chain)
-        return torch.cat([visible, chain], dim=1)[:, None, None, :]
+        counts = torch.arange(n_chain - queries + 1, n_chain + 1, device=visible.device)
+        chain = torch.arange(n_chain, device=visible.device) < counts[:, None]  # [queries, n_chain]
+        batch = visible.shape[0]
+        return torch.cat([visible[:, None].expand(-1, queries, -1), chain.expand(batch, -1, -1)], dim=2)[:, None]
 
     def append(self) -> None:
         self.last_pos = self.last_pos + 1
@@ -64,8 +67,9 @@ def _draw(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | No
 
 
 def _step(qs, embeds, positions, cache, mask) -> torch.Tensor:
-    """One token per row through the cache: ``[B, d] -> [B, d]``."""
-    return run_backbone(qs.model, embeds[:, None], positions[:, None], cache=cache, attention_mask=mask)[:, 0]
+    """``embeds [B, n, d]`` at ``positions [B, n]`` through the cache, appended to it, each
+    seeing what ``mask [B, 1, n, keys]`` lets it: ``[B, n, d]``."""
+    return run_backbone(qs.model, embeds, positions, cache=cache, attention_mask=mask)
 
 
 @torch.no_grad()
@@ -120,18 +124,24 @@ def generate(
     h_last = run_backbone(qs.model, qs.embed(input_ids), text.key_pos, cache=cache, tree_layout=layout)[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens, thoughts = [], []
+    text_len = prompt_len
+    two = torch.arange(2, device=input_ids.device)
+    # One pass reads every weight whatever its few tokens, so tokens that are known together run
+    # together: the last thought token with the end token, and each drawn token with the next
+    # thought's start token (T + 1 passes per new token instead of T + 3).
+    start = qs.meta_embedding(0).expand(batch, 1, -1)
+    hidden = _step(qs, start, text.last_pos[:, None] + 1, cache, text.mask(1, window))[:, -1]
     for index in range(max_new_tokens):
-        text_len = cache.get_seq_length()
-        # Think: start, T thought tokens, end; one token per row per step.
-        embeds = qs.meta_embedding(0).expand(batch, -1)
+        # Think: T thought tokens after the start token, one token per row per step.
         thought = []
         for c in range(1, cfg.thought_tokens + 1):
-            hidden = _step(qs, embeds, text.last_pos + c, cache, text.mask(c, window))
+            if c > 1:
+                embeds = qs.embed(thought[-1])[:, None]
+                hidden = _step(qs, embeds, text.last_pos[:, None] + c, cache, text.mask(c, window))[:, -1]
             thought.append(qs.sample(hidden, generator, greedy=not sample_thoughts))
-            embeds = qs.embed(thought[-1])
         c = cfg.thought_tokens + 1
-        _step(qs, embeds, text.last_pos + c, cache, text.mask(c, window))  # the last thought token's keys
-        h_talk = _step(qs, qs.meta_embedding(1).expand(batch, -1), text.last_pos + c + 1, cache, text.mask(c + 1, window))
+        ends = torch.stack([qs.embed(thought[-1]), qs.meta_embedding(1).expand(batch, -1)], dim=1)
+        h_talk = _step(qs, ends, text.last_pos[:, None] + c + two, cache, text.mask(c + 1, window, queries=2))[:, -1]
         cache.truncate(text_len)
 
         # Talk: mix and draw the next token.
@@ -152,10 +162,13 @@ def generate(
         new_tokens.append(token)
         thoughts.append(torch.stack(thought, dim=-1))
 
-        # Append the token to the text (its hidden state predicts the next one, if any).
+        # Append the token to the text (its hidden state predicts the next one) with the next
+        # thought's start token, if there is a next token.
         if index + 1 < max_new_tokens:
             text.append()
-            h_last = _step(qs, qs.embed(token), text.last_pos, cache, text.mask(0, window))
+            text_len += 1
+            pair = torch.stack([qs.embed(token), qs.meta_embedding(0).expand(batch, -1)], dim=1)
+            h_last, hidden = _step(qs, pair, text.last_pos[:, None] + two, cache, text.mask(1, window, queries=2)).unbind(1)
     sequences = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
     stacked = torch.stack(thoughts, dim=1) if thoughts else input_ids.new_zeros(batch, 0, cfg.thought_tokens)
     return GenerationOutput(sequences=sequences, thoughts=stacked if return_thoughts else None)
