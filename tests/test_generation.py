@@ -84,6 +84,9 @@ def test_tokens_known_together_share_a_pass_t_plus_one_passes_per_new_token():
     assert tokens_per_pass[:2] == [6, 1]  # the prompt, the first start token
     assert len(tokens_per_pass) == 2 + (t_len + 1) * 4 - 1
     assert sum(tokens_per_pass) == 6 + (t_len + 3) * 4 - 1
+    tokens_per_pass.clear()
+    out = qs.generate(ids, mask, max_new_tokens=0)
+    assert tokens_per_pass == [6] and torch.equal(out.sequences, ids)  # no thought for no token
 
 
 def test_sampled_generation_is_reproducible():

@@ -129,8 +129,9 @@ def generate(
     # One pass reads every weight whatever its few tokens, so tokens that are known together run
     # together: the last thought token with the end token, and each drawn token with the next
     # thought's start token (T + 1 passes per new token instead of T + 3).
-    start = qs.meta_embedding(0).expand(batch, 1, -1)
-    hidden = _step(qs, start, text.last_pos[:, None] + 1, cache, text.mask(1, window))[:, -1]
+    if max_new_tokens:
+        start = qs.meta_embedding(0).expand(batch, 1, -1)
+        hidden = _step(qs, start, text.last_pos[:, None] + 1, cache, text.mask(1, window))[:, -1]
     for index in range(max_new_tokens):
         # Think: T thought tokens after the start token, one token per row per step.
         thought = []
