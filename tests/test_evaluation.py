@@ -64,6 +64,19 @@ def test_one_pass_evaluation_equals_the_training_forward_for_its_thoughts(model_
         assert relative_error(getattr(fast, field), getattr(tree, field)) < 1e-9, field
 
 
+def test_evaluation_runs_the_steps_after_the_last_thought_token_as_one_pass(model_folder):
+    from quietstar.model.attention import decoder_layers
+
+    qs = thinking_model(model_folder, n_thoughts=2)
+    ids, mask = batch()
+    tokens_per_pass = []
+    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: tokens_per_pass.append(args[0].shape[1]))
+    qs.evaluate(ids, mask, generator=torch.Generator().manual_seed(1))
+    t_len, chain = qs.config.thought_tokens, qs.config.chain_steps
+    slot = 2 * 12  # N * L tokens per chain step
+    assert tokens_per_pass == [12] + [slot] * t_len + [slot * (chain - t_len)]
+
+
 @pytest.mark.parametrize("mix", ["hidden", "logprobs"])
 def test_next_token_nll_is_the_first_talk_nll_of_the_forward(model_folder, mix):
     qs = thinking_model(model_folder, n_thoughts=1, mix=mix)

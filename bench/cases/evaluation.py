@@ -51,8 +51,9 @@ def tokens(size: dict) -> int:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
-    """The forward's products as evaluation runs them: every chain step through the KV cache."""
-    return step_matmul_shapes(size, device, backward=False, sampled_steps=chain_slots(size))
+    """The forward's products as evaluation runs them: the base pass, the ``T`` sampling steps
+    through the KV cache, then the other chain steps in one pass (the training step's forward)."""
+    return step_matmul_shapes(size, device, backward=False)
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

@@ -79,21 +79,21 @@ def label(size: dict) -> str:
     return f"B={size['batch']} L={size['length']}"
 
 
-def forward_rows(size: dict, sampled_steps: int | None = None) -> list[int]:
+def forward_rows(size: dict) -> list[int]:
     """Rows of each forward product of the decoder, as a step runs them: the base pass of the
-    text (``B L`` rows) and ``sampled_steps`` chain steps through the KV cache (``B N L`` rows
-    each), then the tree's remaining chain slots in one product. The default is the training
-    step's: the ``T`` sampling steps, whose projections the tree pass replays
-    (``quietstar.model.projection_replay``); ``C`` steps is evaluation's schedule."""
+    text (``B L`` rows) and the ``T`` sampling steps through the KV cache (``B N L`` rows each),
+    whose projections the tree pass replays (``quietstar.model.projection_replay``), then the
+    tree's remaining chain slots in one product. Evaluation runs the same schedule (its last
+    chain steps as one pass)."""
     batch, length, n = size["batch"], size["length"], size["n_thoughts"]
     chain = size["thought_tokens"] + 1 + size["talk_tokens"]
-    steps = size["thought_tokens"] if sampled_steps is None else sampled_steps
+    steps = size["thought_tokens"]
     rest = batch * (chain - steps) * n * length
     return [batch * length] + [batch * n * length] * steps + ([rest] if rest else [])
 
 
 def matmul_shapes(
-    size: dict, device: torch.device, backward: bool = True, sampled_steps: int | None = None
+    size: dict, device: torch.device, backward: bool = True
 ) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
     """The step's own products ``(1, m, k, n, count)``, counted as the step runs them: a decoder
     layer's projections and MLP over the forward's rows (``forward_rows``; ``count`` =
@@ -109,7 +109,7 @@ def matmul_shapes(
     layers = size["layers"]
     # q and o, k and v, gate and up, down
     decoder = [(d, d, 2 * layers), (d, kv, 2 * layers), (d, ffn, 2 * layers), (ffn, d, layers)]
-    shapes = [(1, m, k, out, count) for m in forward_rows(size, sampled_steps) for k, out, count in decoder]
+    shapes = [(1, m, k, out, count) for m in forward_rows(size) for k, out, count in decoder]
     shapes.append((1, rows, d, cfg["vocab_size"], 1))
     if backward:
         for m, k, out, count in [(tokens, *product) for product in decoder] + [(rows, d, cfg["vocab_size"], 1)]:

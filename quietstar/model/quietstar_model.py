@@ -356,8 +356,9 @@ class QuietStarModel(nn.Module):
         chain steps' hidden states ``[B, steps, N, L, d]`` (those of the tree pass) and the
         thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
         thought token ``c`` (``1 <= c <= T``), the end token (``T + 1``), then the talk input
-        ``x[i + c - T - 1]``. With ``thought_logits [V, T, B * N * L]``, the logits each thought
-        token was drawn from are written there (``sample``)."""
+        ``x[i + c - T - 1]``; the steps from ``T`` on, whose inputs are all known once the last
+        thought token is drawn, run as one pass. With ``thought_logits [V, T, B * N * L]``, the
+        logits each thought token was drawn from are written there (``sample``)."""
         cfg = self.config
         batch, length = input_ids.shape
         n, t_len = cfg.n_thoughts, cfg.thought_tokens
@@ -366,23 +367,32 @@ class QuietStarModel(nn.Module):
         cache = KVCache(capacity=(1 + steps * n) * length)
         h_base = run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
         talk_inputs = shift_positions(input_ids, cfg.talk_tokens)  # [B, L, K]: x[i + k]
-        step_positions = positions.repeat(1, n)
-        hidden_steps, thoughts = [], []
-        for c in range(steps):
+        positions = positions.repeat(1, n)  # [B, N * L]
+
+        def step_input(c: int) -> torch.Tensor:  # [B, N * L, d]
             if c == 0:
-                step_input = self.meta_embedding(0).expand(batch, n * length, -1)
-            elif c <= t_len:
-                step_input = self.embed(thoughts[-1].flatten(1))
-            elif c == t_len + 1:
-                step_input = self.meta_embedding(1).expand(batch, n * length, -1)
-            else:
-                step_input = self.embed(talk_inputs[..., c - t_len - 1].repeat(1, n))
-            step_positions = step_positions + 1
-            hidden = run_backbone(self.model, step_input, step_positions, cache=cache, tree_layout=layout)
+                return self.meta_embedding(0).expand(batch, n * length, -1)
+            if c <= t_len:
+                return self.embed(thoughts[c - 1].flatten(1))
+            if c == t_len + 1:
+                return self.meta_embedding(1).expand(batch, n * length, -1)
+            return self.embed(talk_inputs[..., c - t_len - 1].repeat(1, n))
+
+        hidden_steps, thoughts = [], []
+        sampling = min(steps, t_len)  # the steps that draw the next thought token
+        for c in range(sampling):
+            hidden = run_backbone(self.model, step_input(c), positions + c + 1, cache=cache, tree_layout=layout)
             hidden_steps.append(hidden)
-            if c < t_len:
-                logits_out = None if thought_logits is None else thought_logits[:, c]
-                thoughts.append(self.sample(hidden, generator, logits_out=logits_out).view(batch, n, length))
+            logits_out = None if thought_logits is None else thought_logits[:, c]
+            thoughts.append(self.sample(hidden, generator, logits_out=logits_out).view(batch, n, length))
+        if steps > sampling:
+            # Every later step's input is known by now (the last thought token, the end token,
+            # the talk inputs): one pass over all their slots, as the tree pass takes them.
+            rest = range(sampling, steps)
+            inputs = torch.cat([step_input(c) for c in rest], dim=1)
+            rest_positions = torch.cat([positions + c + 1 for c in rest], dim=1)
+            hidden = run_backbone(self.model, inputs, rest_positions, cache=cache, tree_layout=layout)
+            hidden_steps.extend(hidden.chunk(len(rest), dim=1))
         h_chain = torch.stack(hidden_steps, dim=1).unflatten(2, (n, length))
         return h_base, h_chain, torch.stack(thoughts, dim=-1)
 
