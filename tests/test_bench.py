@@ -200,3 +200,19 @@ def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(va
         counted_flops = sum(2 * b * m * k * n * count for b, m, k, n, count in shapes)
         decoder = 2 * generation.decoder_params(size) * size["batch"] * (size["prompt"] + new - 1)
         assert counted_flops == decoder + 2 * cfg["hidden_size"] * cfg["vocab_size"] * new * size["batch"]
+
+
+def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
+    from cases import evaluation
+
+    from quietstar.model.attention import decoder_layers
+
+    size = evaluation.sizes(CPU, "quick")[0]
+    step, _ = evaluation.build("quietstar-eval", size, CPU)
+    qs = next(cell.cell_contents for cell in step.__closure__ if hasattr(cell.cell_contents, "next_token_states"))
+    rows = []
+    decoder_layers(qs.model)[0].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0] * args[0].shape[1]))
+    step()
+    _, shapes = evaluation.matmul_shapes(size, CPU)
+    per_pass = len(evaluation.decoder_products(size))
+    assert [m for _, m, _, _, _ in shapes[:-2:per_pass]] == rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import quietstar_model
+from helpers import ARCHITECTURES, quietstar_model
 
 from quietstar.model.sampling import head_logits
 
@@ -13,11 +13,11 @@ def make_model(mix="hidden", tokenizer=None):
     return quietstar_model(tokenizer=tokenizer, thought_tokens=3, talk_tokens=2, n_thoughts=1, mix=mix)
 
 
-def left_padded_prompts():
-    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+def left_padded_prompts(length=6):
+    ids = torch.randint(0, 97, (3, length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    mask[2, :5] = 0
+    mask[2, : length - 1] = 0
     return ids, mask
 
 
@@ -87,6 +87,24 @@ def test_tokens_known_together_share_a_pass_t_plus_one_passes_per_new_token():
     tokens_per_pass.clear()
     out = qs.generate(ids, mask, max_new_tokens=0)
     assert tokens_per_pass == [6] and torch.equal(out.sequences, ids)  # no thought for no token
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_first_generated_token_thinks_as_the_tree_pass_does_with_each_layers_window(architecture):
+    """Greedy thoughts and the first token of ``generate`` equal what the tree rule gives at the
+    prompt's last position (``next_token_states``), on models whose layers have sliding windows
+    (Mistral), mix windowed and full layers (Qwen2) or have none; the window is shorter than
+    the prompt."""
+    qs = quietstar_model(architecture, thought_tokens=3, talk_tokens=2, n_thoughts=1)
+    sample = qs.sample
+    qs.sample = lambda hidden, generator=None, greedy=False, logits_out=None: sample(hidden, generator, True, logits_out)
+    ids, mask = left_padded_prompts(length=12)
+    out = qs.generate(ids, mask, max_new_tokens=1, do_sample=False, sample_thoughts=False, return_thoughts=True)
+    h_base, h_talk, w, thoughts = qs.next_token_states(ids, mask)
+    assert torch.equal(out.thoughts[:, 0], thoughts[:, 0, -1])
+    mixed = (1 - w[:, 0, -1, None]) * h_base[:, -1] + w[:, 0, -1, None] * h_talk[:, 0, -1]
+    expected = head_logits(mixed, *qs.lm_head, qs.masked_vocab).argmax(-1)
+    assert torch.equal(out.sequences[:, -1], expected)
 
 
 def test_sampled_generation_is_reproducible():

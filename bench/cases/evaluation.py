@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cases.training_step import MODELS, decoder_params, make_model, matmul_shapes as step_matmul_shapes
+from cases.training_step import DTYPE, MODELS, decoder_params, decoder_products, make_model
 
 IN_DEFAULT_RUN = False  # about 40 s on 2 CPU cores: `bench/run.py --case evaluation` runs it
 
@@ -51,9 +51,16 @@ def tokens(size: dict) -> int:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
-    """The forward's products as evaluation runs them: the base pass, the ``T`` sampling steps
-    through the KV cache, then the other chain steps in one pass (the training step's forward)."""
-    return step_matmul_shapes(size, device, backward=False)
+    """The products ``next_token_nll`` runs: the decoder over the text, the ``T`` sampling steps
+    through the KV cache and the last thought token with the end token as one pass; the lm_head
+    for the ``T`` draws and for the two NLLs (base, thinking) of the ``L - 1`` scored rows."""
+    cfg = MODELS[size["model"]]
+    text, step = size["batch"] * size["length"], size["batch"] * size["n_thoughts"] * size["length"]
+    rows = [text] + [step] * size["thought_tokens"] + [2 * step]
+    shapes = [(1, m, k, n, count) for m in rows for k, n, count in decoder_products(size)]
+    head = (cfg["hidden_size"], cfg["vocab_size"])
+    shapes += [(1, step, *head, size["thought_tokens"]), (1, size["batch"] * (size["length"] - 1), *head, 2)]
+    return DTYPE[device.type], shapes
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from cases.training_step import DTYPE, MODELS, decoder_params, make_model
+from cases.training_step import DTYPE, MODELS, decoder_params, decoder_products, make_model
 
 IN_DEFAULT_RUN = False  # tens of seconds on 2 CPU cores: `bench/run.py --case generation` runs it
 
@@ -70,9 +70,8 @@ def head_rows_per_token(size: dict, variant: str) -> int:
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
     """The base model's products: the prompt's prefill, then one row per sequence per token."""
     cfg = MODELS[size["model"]]
-    d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
-    kv, layers, batch, new = kv_heads * d // heads, size["layers"], size["batch"], size["new_tokens"]
-    decoder = [(d, d, 2 * layers), (d, kv, 2 * layers), (d, ffn, 2 * layers), (ffn, d, layers)]
+    d, batch, new = cfg["hidden_size"], size["batch"], size["new_tokens"]
+    decoder = decoder_products(size)
     shapes = [(1, batch * size["prompt"], k, n, count) for k, n, count in decoder]
     shapes += [(1, batch, k, n, count * (new - 1)) for k, n, count in decoder]
     shapes.append((1, batch, d, cfg["vocab_size"], new))

@@ -83,8 +83,8 @@ def forward_rows(size: dict) -> list[int]:
     """Rows of each forward product of the decoder, as a step runs them: the base pass of the
     text (``B L`` rows) and the ``T`` sampling steps through the KV cache (``B N L`` rows each),
     whose projections the tree pass replays (``quietstar.model.projection_replay``), then the
-    tree's remaining chain slots in one product. Evaluation runs the same schedule (its last
-    chain steps as one pass)."""
+    tree's remaining chain slots in one product (``QuietStarModel.evaluate``'s schedule too,
+    without gradients)."""
     batch, length, n = size["batch"], size["length"], size["n_thoughts"]
     chain = size["thought_tokens"] + 1 + size["talk_tokens"]
     steps = size["thought_tokens"]
@@ -101,14 +101,11 @@ def matmul_shapes(
     products of each over all the tree's tokens (``dX = dY W``: ``(m, n, k)``; ``dW = dY^T X``:
     ``(n, m, k)``)."""
     cfg = MODELS[size["model"]]
-    d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    d = cfg["hidden_size"]
     n, t_len, k_len = size["n_thoughts"], size["thought_tokens"], size["talk_tokens"]
     tokens = size["batch"] * (1 + (t_len + 1 + k_len) * n) * size["length"]
     rows = size["batch"] * size["length"] * (1 + n * (k_len + t_len))
-    kv = kv_heads * d // heads
-    layers = size["layers"]
-    # q and o, k and v, gate and up, down
-    decoder = [(d, d, 2 * layers), (d, kv, 2 * layers), (d, ffn, 2 * layers), (ffn, d, layers)]
+    decoder = decoder_products(size)
     shapes = [(1, m, k, out, count) for m in forward_rows(size) for k, out, count in decoder]
     shapes.append((1, rows, d, cfg["vocab_size"], 1))
     if backward:
@@ -117,12 +114,19 @@ def matmul_shapes(
     return DTYPE[device.type], shapes
 
 
+def decoder_products(size: dict) -> list[tuple[int, int, int]]:
+    """``(in, out, count)`` of the decoder's products per token row over ``size["layers"]``
+    layers: q and o, k and v, gate and up, down."""
+    cfg = MODELS[size["model"]]
+    d, heads, kv_heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    kv, layers = kv_heads * d // heads, size["layers"]
+    return [(d, d, 2 * layers), (d, kv, 2 * layers), (d, ffn, 2 * layers), (ffn, d, layers)]
+
+
 def decoder_params(size: dict) -> int:
     """``P``: the decoder's non-embedding parameters (attention projections and MLP) over
     ``size["layers"]`` layers."""
-    cfg = MODELS[size["model"]]
-    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    return size["layers"] * (2 * d * d + 2 * d * kv_heads * (d // heads) + 3 * d * cfg["intermediate_size"])
+    return sum(k * n * count for k, n, count in decoder_products(size))
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

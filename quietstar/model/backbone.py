@@ -25,6 +25,11 @@ def cache_keyword(layer_type: type) -> str:
     return "cache" if "cache" in inspect.signature(layer_type.forward).parameters else "past_key_values"
 
 
+def layer_window(layer: nn.Module) -> int | None:
+    """The sliding window of a decoder layer's attention, None for full attention."""
+    return getattr(getattr(layer, "self_attn", None), "sliding_window", None)
+
+
 def run_backbone(
     model: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -32,7 +37,7 @@ def run_backbone(
     *,
     cache=None,
     tree_layout: TreeLayout | None = None,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | dict[int | None, torch.Tensor] | None = None,
     checkpoint_layers: bool = False,
 ) -> torch.Tensor:
     """Final hidden states (after the last norm) of ``model``'s decoder.
@@ -43,7 +48,9 @@ def run_backbone(
         position_ids: ``[B, T]`` or ``[1, T]``.
         cache: a ``KVCache`` (or transformers cache) that the layers append to.
         tree_layout: the tokens (and cache) hold the tree layout.
-        attention_mask: for ordinary input, a ``[B, 1, T, T_total]`` bool mask (True = attend).
+        attention_mask: for ordinary input, a ``[B, 1, T, T_total]`` bool mask (True = attend),
+            or one per sliding window (``{window or None: mask}``), each layer taking its own
+            attention's (``sliding_window``; models such as Qwen2 mix windowed and full layers).
         checkpoint_layers: keep only each decoder layer's input for the backward and recompute
             the rest there (activation checkpointing; only with gradients and no cache).
 
@@ -57,8 +64,11 @@ def run_backbone(
     hidden = inputs_embeds
     recompute = checkpoint_layers and torch.is_grad_enabled()
     for layer in inner.layers[: inner.config.num_hidden_layers]:
+        mask = attention_mask
+        if isinstance(mask, dict):
+            mask = mask[layer_window(layer)]
         options = dict(
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             use_cache=cache is not None,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from quietstar._checks import INT_DTYPES, check_int, check_positive_float, check_tensor
-from quietstar.model.backbone import run_backbone
+from quietstar.model.attention import decoder_layers
+from quietstar.model.backbone import layer_window, run_backbone
 from quietstar.model.cache import KVCache
 from quietstar.model.sampling import head_logits, sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions
@@ -30,24 +31,30 @@ class GenerationOutput:
 
 
 class _TextState:
-    """The text so far of a left-padded batch: which cached keys are real and their positions."""
+    """The text so far of a left-padded batch: which cached keys are real and their positions,
+    and the decoder layers' sliding windows (None: full attention)."""
 
-    def __init__(self, attention_mask: torch.Tensor) -> None:
+    def __init__(self, attention_mask: torch.Tensor, windows: set[int | None]) -> None:
         self.key_real = attention_mask.bool()
         self.key_pos = base_positions(attention_mask, *attention_mask.shape, attention_mask.device)
         self.last_pos = self.key_pos[:, -1]
+        self.windows = windows
 
-    def mask(self, n_chain: int, window: int | None, queries: int = 1) -> torch.Tensor:
-        """``[B, 1, queries, text + n_chain]`` bool for the last ``queries`` of ``n_chain`` tokens
-        after the last text token (chain tokens; a query of chain count 0 is the last text token
-        itself): each sees the real text keys (within the window) and the chain up to itself."""
-        visible = self.key_real
-        if window is not None:
-            visible = visible & (self.last_pos[:, None] - self.key_pos < window)
-        counts = torch.arange(n_chain - queries + 1, n_chain + 1, device=visible.device)
-        chain = torch.arange(n_chain, device=visible.device) < counts[:, None]  # [queries, n_chain]
-        batch = visible.shape[0]
-        return torch.cat([visible[:, None].expand(-1, queries, -1), chain.expand(batch, -1, -1)], dim=2)[:, None]
+    def mask(self, n_chain: int, queries: int = 1) -> dict[int | None, torch.Tensor]:
+        """``{window: [B, 1, queries, text + n_chain]}`` bool, for the last ``queries`` of
+        ``n_chain`` tokens after the last text token (chain tokens; a query of chain count 0 is
+        the last text token itself): each sees the real text keys (within the layer's window,
+        counted from the last text token, as the tree rule does) and the chain up to itself."""
+        counts = torch.arange(n_chain - queries + 1, n_chain + 1, device=self.key_real.device)
+        chain = torch.arange(n_chain, device=self.key_real.device) < counts[:, None]  # [queries, n_chain]
+        batch = self.key_real.shape[0]
+        masks = {}
+        for window in self.windows:
+            visible = self.key_real
+            if window is not None:
+                visible = visible & (self.last_pos[:, None] - self.key_pos < window)
+            masks[window] = torch.cat([visible[:, None].expand(-1, queries, -1), chain.expand(batch, -1, -1)], dim=2)[:, None]
+        return masks
 
     def append(self) -> None:
         self.last_pos = self.last_pos + 1
@@ -55,8 +62,6 @@ class _TextState:
         self.key_pos = torch.cat([self.key_pos, self.last_pos[:, None]], dim=1)
 
 
-def _window(qs) -> int | None:
-    return getattr(qs.model.config, "sliding_window", None) if getattr(qs.model.config, "use_sliding_window", True) else None
 
 
 def _draw(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -68,7 +73,7 @@ def _draw(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | No
 
 def _step(qs, embeds, positions, cache, mask) -> torch.Tensor:
     """``embeds [B, n, d]`` at ``positions [B, n]`` through the cache, appended to it, each
-    seeing what ``mask [B, 1, n, keys]`` lets it: ``[B, n, d]``."""
+    seeing what its layer's ``mask [B, 1, n, keys]`` lets it: ``[B, n, d]``."""
     return run_backbone(qs.model, embeds, positions, cache=cache, attention_mask=mask)
 
 
@@ -117,8 +122,7 @@ def generate(
     vocab = weight.shape[0]
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
-    window = _window(qs)
-    text = _TextState(attention_mask)
+    text = _TextState(attention_mask, {layer_window(layer) for layer in decoder_layers(qs.model)})
     cache = KVCache(capacity=prompt_len + max_new_tokens + cfg.thought_tokens + 2)
     layout = TreeLayout(prompt_len, 1, text.key_real)
     h_last = run_backbone(qs.model, qs.embed(input_ids), text.key_pos, cache=cache, tree_layout=layout)[:, -1]
@@ -131,18 +135,18 @@ def generate(
     # thought's start token (T + 1 passes per new token instead of T + 3).
     if max_new_tokens:
         start = qs.meta_embedding(0).expand(batch, 1, -1)
-        hidden = _step(qs, start, text.last_pos[:, None] + 1, cache, text.mask(1, window))[:, -1]
+        hidden = _step(qs, start, text.last_pos[:, None] + 1, cache, text.mask(1))[:, -1]
     for index in range(max_new_tokens):
         # Think: T thought tokens after the start token, one token per row per step.
         thought = []
         for c in range(1, cfg.thought_tokens + 1):
             if c > 1:
                 embeds = qs.embed(thought[-1])[:, None]
-                hidden = _step(qs, embeds, text.last_pos[:, None] + c, cache, text.mask(c, window))[:, -1]
+                hidden = _step(qs, embeds, text.last_pos[:, None] + c, cache, text.mask(c))[:, -1]
             thought.append(qs.sample(hidden, generator, greedy=not sample_thoughts))
         c = cfg.thought_tokens + 1
         ends = torch.stack([qs.embed(thought[-1]), qs.meta_embedding(1).expand(batch, -1)], dim=1)
-        h_talk = _step(qs, ends, text.last_pos[:, None] + c + two, cache, text.mask(c + 1, window, queries=2))[:, -1]
+        h_talk = _step(qs, ends, text.last_pos[:, None] + c + two, cache, text.mask(c + 1, queries=2))[:, -1]
         cache.truncate(text_len)
 
         # Talk: mix and draw the next token.
@@ -169,7 +173,7 @@ def generate(
             text.append()
             text_len += 1
             pair = torch.stack([qs.embed(token), qs.meta_embedding(0).expand(batch, -1)], dim=1)
-            h_last, hidden = _step(qs, pair, text.last_pos[:, None] + two, cache, text.mask(1, window, queries=2)).unbind(1)
+            h_last, hidden = _step(qs, pair, text.last_pos[:, None] + two, cache, text.mask(1, queries=2)).unbind(1)
     sequences = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
     stacked = torch.stack(thoughts, dim=1) if thoughts else input_ids.new_zeros(batch, 0, cfg.thought_tokens)
     return GenerationOutput(sequences=sequences, thoughts=stacked if return_thoughts else None)
