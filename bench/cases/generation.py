@@ -63,7 +63,8 @@ def decoder_passes(size: dict, variant: str) -> int:
 
 
 def head_rows_per_token(size: dict, variant: str) -> int:
-    """lm_head products per new token: the thought tokens' and the next token's."""
+    """lm_head products per new token: the thought tokens' and the next token's (one, as the
+    default ``mix="hidden"`` makes it; ``"logprobs"`` mixing takes two)."""
     return size["thought_tokens"] + 1 if variant == "quietstar-generate" else 1
 
 
