@@ -62,8 +62,6 @@ class _TextState:
         self.key_pos = torch.cat([self.key_pos, self.last_pos[:, None]], dim=1)
 
 
-
-
 def _draw(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
     """A sample from ``softmax(logits [B, V])`` (or its argmax): ``[B]``."""
     if not do_sample:

@@ -367,7 +367,7 @@ class QuietStarModel(nn.Module):
         cache = KVCache(capacity=(1 + steps * n) * length)
         h_base = run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
         talk_inputs = shift_positions(input_ids, cfg.talk_tokens)  # [B, L, K]: x[i + k]
-        positions = positions.repeat(1, n)  # [B, N * L]
+        chain_positions = positions.repeat(1, n)  # [B, N * L]: the text's, for every branch
 
         def step_input(c: int) -> torch.Tensor:  # [B, N * L, d]
             if c == 0:
@@ -381,7 +381,7 @@ class QuietStarModel(nn.Module):
         hidden_steps, thoughts = [], []
         sampling = min(steps, t_len)  # the steps that draw the next thought token
         for c in range(sampling):
-            hidden = run_backbone(self.model, step_input(c), positions + c + 1, cache=cache, tree_layout=layout)
+            hidden = run_backbone(self.model, step_input(c), chain_positions + c + 1, cache=cache, tree_layout=layout)
             hidden_steps.append(hidden)
             logits_out = None if thought_logits is None else thought_logits[:, c]
             thoughts.append(self.sample(hidden, generator, logits_out=logits_out).view(batch, n, length))
@@ -390,7 +390,7 @@ class QuietStarModel(nn.Module):
             # the talk inputs): one pass over all their slots, as the tree pass takes them.
             rest = range(sampling, steps)
             inputs = torch.cat([step_input(c) for c in rest], dim=1)
-            rest_positions = torch.cat([positions + c + 1 for c in rest], dim=1)
+            rest_positions = torch.cat([chain_positions + c + 1 for c in rest], dim=1)
             hidden = run_backbone(self.model, inputs, rest_positions, cache=cache, tree_layout=layout)
             hidden_steps.extend(hidden.chunk(len(rest), dim=1))
         h_chain = torch.stack(hidden_steps, dim=1).unflatten(2, (n, length))
