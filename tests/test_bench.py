@@ -216,3 +216,16 @@ def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
     _, shapes = evaluation.matmul_shapes(size, CPU)
     per_pass = len(evaluation.decoder_products(size))
     assert [m for _, m, _, _, _ in shapes[:-2:per_pass]] == rows
+
+
+def test_profile_step_times_the_step_s_parts_and_lists_its_operators(capsys):
+    import profile_step
+
+    assert profile_step.main(["--device", "cpu", "--scale", "quick", "--steps", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    for part in ("sample_thoughts", "step, thoughts given", "step, own sampling"):
+        assert re.search(rf"{part} +\d+\.\d ms", out), part
+    assert "Self CPU time total" in out and re.search(r"profiled step: wall \d+\.\d ms", out)
+    with pytest.raises(SystemExit):
+        profile_step.main(["--device", "cpu", "--scale", "quick", "--size", "B=3 L=7"])
+    assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
