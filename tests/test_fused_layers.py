@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm
+from helpers import ARCHITECTURES, DEVICE, quietstar_model, relative_error, requires_triton, tiny_causal_lm
 from quietstar.model.fused_layers import QuietStarMLP, QuietStarRMSNorm, fuse_layers
 
 
@@ -19,9 +19,14 @@ def logits_and_grads(model, ids):
     return logits, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_fused_layers_give_the_model_s_own_logits_and_gradients(architecture):
-    model = tiny_causal_lm(architecture)
+def test_fused_layers_give_the_model_s_own_logits_and_gradients(architecture, backend, monkeypatch):
+    device = torch.device("cpu")
+    if backend is not None:  # the kernels the fused modules run (the automatic choice on CUDA)
+        monkeypatch.setenv("QUIETSTAR_BACKEND", backend)
+        device = DEVICE  # a GPU, or the CPU under the Triton interpreter
+    model = tiny_causal_lm(architecture).to(device)
     fused = fuse_layers(copy.deepcopy(model))
     for layer in fused.model.layers:
         assert isinstance(layer.input_layernorm, QuietStarRMSNorm)
@@ -29,9 +34,11 @@ def test_fused_layers_give_the_model_s_own_logits_and_gradients(architecture):
         assert isinstance(layer.mlp, QuietStarMLP)
     assert isinstance(fused.model.norm, QuietStarRMSNorm)
     assert list(fused.state_dict()) == list(model.state_dict())
-    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)
     expected, expected_grads = logits_and_grads(model, ids)
     logits, grads = logits_and_grads(fused, ids)
+    if backend is not None:
+        assert fused.model.norm(torch.randn(2, fused.config.hidden_size, device=device)).grad_fn.name() == "RMSNormTritonBackward"
     assert relative_error(logits, expected) < 1e-5
     for name, grad in expected_grads.items():
         assert relative_error(grads[name], grad) < 1e-4, name

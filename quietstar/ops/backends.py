@@ -9,8 +9,9 @@ Each op has three implementations with one signature:
 * ``native``: C++ CPU kernels (``quietstar._C``, built by ``CMakeLists.txt``), for
   ``tree_attention``; an op without native kernels runs its ``torch`` backend under it.
 
-The decoder's elementwise ops (``rms_norm``, ``swiglu``, ``rotary_embedding``) have only
-``torch`` (transformers' own arithmetic, their reference) and ``native`` (``native_chosen``).
+The decoder's elementwise ops (``rms_norm``, ``swiglu``, ``rotary_embedding``) have ``torch``
+(transformers' own arithmetic, their reference), ``native`` and ``triton`` kernels
+(``elementwise_backend`` picks; ``reference`` means ``torch`` there).
 
 ``backend=None`` reads the ``QUIETSTAR_BACKEND`` environment variable and otherwise picks
 ``triton`` for CUDA tensors when triton is installed, ``native`` for CPU tensors of an op with
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -155,12 +159,29 @@ def autocast_off(method):
     return run
 
 
-def native_chosen(backend: str | None, device: torch.device) -> bool:
-    """For an op whose only kernels are native (the rest is its ``torch`` composition): whether
-    ``backend`` (else ``QUIETSTAR_BACKEND``) on ``device`` picks them (``resolve_backend``);
-    ``"reference"``, ``"torch"`` and ``"triton"`` pick the composition, by argument or
-    environment alike."""
+def elementwise_backend(backend: str | None, device: torch.device) -> str:
+    """For the decoder's elementwise ops: ``"triton"``, ``"native"`` or ``"torch"``, as
+    ``backend`` (else ``QUIETSTAR_BACKEND``) on ``device`` resolves (``resolve_backend``);
+    ``"reference"`` is the ``torch`` composition, by argument or environment alike."""
     name = backend or os.environ.get(BACKEND_ENV_VAR) or None
-    if name in ("reference", "torch", "triton"):
-        return False
-    return resolve_backend(backend, device, has_native=True) == "native"
+    if name == "reference":
+        return "torch"
+    return resolve_backend(backend, device, has_native=True)
+
+
+class ElementwiseKernels(NamedTuple):
+    """One backend's forward and backward kernels of an elementwise op, with the signatures of
+    the native ones (``torch.ops.quietstar.<op>_forward`` and ``_backward``)."""
+
+    forward: Callable
+    backward: Callable
+
+
+def elementwise_kernels(op: str, backend: str) -> ElementwiseKernels:
+    """The ``native`` or ``triton`` kernels of ``op`` (``"rms_norm"``, ``"swiglu"`` or
+    ``"rotary_embedding"``); Triton's module is imported on first use."""
+    if backend == "native":
+        namespace = torch.ops.quietstar
+    else:
+        namespace = importlib.import_module("quietstar.kernels.elementwise")
+    return ElementwiseKernels(getattr(namespace, f"{op}_forward"), getattr(namespace, f"{op}_backward"))

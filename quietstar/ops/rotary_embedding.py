@@ -6,6 +6,9 @@ the projection's ``[B, T, H, D]`` to the attention's ``[B, H, T, D]``, one entry
 * ``native``: ``csrc/rotary_embedding.cpp``, float32 or bfloat16 ``x`` with float32 ``cos`` and
   ``sin`` on the CPU: one pass each way, the transpose folded in (the result's rows are
   contiguous, as the attention reads them), nothing kept for the backward but ``cos`` and ``sin``.
+* ``triton``: ``kernels/elementwise.py``, the same on CUDA for float16, bfloat16 and float32
+  ``x``, ``cos`` and ``sin``, reading the projection's strided heads as they are and one row
+  of angles for the whole batch where the model gives one (PyTorch runs five kernels forward).
 """
 
 from __future__ import annotations
@@ -13,23 +16,54 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from quietstar._checks import FLOAT_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, native_chosen
+from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_backend, elementwise_kernels, launch_device
+
+TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
+# What each backend's kernels take, for the error of a backend asked for inputs it does not take.
+KERNELS_TAKE = {
+    "native": "float32 or bfloat16 x with float32 cos and sin (no gradient)",
+    "triton": "x, cos and sin of float16, bfloat16 or float32 (cos and sin with no gradient)",
+}
 
 
-class RotaryEmbeddingNative(torch.autograd.Function):
+def _last_axis_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class RotaryEmbeddingKernels(torch.autograd.Function):
+    """Forward and backward through one backend's kernels (``elementwise_kernels``); the
+    subclasses name the backend in ``grad_fn``. The native kernels take contiguous tensors,
+    float32 gradients and the angles of every batch row; the Triton kernels any strides with a
+    contiguous last axis."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos.contiguous(), sin.contiguous()
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
+        if backend == "native":
+            x = x.contiguous()
+            cos, sin = (angle.expand(x.shape[0], -1, -1).contiguous() for angle in (cos, sin))
+        else:
+            x, cos, sin = _last_axis_contiguous(x), cos.contiguous(), sin.contiguous()
+        ctx.kernels, ctx.backend, ctx.x_dtype = elementwise_kernels("rotary_embedding", backend), backend, x.dtype
         ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return torch.ops.quietstar.rotary_embedding_forward(x.contiguous(), cos, sin)
+        with launch_device(x):
+            return ctx.kernels.forward(x, cos, sin)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return torch.ops.quietstar.rotary_embedding_backward(grad.float().contiguous(), cos, sin, ctx.x_dtype), None, None
+        grad = grad.float().contiguous() if ctx.backend == "native" else _last_axis_contiguous(grad)
+        with launch_device(grad):
+            return ctx.kernels.backward(grad, cos, sin, ctx.x_dtype), None, None, None
+
+
+class RotaryEmbeddingNative(RotaryEmbeddingKernels):
+    pass
+
+
+class RotaryEmbeddingTriton(RotaryEmbeddingKernels):
+    pass
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +91,17 @@ def native_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     )
 
 
+def triton_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these inputs: ``x``, ``cos`` and ``sin`` float16,
+    bfloat16 or float32 (float64 keeps its precision in the composition), ``cos`` and ``sin``
+    with no gradient of their own."""
+    return (
+        x.dtype in TRITON_DTYPES
+        and cos.dtype in TRITON_DTYPES
+        and not (cos.requires_grad or sin.requires_grad)
+    )
+
+
 def rotary_embedding(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -65,9 +110,9 @@ def rotary_embedding(
     Args:
         x: ``[B, T, H, D]``, the projection's output viewed as heads (``D`` even).
         cos, sin: ``[B, T, D]``, the model's rotary embedding at each token's position.
-        backend: ``"torch"``, ``"native"`` or None: native for float32 or bfloat16 ``x`` with
-            float32 ``cos`` and ``sin`` on a CPU where the extension is built, else torch
-            (``"reference"`` and ``"triton"`` mean torch: there is no other kernel).
+        backend: ``"torch"``, ``"native"``, ``"triton"`` or None: native for float32 or bfloat16
+            ``x`` with float32 ``cos`` and ``sin`` on a CPU where the extension is built, triton
+            on CUDA (float16, bfloat16 or float32), else torch (``"reference"`` means torch).
 
     Returns:
         ``[B, H, T, D]`` in the dtype ``x * cos`` promotes to (float32 for bfloat16 ``x`` and
@@ -75,7 +120,7 @@ def rotary_embedding(
 
     Raises:
         ValueError: a shape, dtype or device that does not fit, naming the argument, or
-            ``backend="native"`` for inputs it does not take.
+            ``backend="native"`` or ``"triton"`` for inputs it does not take.
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("cos", cos, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
@@ -86,12 +131,10 @@ def rotary_embedding(
             f"cos and sin must be [B, T, D] (B = 1 or x's) for x [B, T, H, D] with D even, got "
             f"{tuple(cos.shape)}, {tuple(sin.shape)} and {tuple(x.shape)}"
         )
-    if native_chosen(backend, x.device):
-        if native_takes(x, cos, sin):
-            return RotaryEmbeddingNative.apply(x, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
-        if backend == "native":
-            raise ValueError(
-                f"backend='native' takes float32 or bfloat16 x with float32 cos and sin (no gradient), "
-                f"got {x.dtype}, {cos.dtype} and {sin.dtype}"
-            )
+    chosen = elementwise_backend(backend, x.device)
+    if chosen in KERNELS_TAKE:
+        if (native_takes if chosen == "native" else triton_takes)(x, cos, sin):
+            return (RotaryEmbeddingNative if chosen == "native" else RotaryEmbeddingTriton).apply(x, cos, sin, chosen)
+        if backend == chosen:
+            raise ValueError(f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, got {x.dtype}, {cos.dtype} and {sin.dtype}")
     return rotary_embedding_torch(x, cos, sin)
