@@ -157,6 +157,16 @@ def test_triton_backend_refuses_float64_which_the_automatic_choice_keeps_in_the_
     assert rms_norm(x.requires_grad_(), weight, 1e-6).grad_fn.name() != "RMSNormTritonBackward"
 
 
+def test_triton_rms_norm_leaves_rows_wider_than_a_triton_block_to_the_composition(monkeypatch):
+    x, weight = randn(1, 2**20 + 2, seed=25), randn(2**20 + 2, seed=26)
+    with pytest.raises(ValueError, match="rows of at most 1048576 entries, got .* rows of 1048578"):
+        rms_norm(x, weight, 1e-6, backend="triton")
+    monkeypatch.setenv("QUIETSTAR_BACKEND", "triton")
+    out = rms_norm(x, weight.requires_grad_(), 1e-6)
+    assert out.grad_fn.name() != "RMSNormTritonBackward"
+    torch.testing.assert_close(out, rms_norm(x, weight, 1e-6, backend="torch"))
+
+
 def test_the_backend_variable_picks_the_triton_kernels_of_the_elementwise_ops(monkeypatch):
     monkeypatch.setenv("QUIETSTAR_BACKEND", "triton")
     gate = randn(3, 5, seed=23).requires_grad_()

@@ -24,10 +24,13 @@ from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
 from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_backend, elementwise_kernels, launch_device
 
 TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
+# The widest row the Triton kernels take: one program holds a row, and a Triton block has at
+# most 2**20 elements.
+TRITON_MAX_WIDTH = 2**20
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
     "native": "float32 x and weight and a float32 or bfloat16 out_dtype",
-    "triton": "x, weight and out_dtype of float16, bfloat16 or float32",
+    "triton": f"x, weight and out_dtype of float16, bfloat16 or float32, and rows of at most {TRITON_MAX_WIDTH} entries",
 }
 
 
@@ -83,8 +86,14 @@ def native_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype |
 
 def triton_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
     """Whether the Triton kernels take these inputs: ``x``, ``weight`` and the result each
-    float16, bfloat16 or float32 (float64 keeps its precision in the composition)."""
-    return x.dtype in TRITON_DTYPES and weight.dtype in TRITON_DTYPES and (out_dtype is None or out_dtype in TRITON_DTYPES)
+    float16, bfloat16 or float32 (float64 keeps its precision in the composition), and rows of
+    at most ``TRITON_MAX_WIDTH`` entries."""
+    return (
+        x.dtype in TRITON_DTYPES
+        and weight.dtype in TRITON_DTYPES
+        and (out_dtype is None or out_dtype in TRITON_DTYPES)
+        and x.shape[-1] <= TRITON_MAX_WIDTH
+    )
 
 
 def rms_norm(
@@ -131,5 +140,8 @@ def rms_norm(
             function = RMSNormNative if chosen == "native" else RMSNormTriton
             return function.apply(x, weight, float(eps), out_dtype or torch.promote_types(x.dtype, weight.dtype), chosen)
         if backend == chosen:
-            raise ValueError(f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, got {x.dtype}, {weight.dtype} and {out_dtype}")
+            raise ValueError(
+                f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, got {x.dtype}, {weight.dtype} and {out_dtype}, "
+                f"rows of {x.shape[-1]}"
+            )
     return rms_norm_torch(x, weight, eps, out_dtype)
