@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from helpers import relative_error, requires_native
+from helpers import DEVICE, relative_error, requires_native, requires_triton
 from quietstar.ops.rms_norm import rms_norm
 
 
@@ -17,20 +17,25 @@ def forward_backward(x, weight, grad, backend):
     return out, x.grad, weight.grad
 
 
-@requires_native
+KERNELS = [pytest.param("native", marks=requires_native), pytest.param("triton", marks=requires_triton)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("shape", [(1, 7, 576), (2, 3, 37), (5, 16), (1, 1, 8)])
-def test_native_rms_norm_equals_the_llama_arithmetic_forward_and_backward(shape):
+def test_rms_norm_kernels_equal_the_llama_arithmetic_forward_and_backward(backend, shape, poisoned_allocations):
+    # On DEVICE: the native kernels run where it is the CPU, the Triton ones on a GPU or in the
+    # Triton interpreter.
     generator = torch.Generator().manual_seed(0)
-    x = 3 * torch.randn(shape, generator=generator)
-    weight, grad = torch.randn(shape[-1], generator=generator), torch.randn(shape, generator=generator)
-    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    x = (3 * torch.randn(shape, generator=generator)).to(DEVICE)
+    weight, grad = torch.randn(shape[-1], generator=generator).to(DEVICE), torch.randn(shape, generator=generator).to(DEVICE)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5).to(DEVICE)
     with torch.no_grad():
         norm.weight.copy_(weight)
     x_ref = x.clone().requires_grad_()
     expected = norm(x_ref)
     expected.backward(grad)
-    out, d_x, d_weight = forward_backward(x, weight, grad, "native")
-    assert out.grad_fn.name() == "RMSNormNativeBackward"
+    out, d_x, d_weight = forward_backward(x, weight, grad, backend)
+    assert out.grad_fn.name() == f"RMSNorm{backend.capitalize()}Backward"
     assert relative_error(out, expected) < 1e-6
     assert relative_error(d_x, x_ref.grad) < 1e-5
     assert relative_error(d_weight, norm.weight.grad) < 1e-5
