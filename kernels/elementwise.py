@@ -24,6 +24,13 @@ RMS_NORM_PROGRAMS_PER_SM = 4
 INTERPRETER_RMS_NORM_PROGRAMS = 2
 
 
+def row_warps(block: int) -> int:
+    """Warps for a program that holds a row of ``block`` floats: more for wider rows, so that
+    each thread keeps few enough values in registers (Liger-Kernel's and Triton's layer-norm
+    tutorial's choice; not tuned here)."""
+    return 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
+
+
 @triton.jit
 def _rms_norm_forward(X, W, OUT, RSTD, D, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -67,7 +74,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtyp
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.numel() // dim, dtype=torch.float32, device=x.device)
     if rstd.numel():
-        _rms_norm_forward[(rstd.numel(),)](x, weight, out, rstd, dim, eps, BLOCK_D=triton.next_power_of_2(dim))
+        block = triton.next_power_of_2(dim)
+        _rms_norm_forward[(rstd.numel(),)](x, weight, out, rstd, dim, eps, BLOCK_D=block, num_warps=row_warps(block))
     return out, rstd
 
 
@@ -80,10 +88,12 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count * RMS_NORM_PROGRAMS_PER_SM
     else:
         programs = INTERPRETER_RMS_NORM_PROGRAMS
-    programs = max(1, min(programs, rows))
-    parts = torch.zeros(programs, dim, dtype=torch.float32, device=x.device)
-    if rows:
-        _rms_norm_backward[(programs,)](grad, x, weight, rstd, d_x, parts, rows, dim, BLOCK_D=triton.next_power_of_2(dim))
+    if rows == 0:
+        return d_x, torch.zeros_like(weight)
+    programs = min(programs, rows)  # each writes its row of parts
+    parts = torch.empty(programs, dim, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(dim)
+    _rms_norm_backward[(programs,)](grad, x, weight, rstd, d_x, parts, rows, dim, BLOCK_D=block, num_warps=row_warps(block))
     return d_x, parts.sum(0).to(weight.dtype)
 
 
@@ -97,15 +107,15 @@ def _rotary_embedding(
     entries whose halves pair up), or with ``BACKWARD`` its transpose, ``dx = dout * cos -
     rotate_half(dout * sin)``. Strides name every layout, so the forward reads the projection's
     ``[B, T, H, D]`` and writes the attention's ``[B, H, T, D]``, and the backward the reverse."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
-    h = tl.arange(0, BLOCK_H)[:, None]
+    h = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
     i = tl.arange(0, BLOCK_HALF)[None, :]
     ok = (h < H) & (i < HALF)
-    x_at = X + b.to(tl.int64) * sx_b + t * sx_t + h * sx_h + i
+    x_at = X + b * sx_b + t * sx_t + h * sx_h + i
     x1 = tl.load(x_at, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_at + HALF, mask=ok, other=0.0).to(tl.float32)
-    angle_at = b.to(tl.int64) * sc_b + t * sc_t + i
+    angle_at = b * sc_b + t * sc_t + i
     col_ok = i < HALF
     c1 = tl.load(COS + angle_at, mask=col_ok, other=0.0).to(tl.float32)
     c2 = tl.load(COS + angle_at + HALF, mask=col_ok, other=0.0).to(tl.float32)
@@ -117,7 +127,7 @@ def _rotary_embedding(
     else:
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
-    out_at = OUT + b.to(tl.int64) * so_b + t * so_t + h * so_h + i
+    out_at = OUT + b * so_b + t * so_t + h * so_h + i
     tl.store(out_at, o1.to(OUT.dtype.element_ty), mask=ok)
     tl.store(out_at + HALF, o2.to(OUT.dtype.element_ty), mask=ok)
 

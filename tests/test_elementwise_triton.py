@@ -5,12 +5,15 @@ Triton interpreter without it. ``rms_norm``'s kernels against ``LlamaRMSNorm`` a
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from helpers import DEVICE, relative_error, requires_triton
+from quietstar.ops.backends import log_fallback_once
 from quietstar.ops.rms_norm import rms_norm
 from quietstar.ops.rotary_embedding import rotary_embedding
 from quietstar.ops.swiglu import swiglu
@@ -45,6 +48,22 @@ def swiglu_step(gate, up, grad, backend):
     return out, gate.grad, up.grad
 
 
+def test_triton_rms_norm_rounds_the_normalised_x_to_x_s_dtype_as_the_llama_module_does():
+    # float16 x: the module rounds x * rstd to float16 before the weight multiplies it; the
+    # weight's gradient is the sum of grad times that rounded value.
+    x, grad = randn(6, 40, seed=28, scale=3, dtype=torch.float16), randn(6, 40, seed=29, dtype=torch.float16)
+    weight = randn(40, seed=30, dtype=torch.float16)
+    norm = LlamaRMSNorm(40, eps=1e-5).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    out, _, _ = rms_norm_step(x, weight, grad, "triton")
+    assert relative_error(out, norm(x)) < 1e-4
+    x64 = x.double()
+    rounded = (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5)).half().double()
+    _, _, d_weight = rms_norm_step(x, weight.float(), grad, "triton")  # a float32 weight keeps the sum's precision
+    assert relative_error(d_weight, (grad.double() * rounded).sum(0)) < 1e-6
+
+
 def test_triton_rms_norm_sums_the_weight_gradient_of_rows_beyond_its_programs():
     # More rows than the backward has programs (2 in the interpreter, 4 per SM on a GPU), and not a
     # multiple of them: every program's rows must be summed.
@@ -55,14 +74,16 @@ def test_triton_rms_norm_sums_the_weight_gradient_of_rows_beyond_its_programs():
     assert relative_error(d_x, expected_x) < 1e-5 and relative_error(d_weight, expected_weight) < 1e-5
 
 
-@pytest.mark.parametrize("angle_rows", [1, 2])
+@pytest.mark.parametrize("angle_rows", ["one", "every", "expanded"])
 @pytest.mark.parametrize("dim", [64, 6])
 def test_triton_rotary_embedding_equals_apply_rotary_pos_emb_on_the_projection_s_heads(angle_rows, dim, poisoned_allocations):
     heads = 3
     projection, grad = randn(2, 5, heads * dim, seed=6), randn(2, heads, 5, dim, seed=7)
-    angles = randn(angle_rows, 5, dim // 2, seed=8, scale=3)
-    angles = torch.cat([angles, angles], dim=-1)  # as the Llama family's rotary embedding gives them
-    cos, sin = angles.cos(), angles.sin()
+    # cos and sin of their own for every entry (not the Llama family's halves, which repeat), so
+    # that pairing an entry with the wrong half's angle fails.
+    cos, sin = randn(1 if angle_rows == "one" else 2, 5, dim, seed=8), randn(1 if angle_rows == "one" else 2, 5, dim, seed=27)
+    if angle_rows == "expanded":
+        cos, sin = cos[:1].expand(2, -1, -1), sin[:1].expand(2, -1, -1)
     out, d_projection = rotary_step(projection, heads, cos, sin, grad, "triton")
     assert out.grad_fn.name() == "RotaryEmbeddingTritonBackward" and out.is_contiguous()
     x_ref = projection.view(2, 5, heads, dim).clone().requires_grad_()
@@ -142,14 +163,27 @@ def test_triton_backend_refuses_float64_which_the_automatic_choice_keeps_in_the_
     assert rms_norm(x.requires_grad_(), weight, 1e-6).grad_fn.name() != "RMSNormTritonBackward"
 
 
-def test_triton_rms_norm_leaves_rows_wider_than_a_triton_block_to_the_composition(monkeypatch):
-    x, weight = randn(1, 2**20 + 2, seed=25), randn(2**20 + 2, seed=26)
-    with pytest.raises(ValueError, match="rows of at most 1048576 entries, got .* rows of 1048578"):
+def test_triton_rms_norm_leaves_rows_wider_than_its_programs_hold_to_the_composition(monkeypatch):
+    x, weight = randn(1, 2**16 + 2, seed=25), randn(2**16 + 2, seed=26)
+    with pytest.raises(ValueError, match="rows of 1 to 65536 entries, got .* rows of 65538"):
         rms_norm(x, weight, 1e-6, backend="triton")
     monkeypatch.setenv("QUIETSTAR_BACKEND", "triton")
     out = rms_norm(x, weight.requires_grad_(), 1e-6)
     assert out.grad_fn.name() != "RMSNormTritonBackward"
     torch.testing.assert_close(out, rms_norm(x, weight, 1e-6, backend="torch"))
+
+
+def test_triton_elementwise_ops_leave_empty_rows_to_the_composition_and_log_it(monkeypatch, caplog):
+    log_fallback_once.cache_clear()
+    monkeypatch.setenv("QUIETSTAR_BACKEND", "triton")
+    with caplog.at_level(logging.WARNING, logger="quietstar.ops.backends"):
+        assert rms_norm(randn(3, 0, seed=31), randn(0, seed=32), 1e-6).shape == (3, 0)
+        empty = randn(1, 2, 3, 0, seed=33)
+        assert rotary_embedding(empty, empty[:, :, 0], empty[:, :, 0]).shape == (1, 3, 2, 0)
+    assert "rms_norm: the triton kernels take" in caplog.text and "rows of 0" in caplog.text
+    assert "rotary_embedding: the triton kernels take" in caplog.text
+    with pytest.raises(ValueError, match="backend='triton' takes .* rows of 1 to 65536 entries"):
+        rms_norm(randn(3, 0, seed=31), randn(0, seed=32), 1e-6, backend="triton")
 
 
 def test_the_backend_variable_picks_the_triton_kernels_of_the_elementwise_ops(monkeypatch):

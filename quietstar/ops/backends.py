@@ -89,7 +89,7 @@ def resolve_backend(
         if device.type == "cuda" and triton_available():
             if triton_unsupported is None:
                 return "triton"
-            _log_fallback_once(triton_unsupported)
+            log_fallback_once(triton_unsupported)
         if device.type == "cpu" and has_native:
             from quietstar.ops.native import native_available
 
@@ -142,7 +142,7 @@ def fast_half_matmul(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(reason: str) -> None:
+def log_fallback_once(reason: str) -> None:
     logger.warning("using the torch backend: %s", reason)
 
 
@@ -167,6 +167,27 @@ def elementwise_backend(backend: str | None, device: torch.device) -> str:
     if name == "reference":
         return "torch"
     return resolve_backend(backend, device, has_native=True)
+
+
+def elementwise_choice(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    takes: Callable[[str], bool],
+    kernels_take: dict[str, str],
+    got: Callable[[], str],
+) -> str:
+    """The backend an elementwise op runs: the chosen one (``elementwise_backend``) where its
+    kernels take the inputs (``takes(chosen)``), else ``"torch"``: logged once for an automatic
+    choice, a ``ValueError`` naming what the kernels take (``kernels_take[chosen]``) and what
+    they got (``got()``) for an asked-for one."""
+    chosen = elementwise_backend(backend, device)
+    if chosen == "torch" or takes(chosen):
+        return chosen
+    if backend == chosen:
+        raise ValueError(f"backend={chosen!r} takes {kernels_take[chosen]}, got {got()}")
+    log_fallback_once(f"{op}: the {chosen} kernels take {kernels_take[chosen]}, got {got()}")
+    return "torch"
 
 
 class ElementwiseKernels(NamedTuple):

@@ -21,16 +21,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_backend, elementwise_kernels, launch_device
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
 
 TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
-# The widest row the Triton kernels take: one program holds a row, and a Triton block has at
-# most 2**20 elements.
-TRITON_MAX_WIDTH = 2**20
+# The widest row the Triton kernels take: one program holds a row in registers (wider rows would
+# spill; Liger-Kernel's fused norms stop at the same 64K entries).
+TRITON_MAX_WIDTH = 2**16
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
     "native": "float32 x and weight and a float32 or bfloat16 out_dtype",
-    "triton": f"x, weight and out_dtype of float16, bfloat16 or float32, and rows of at most {TRITON_MAX_WIDTH} entries",
+    "triton": f"x, weight and out_dtype of float16, bfloat16 or float32, and rows of 1 to {TRITON_MAX_WIDTH} entries",
 }
 
 
@@ -87,12 +87,12 @@ def native_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype |
 def triton_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
     """Whether the Triton kernels take these inputs: ``x``, ``weight`` and the result each
     float16, bfloat16 or float32 (float64 keeps its precision in the composition), and rows of
-    at most ``TRITON_MAX_WIDTH`` entries."""
+    1 to ``TRITON_MAX_WIDTH`` entries."""
     return (
         x.dtype in TRITON_DTYPES
         and weight.dtype in TRITON_DTYPES
         and (out_dtype is None or out_dtype in TRITON_DTYPES)
-        and x.shape[-1] <= TRITON_MAX_WIDTH
+        and 0 < x.shape[-1] <= TRITON_MAX_WIDTH
     )
 
 
@@ -134,14 +134,15 @@ def rms_norm(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
-    chosen = elementwise_backend(backend, x.device)
-    if chosen in KERNELS_TAKE:
-        if (native_takes if chosen == "native" else triton_takes)(x, weight, out_dtype):
-            function = RMSNormNative if chosen == "native" else RMSNormTriton
-            return function.apply(x, weight, float(eps), out_dtype or torch.promote_types(x.dtype, weight.dtype), chosen)
-        if backend == chosen:
-            raise ValueError(
-                f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, got {x.dtype}, {weight.dtype} and {out_dtype}, "
-                f"rows of {x.shape[-1]}"
-            )
-    return rms_norm_torch(x, weight, eps, out_dtype)
+    chosen = elementwise_choice(
+        "rms_norm",
+        backend,
+        x.device,
+        lambda name: (native_takes if name == "native" else triton_takes)(x, weight, out_dtype),
+        KERNELS_TAKE,
+        lambda: f"{x.dtype}, {weight.dtype} and {out_dtype}, rows of {x.shape[-1]}",
+    )
+    if chosen == "torch":
+        return rms_norm_torch(x, weight, eps, out_dtype)
+    function = RMSNormNative if chosen == "native" else RMSNormTriton
+    return function.apply(x, weight, float(eps), out_dtype or torch.promote_types(x.dtype, weight.dtype), chosen)

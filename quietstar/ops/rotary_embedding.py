@@ -17,13 +17,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_backend, elementwise_kernels, launch_device
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
 
 TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
     "native": "float32 or bfloat16 x with float32 cos and sin (no gradient)",
-    "triton": "x, cos and sin of float16, bfloat16 or float32 (cos and sin with no gradient)",
+    "triton": "x, cos and sin of float16, bfloat16 or float32 (cos and sin with no gradient), heads of 2 or more entries",
 }
 
 
@@ -42,8 +42,10 @@ class RotaryEmbeddingKernels(torch.autograd.Function):
         if backend == "native":
             x = x.contiguous()
             cos, sin = (angle.expand(x.shape[0], -1, -1).contiguous() for angle in (cos, sin))
-        else:
-            x, cos, sin = _last_axis_contiguous(x), cos.contiguous(), sin.contiguous()
+        else:  # any strides, the batch's included (0 where the angles are expanded over it)
+            x, cos, sin = _last_axis_contiguous(x), _last_axis_contiguous(cos), _last_axis_contiguous(sin)
+            if cos.stride() != sin.stride():
+                cos, sin = cos.contiguous(), sin.contiguous()
         ctx.kernels, ctx.backend, ctx.x_dtype = elementwise_kernels("rotary_embedding", backend), backend, x.dtype
         ctx.save_for_backward(cos, sin)
         with launch_device(x):
@@ -94,9 +96,10 @@ def native_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 def triton_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the Triton kernels take these inputs: ``x``, ``cos`` and ``sin`` float16,
     bfloat16 or float32 (float64 keeps its precision in the composition), ``cos`` and ``sin``
-    with no gradient of their own."""
+    with no gradient of their own, heads of at least 2 entries."""
     return (
-        x.dtype in TRITON_DTYPES
+        x.shape[-1] > 0
+        and x.dtype in TRITON_DTYPES
         and cos.dtype in TRITON_DTYPES
         and not (cos.requires_grad or sin.requires_grad)
     )
@@ -131,10 +134,14 @@ def rotary_embedding(
             f"cos and sin must be [B, T, D] (B = 1 or x's) for x [B, T, H, D] with D even, got "
             f"{tuple(cos.shape)}, {tuple(sin.shape)} and {tuple(x.shape)}"
         )
-    chosen = elementwise_backend(backend, x.device)
-    if chosen in KERNELS_TAKE:
-        if (native_takes if chosen == "native" else triton_takes)(x, cos, sin):
-            return (RotaryEmbeddingNative if chosen == "native" else RotaryEmbeddingTriton).apply(x, cos, sin, chosen)
-        if backend == chosen:
-            raise ValueError(f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, got {x.dtype}, {cos.dtype} and {sin.dtype}")
-    return rotary_embedding_torch(x, cos, sin)
+    chosen = elementwise_choice(
+        "rotary_embedding",
+        backend,
+        x.device,
+        lambda name: (native_takes if name == "native" else triton_takes)(x, cos, sin),
+        KERNELS_TAKE,
+        lambda: f"{x.dtype}, {cos.dtype} and {sin.dtype}, heads of {dim} entries",
+    )
+    if chosen == "torch":
+        return rotary_embedding_torch(x, cos, sin)
+    return (RotaryEmbeddingNative if chosen == "native" else RotaryEmbeddingTriton).apply(x, cos, sin, chosen)

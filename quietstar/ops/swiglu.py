@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_backend, elementwise_kernels, launch_device
+from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
 
 TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
@@ -93,13 +93,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     """
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
-    chosen = elementwise_backend(backend, gate.device)
-    if chosen in KERNELS_TAKE:
-        if (native_takes if chosen == "native" else triton_takes)(gate, up):
-            return (SwiGLUNative if chosen == "native" else SwiGLUTriton).apply(gate, up, chosen)
-        if backend == chosen:
-            raise ValueError(
-                f"backend={chosen!r} takes {KERNELS_TAKE[chosen]}, "
-                f"got {tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}"
-            )
-    return F.silu(gate) * up
+    chosen = elementwise_choice(
+        "swiglu",
+        backend,
+        gate.device,
+        lambda name: (native_takes if name == "native" else triton_takes)(gate, up),
+        KERNELS_TAKE,
+        lambda: f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}",
+    )
+    if chosen == "torch":
+        return F.silu(gate) * up
+    return (SwiGLUNative if chosen == "native" else SwiGLUTriton).apply(gate, up, chosen)
