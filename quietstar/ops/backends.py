@@ -40,6 +40,8 @@ BACKENDS = ("reference", "torch", "triton", "native")
 BACKEND_ENV_VAR = "QUIETSTAR_BACKEND"
 # What the native elementwise kernels (rms_norm's result, swiglu, rotary_embedding's x) store.
 NATIVE_ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
+# What the Triton elementwise kernels load and store (float64 keeps its precision in the composition).
+TRITON_ELEMENTWISE_DTYPES = (*HALF_DTYPES, torch.float32)
 
 logger = logging.getLogger(__name__)
 

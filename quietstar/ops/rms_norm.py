@@ -20,10 +20,15 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
-from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
+from quietstar._checks import FLOAT_DTYPES, check_tensor
+from quietstar.ops.backends import (
+    NATIVE_ELEMENTWISE_DTYPES,
+    TRITON_ELEMENTWISE_DTYPES,
+    elementwise_choice,
+    elementwise_kernels,
+    launch_device,
+)
 
-TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
 # The widest row the Triton kernels take: one program holds a row in registers (wider rows would
 # spill; Liger-Kernel's fused norms stop at the same 64K entries).
 TRITON_MAX_WIDTH = 2**16
@@ -89,9 +94,9 @@ def triton_takes(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype |
     float16, bfloat16 or float32 (float64 keeps its precision in the composition), and rows of
     1 to ``TRITON_MAX_WIDTH`` entries."""
     return (
-        x.dtype in TRITON_DTYPES
-        and weight.dtype in TRITON_DTYPES
-        and (out_dtype is None or out_dtype in TRITON_DTYPES)
+        x.dtype in TRITON_ELEMENTWISE_DTYPES
+        and weight.dtype in TRITON_ELEMENTWISE_DTYPES
+        and (out_dtype is None or out_dtype in TRITON_ELEMENTWISE_DTYPES)
         and 0 < x.shape[-1] <= TRITON_MAX_WIDTH
     )
 

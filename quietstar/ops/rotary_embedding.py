@@ -16,10 +16,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
+from quietstar._checks import FLOAT_DTYPES, check_tensor
+from quietstar.ops.backends import (
+    NATIVE_ELEMENTWISE_DTYPES,
+    TRITON_ELEMENTWISE_DTYPES,
+    elementwise_choice,
+    elementwise_kernels,
+    launch_device,
+)
 
-TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
     "native": "float32 or bfloat16 x with float32 cos and sin (no gradient)",
@@ -99,8 +104,8 @@ def triton_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     with no gradient of their own, heads of at least 2 entries."""
     return (
         x.shape[-1] > 0
-        and x.dtype in TRITON_DTYPES
-        and cos.dtype in TRITON_DTYPES
+        and x.dtype in TRITON_ELEMENTWISE_DTYPES
+        and cos.dtype in TRITON_ELEMENTWISE_DTYPES
         and not (cos.requires_grad or sin.requires_grad)
     )
 

@@ -18,10 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, check_tensor
-from quietstar.ops.backends import NATIVE_ELEMENTWISE_DTYPES, elementwise_choice, elementwise_kernels, launch_device
+from quietstar._checks import FLOAT_DTYPES, check_tensor
+from quietstar.ops.backends import (
+    NATIVE_ELEMENTWISE_DTYPES,
+    TRITON_ELEMENTWISE_DTYPES,
+    elementwise_choice,
+    elementwise_kernels,
+    launch_device,
+)
 
-TRITON_DTYPES = (*HALF_DTYPES, torch.float32)
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
     "native": "gate and up of one shape and one dtype of float32 or bfloat16",
@@ -71,7 +76,7 @@ def native_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
 def triton_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether the Triton kernels take these inputs: one shape and one dtype of float16,
     bfloat16 or float32 (float64 keeps its precision in the composition)."""
-    return gate.dtype == up.dtype and gate.dtype in TRITON_DTYPES and gate.shape == up.shape
+    return gate.dtype == up.dtype and gate.dtype in TRITON_ELEMENTWISE_DTYPES and gate.shape == up.shape
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
