@@ -127,3 +127,32 @@ def test_vocabulary_major_logits_multiply_through_onednn_in_float32(monkeypatch)
     expected[3] = float("-inf")
     assert logits.shape == (40, 5) and calls == [(40, 16)]
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_logits_converts_a_half_precision_product_straight_into_out():
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight, bias = torch.randn(6, 16, generator=gen), torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+    out = torch.full((40, 3, 6), 7.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head_logits(hidden, weight, bias, torch.tensor([3, 9]), temperature=2.0, vocab_major=True, out=out[:, 1])
+    product = (weight.bfloat16() @ hidden.bfloat16().T).float()  # what autocast multiplies, then float32
+    expected = ((product + bias[:, None]) / 2.0).index_fill(0, torch.tensor([3, 9]), float("-inf"))
+    assert logits.data_ptr() == out[:, 1].data_ptr() and logits.dtype == torch.float32
+    torch.testing.assert_close(out[:, 1], expected, rtol=1e-6, atol=1e-6)
+    assert bool((out[:, 0] == 7.0).all() and (out[:, 2] == 7.0).all())  # the other columns untouched
+
+
+def test_head_logits_in_place_steps_keep_their_gradients():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(30, generator=gen, dtype=torch.float64, requires_grad=True)
+    masked = torch.tensor([2])
+    logits = head_logits(hidden, weight, bias, masked, temperature=3.0)
+    expected = ((hidden @ weight.T + bias) / 3.0).index_fill(-1, masked, float("-inf"))
+    assert torch.equal(logits, expected)
+    kept = torch.arange(30) != 2
+    grads = torch.autograd.grad(logits[:, kept].sum(), (hidden, weight, bias))
+    expected_grads = torch.autograd.grad(expected[:, kept].sum(), (hidden, weight, bias))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
