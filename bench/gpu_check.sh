@@ -7,7 +7,8 @@
 # against the image's torch, so that the tests run them there too), tune (bench/tune_tree_attention.py; the
 # chosen tiles are then used through QUIETSTAR_TREE_ATTENTION_CONFIGS), kernels (bench of
 # tree_attention and linear_cross_entropy at the GPU sizes), tests (the whole suite on
-# CUDA), step (the training-step bench), profile (bench/profile_step.py: where the B=1 L=128
+# CUDA), step (the training-step bench), dtypes (the B=8 L=256 step of a float32 model, without
+# and with bfloat16 autocast: the speed-up over float32), profile (bench/profile_step.py: where the B=1 L=128
 # step's time goes), probe (does one training step fit at L=1024).
 # Every stage has a time limit (seconds, overridable: LIMIT_TUNE=...), logs into
 # OUT_DIR/log.txt and writes its results into OUT_DIR. On an H200 (2026-11-25): tune 75 s;
@@ -20,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [STAGE ...]}")
 shift
-stages=${*:-versions native tune kernels tests step profile probe}
+stages=${*:-versions native tune kernels tests step dtypes profile probe}
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -54,6 +55,7 @@ for stage in $stages; do
     kernels) run "${LIMIT_KERNELS:-420}" python bench/run.py --case linear_cross_entropy tree_attention --repeats 5 --json "$out/kernels.json" ;;
     tests) run "${LIMIT_TESTS:-180}" env OMP_NUM_THREADS=1 python -m pytest -q -n 12 --timeout 150 -p no:cacheprovider tests ;;
     step) run "${LIMIT_STEP:-240}" python bench/run.py --case training_step --repeats 3 --json "$out/step.json" ;;
+    dtypes) run "${LIMIT_DTYPES:-300}" python bench/run.py --case training_step --size "B=8 L=256" --variant quietstar+sampling-fp32 quietstar+sampling-bf16 --repeats 3 --json "$out/dtypes.json" ;;
     profile) run "${LIMIT_PROFILE:-120}" python bench/profile_step.py --size "B=1 L=128" ;;
     probe) run "${LIMIT_PROBE:-100}" python bench/run.py --case training_step --max-length --memory-gib 79 --start-length 1024 --length-limit 1024 --json "$out/max_length.json" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;

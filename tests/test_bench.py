@@ -57,6 +57,19 @@ def test_a_bfloat16_variant_is_held_against_the_bfloat16_matmul_rate():
     assert all(measures_matmul_rate(step, v, CPU, "full") for v in step.variants(CPU))
 
 
+def test_on_a_gpu_the_float32_step_runs_beside_bfloat16_autocast_over_float32_weights():
+    step, cuda = CASES["training_step"], torch.device("cuda")
+    assert {"quietstar+sampling-fp32", "quietstar+sampling-bf16"} <= set(step.variants(cuda))
+    assert "quietstar+sampling-fp32" not in step.variants(CPU)  # CPU models are float32 already
+    assert matmul_dtype(step, "quietstar+sampling-fp32", torch.bfloat16) == torch.float32
+    assert step.VARIANT_MODEL_DTYPE == {"quietstar+sampling-fp32": torch.float32, "quietstar+sampling-bf16": torch.float32}
+    size = step.sizes(CPU, "quick")[0]
+    assert all(p.dtype == torch.bfloat16 for p in step.make_model(size, CPU, dtype=torch.bfloat16).parameters())
+    run, info = step.build("quietstar+sampling-fp32", size, CPU)
+    run()
+    assert info["note"] == "samples its own thoughts; float32 model"
+
+
 def test_each_record_is_a_fraction_of_its_own_matmul_rate():
     records = [
         {"variant": "reference", "time_s": 4.0, "peak_mib": 8.0, "useful_flops": 4e12, "matmul_tflops": 2.0},

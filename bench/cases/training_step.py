@@ -8,8 +8,10 @@ on CUDA (Llama-3.2-1B's shape: 16 layers, width 2048, 32 query / 8 KV heads, voc
 gradients); ``quietstar`` (the fast path with its default ``gradient_checkpointing="auto"``,
 thoughts given as for the reference); ``quietstar+sampling`` (the same including its own
 thought sampling, i.e. a real training step); ``quietstar-checkpointing`` (the fast path with
-checkpointing forced on); on CPU ``quietstar+sampling-bf16`` (a real step under bfloat16
-autocast with float32 master weights: fast where the CPU multiplies bfloat16 natively).
+checkpointing forced on); ``quietstar+sampling-bf16`` (a real step of a float32 model under
+bfloat16 autocast, float32 master weights: fast where the CPU multiplies bfloat16 natively);
+on CUDA, whose models are bfloat16, also ``quietstar+sampling-fp32`` (the same step of the
+float32 model without autocast: bfloat16 autocast's speed-up over float32 there, side by side).
 On CPU every variant's worker process runs with quietstar's CPU caching allocator, as
 ``quietstar train`` does (``CPU_CACHING_ALLOCATOR``; where the native extension is built).
 """
@@ -44,7 +46,9 @@ MODELS = {
     ),
 }
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-VARIANT_MATMUL_DTYPE = {"quietstar+sampling-bf16": torch.bfloat16}
+VARIANT_MATMUL_DTYPE = {"quietstar+sampling-bf16": torch.bfloat16, "quietstar+sampling-fp32": torch.float32}
+# Variants whose model is stored in another dtype than the device's DTYPE: float32 master weights.
+VARIANT_MODEL_DTYPE = {"quietstar+sampling-bf16": torch.float32, "quietstar+sampling-fp32": torch.float32}
 
 
 def baseline(device: torch.device) -> str:
@@ -52,8 +56,9 @@ def baseline(device: torch.device) -> str:
 
 
 def variants(device: torch.device) -> list[str]:
-    autocast = ["quietstar+sampling-bf16"] if device.type == "cpu" else []  # CUDA models are bfloat16 already
-    return ["reference", "quietstar", "quietstar+sampling", "quietstar-checkpointing", *autocast]
+    # CPU models are float32 already; on CUDA (bfloat16 models) the float32 step is a variant.
+    dtypes = ["quietstar+sampling-bf16"] if device.type == "cpu" else ["quietstar+sampling-fp32", "quietstar+sampling-bf16"]
+    return ["reference", "quietstar", "quietstar+sampling", "quietstar-checkpointing", *dtypes]
 
 
 def sizes(device: torch.device, scale: str) -> list[dict]:
@@ -151,7 +156,7 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     return 3.0 * (2 * params * tokens + 2 * d * cfg["vocab_size"] * rows + 4 * head_dim * pairs)
 
 
-def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str = "auto"):
+def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str = "auto", dtype: torch.dtype | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quietstar import QuietStarConfig, QuietStarModel
@@ -160,7 +165,7 @@ def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str
     config = LlamaConfig(**{**MODELS[s["model"]], "num_hidden_layers": s["layers"]})
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(DTYPE[device.type])
+        model = LlamaForCausalLM(config).to(dtype or DTYPE[device.type])
     qs_config = QuietStarConfig(
         thought_tokens=s["thought_tokens"], talk_tokens=s["talk_tokens"], n_thoughts=s["n_thoughts"]
     )
@@ -171,7 +176,8 @@ def make_model(s: dict, device: torch.device, gradient_checkpointing: bool | str
 def build(variant: str, s: dict, device: torch.device):
     from quietstar.model.reference import reference_forward
 
-    qs = make_model(s, device, gradient_checkpointing=True if variant == "quietstar-checkpointing" else "auto")
+    checkpointing = True if variant == "quietstar-checkpointing" else "auto"
+    qs = make_model(s, device, gradient_checkpointing=checkpointing, dtype=VARIANT_MODEL_DTYPE.get(variant))
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = MODELS[s["model"]]["vocab_size"]
     ids = torch.randint(0, vocab, (s["batch"], s["length"]), generator=gen, device=device)
@@ -185,6 +191,8 @@ def build(variant: str, s: dict, device: torch.device):
         return (lambda: backward(reference_forward(qs, ids, thoughts=thoughts).loss)), {}
     if variant == "quietstar+sampling":
         return (lambda: backward(qs(ids, generator=gen).loss)), {"note": "samples its own thoughts"}
+    if variant == "quietstar+sampling-fp32":
+        return (lambda: backward(qs(ids, generator=gen).loss)), {"note": "samples its own thoughts; float32 model"}
     if variant == "quietstar+sampling-bf16":
 
         def step():
