@@ -9,14 +9,20 @@ import torch.nn.functional as F
 from helpers import count_onednn_products, relative_error
 
 import quietstar.ops.onednn_linear as onednn_module
+from quietstar.ops.backends import fast_half_matmul
 from quietstar.ops.onednn_linear import (
     NO_ONEDNN_ENV_VAR,
     onednn_linear,
     onednn_linear_available,
     onednn_linear_input_grad,
+    onednn_packing_available,
+    pack_weight,
+    packed_linear,
+    packed_product_dtype,
 )
 
 requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
+requires_packing = pytest.mark.skipif(not onednn_packing_available(), reason="this torch cannot pack weights for oneDNN")
 _REAL_PRODUCT = onednn_module._onednn_product
 
 
@@ -25,12 +31,15 @@ def rechecked_availability():
     """``onednn_linear_available`` asked afresh inside the test, and afterwards settled again
     with the real op (so later tests' counters never see the first-use check)."""
     onednn_linear_available.cache_clear()
+    onednn_packing_available.cache_clear()
     yield onednn_linear_available
     onednn_linear_available.cache_clear()
+    onednn_packing_available.cache_clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onednn_module, "_onednn_product", _REAL_PRODUCT)
         patch.delenv(NO_ONEDNN_ENV_VAR, raising=False)
         onednn_linear_available()
+        onednn_packing_available()
 
 
 def test_onednn_linear_is_available_wherever_torch_has_the_op(monkeypatch, rechecked_availability):
@@ -106,6 +115,8 @@ def test_onednn_linear_takes_no_rows(onednn_calls):
 def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_calls, rechecked_availability):
     monkeypatch.setenv(NO_ONEDNN_ENV_VAR, "1")
     assert not rechecked_availability()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None  # no packing either
     x, weight = randn(4, 16, seed=14), randn(8, 16, seed=15)
     torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
     assert onednn_calls == []
@@ -118,3 +129,42 @@ def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog, rechec
     assert "PyTorch's own linear" in caplog.text
     x, weight = randn(4, 16, seed=16), randn(8, 16, seed=17)
     torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
+
+
+@requires_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_weight_multiplies_as_torch_linear_at_any_row_count(bias):
+    x, weight = randn(2, 7, 40, seed=18), randn(24, 40, seed=19)
+    b = randn(24, seed=20) if bias else None
+    packed = pack_weight(weight, torch.float32, 14)
+    for rows in (x, x[:1, :3]):
+        out = packed_linear(rows, packed, b)
+        assert out.shape == (*rows.shape[:-1], 24) and out.dtype == torch.float32
+        assert relative_error(out, F.linear(rows, weight, b)) <= 1e-6
+
+
+@requires_packing
+@pytest.mark.skipif(not fast_half_matmul(torch.bfloat16, torch.device("cpu")), reason="this CPU does not multiply bfloat16 natively")
+def test_under_bfloat16_autocast_a_weight_packs_in_bfloat16_and_multiplies_as_autocasts_linear():
+    x, weight, b = randn(2, 7, 40, seed=21), randn(24, 40, seed=22), randn(24, seed=23)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = packed_product_dtype(x, weight, b)
+        out = packed_linear(x, pack_weight(weight, dtype, 14), b)
+        expected = F.linear(x, weight, b)
+    assert dtype == out.dtype == expected.dtype == torch.bfloat16
+    assert relative_error(out.float(), expected.float()) <= 1e-2
+
+
+def test_packing_applies_to_bfloat16_autocast_products_without_a_gradient_to_record():
+    x, weight = randn(3, 8, seed=24), randn(4, 8, seed=25).requires_grad_()
+    native = onednn_packing_available() and fast_half_matmul(torch.bfloat16, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_product_dtype(x, weight) is None  # autograd would record this product
+    with torch.no_grad():
+        assert packed_product_dtype(x, weight) is None  # float32: a packed copy would be extra memory
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert packed_product_dtype(x, weight) == (torch.bfloat16 if native else None)
+            assert packed_product_dtype(x[:0], weight) is None
+            assert packed_product_dtype(x.double(), weight.double()) is None
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert packed_product_dtype(x, weight) is None

@@ -10,7 +10,8 @@ from torch import nn
 from quietstar.model import projection_replay
 from quietstar.model.attention import decoder_layers
 from quietstar.model.projection_replay import ReplayedLinear, recording_projections, replaying_projections
-from quietstar.ops.onednn_linear import onednn_linear_available
+from quietstar.ops.backends import fast_half_matmul
+from quietstar.ops.onednn_linear import onednn_linear_available, onednn_packing_available
 
 # Tests that hold a sampling step against the step given its thoughts run in float64: the
 # REINFORCE term (policy_weight 1e6 times rewards that are differences of losses) turns a
@@ -26,7 +27,7 @@ def test_replayed_linear_has_a_linears_outputs_and_gradients():
     expected = nn.functional.linear(x, weight, bias)
     buffer = torch.empty(2, 7, 3, dtype=torch.float64)
     buffer[:, :4] = expected[:, :4].detach()
-    out = ReplayedLinear.apply(x, weight, bias, (buffer, 4, torch.float64))
+    out = ReplayedLinear.apply(x, weight, bias, (buffer, 4, torch.float64, None))
     assert torch.equal(out, expected)
     grad = torch.randn_like(expected)
     got = torch.autograd.grad(out, (x, weight, bias), grad)
@@ -345,21 +346,40 @@ def test_an_overridden_sample_keeps_no_logits_and_its_thoughts_are_scored(monkey
     torch.testing.assert_close(out.policy_loss, qs(ids, thoughts=out.thoughts).policy_loss)
 
 
+def count_packed_products(monkeypatch) -> list[tuple[int, torch.dtype]]:
+    """(rows, dtype) of every product the replay takes from a packed weight from now on."""
+    calls = []
+    product = projection_replay.packed_linear
+
+    def counted(x, packed, bias=None):
+        calls.append((x.shape[-2], packed.dtype))
+        return product(x, packed, bias)
+
+    monkeypatch.setattr(projection_replay, "packed_linear", counted)
+    return calls
+
+
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
-def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_through_torch(monkeypatch):
+def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_from_packed_weights(monkeypatch):
     """The sampling pass's projections, the tree pass's remaining rows and their input
     gradients go through ``onednn_linear`` in float32, with the losses and gradients of the
     step given the same thoughts (a policy weight of 1 keeps float32 rounding unamplified);
-    under autocast none does."""
+    under bfloat16 autocast the products multiply from weights packed once per step in
+    bfloat16 where the CPU multiplies it natively, and go through torch's linear elsewhere."""
     qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1, policy_weight=1.0)
     params = [p for p in qs.parameters() if p.requires_grad]
     weights = {m.weight.data_ptr() for m in decoder_layers(qs.model).modules() if isinstance(m, nn.Linear)}
     linears = len(weights)
     calls = count_onednn_products(monkeypatch, weights)  # not the sampling's lm_head product
+    packed = count_packed_products(monkeypatch)
+    packings = []
+    pack = projection_replay.pack_weight
+    monkeypatch.setattr(projection_replay, "pack_weight", lambda w, *a: packings.append(w.data_ptr()) or pack(w, *a))
     ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
     sampled = qs(ids, generator=torch.Generator().manual_seed(1))
     # the base pass and two chain steps of 6 rows each, then the tree's 3 other slots
     assert sorted(shape[-2] for shape in calls) == [6] * 3 * linears + [18] * linears
+    assert packed == packings == []
     calls.clear()
     replayed = torch.autograd.grad(sampled.loss, params)
     assert [shape[-2] for shape in calls] == [36] * linears  # dY W over the tree's 6 slots
@@ -371,3 +391,8 @@ def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_t
     with torch.autocast("cpu", dtype=torch.bfloat16):
         qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
     assert calls == []
+    if onednn_packing_available() and fast_half_matmul(torch.bfloat16, torch.device("cpu")):
+        assert sorted(packed) == [(6, torch.bfloat16)] * 3 * linears + [(18, torch.bfloat16)] * linears
+        assert sorted(packings) == sorted(weights)  # each weight packed once for the step
+    else:
+        assert packed == packings == []

@@ -13,6 +13,11 @@ once instead of twice; losses and gradients are the same mathematics (SPEC secti
 
 Elementwise parts (norms, RoPE, the MLP's activation) and attention are recomputed in the tree
 pass as before: they are cheap, and autograd needs their graph.
+
+While recording, each projection's weight is packed once into oneDNN's layout
+(``onednn_linear.pack_weight``: the sampling pass multiplies it ``1 + T`` times) where that
+applies, and the tree pass multiplies its remaining rows from the same packed weight; each is
+let go once its module has replayed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ import torch
 from torch import nn
 
 from quietstar.model.attention import autocast_dtype
-from quietstar.ops.onednn_linear import onednn_linear, onednn_linear_input_grad
+from quietstar.ops.onednn_linear import (
+    PackedWeight,
+    onednn_linear,
+    onednn_linear_input_grad,
+    pack_weight,
+    packed_linear,
+    packed_product_dtype,
+)
 
 
 def replayable(layers: nn.Module) -> bool:
@@ -56,6 +68,7 @@ class ProjectionRecord:
         ]
         self.total_rows = total_rows
         self.buffers: dict[nn.Linear, torch.Tensor] = {}
+        self.packed: dict[nn.Linear, PackedWeight] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
         self.overflow = False  # a module was called with more rows than total_rows
 
@@ -71,6 +84,17 @@ class ProjectionRecord:
             return
         buffer[..., start : start + rows, :] = output
         self.filled[module] = start + rows
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``module``'s product on ``x [..., in]``: from its packed weight where packing applies
+        (``packed_product_dtype``; packed at its first call here), else ``onednn_linear``."""
+        dtype = packed_product_dtype(x, module.weight, module.bias)
+        if dtype is None:
+            return onednn_linear(x, module.weight, module.bias)
+        packed = self.packed.get(module)
+        if packed is None or packed.dtype != dtype:
+            packed = self.packed[module] = pack_weight(module.weight, dtype, x.numel() // x.shape[-1])
+        return packed_linear(x, packed, module.bias)
 
     def rows(self) -> int | None:
         """Rows recorded per module called (the same for each), or None if they were not all
@@ -110,7 +134,9 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
     # patch restores the class's.
     replaced = [module for module in record.linears if record.filled[module]]
     for module in replaced:
-        module.forward = _ReplayedForward(module, record.buffers.pop(module), record.filled[module])
+        module.forward = _ReplayedForward(
+            module, record.buffers.pop(module), record.filled[module], record.packed.pop(module, None)
+        )
     try:
         yield
     finally:
@@ -119,7 +145,7 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
 
 
 class _RecordingForward:
-    """A projection's forward that computes ``linear(x)`` (through ``onednn_linear``) and keeps
+    """A projection's forward that computes ``linear(x)`` (``ProjectionRecord.linear``) and keeps
     the result in the record."""
 
     def __init__(self, module: nn.Linear, record: ProjectionRecord) -> None:
@@ -127,7 +153,7 @@ class _RecordingForward:
         self.record = record
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = onednn_linear(x, self.module.weight, self.module.bias)
+        out = self.record.linear(self.module, x)
         self.record.keep(self.module, out.detach())
         return out
 
@@ -135,13 +161,15 @@ class _RecordingForward:
 class _ReplayedForward:
     """A projection's forward that returns its recorded rows once, then computes as usual."""
 
-    def __init__(self, module: nn.Linear, buffer: torch.Tensor, filled: int) -> None:
+    def __init__(self, module: nn.Linear, buffer: torch.Tensor, filled: int, packed: PackedWeight | None) -> None:
         self.module = module
         self.buffer: torch.Tensor | None = buffer
         self.filled = filled
+        self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         buffer, self.buffer = self.buffer, None
+        packed, self.packed = self.packed, None
         if buffer is None:
             return type(self.module).forward(self.module, x)
         if x.shape[:-1] != buffer.shape[:-1]:
@@ -150,24 +178,30 @@ class _ReplayedForward:
                 f"{tuple(buffer.shape[:-1])} tokens"
             )
         dtype = autocast_dtype(x.device) or x.dtype
-        return ReplayedLinear.apply(x, self.module.weight, self.module.bias, (buffer.to(dtype), self.filled, dtype))
+        recorded = (buffer.to(dtype), self.filled, dtype, packed)
+        return ReplayedLinear.apply(x, self.module.weight, self.module.bias, recorded)
 
 
 class ReplayedLinear(torch.autograd.Function):
     """``linear(x, weight, bias)`` over ``x [..., T, in]`` whose first rows are given.
 
-    ``recorded = (buffer [..., T, out], R, dtype)``: the first ``R`` rows of the output, already
-    in ``buffer``, and the dtype the products run in (autocast's, or x's). Forward: fills
-    ``buffer[..., R:, :]`` with ``linear(x[..., R:, :])`` (under the caller's autocast, whose
-    cached cast of the weight it uses) and returns it; backward: a linear's gradients over all
-    ``T`` rows in that dtype, the weight cast on the fly rather than kept cast, returned in the
-    inputs' dtypes.
+    ``recorded = (buffer [..., T, out], R, dtype, packed)``: the first ``R`` rows of the output,
+    already in ``buffer``, the dtype the products run in (autocast's, or x's) and the weight as
+    the recording packed it (or None). Forward: fills ``buffer[..., R:, :]`` with
+    ``linear(x[..., R:, :])`` (from the packed weight where it was packed for these products,
+    else under the caller's autocast, whose cached cast of the weight it uses) and returns it;
+    backward: a linear's gradients over all ``T`` rows in that dtype, the weight cast on the fly
+    rather than kept cast, returned in the inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, recorded):
-        buffer, rows, dtype = recorded
-        buffer[..., rows:, :] = onednn_linear(x[..., rows:, :], weight, bias)
+        buffer, rows, dtype, packed = recorded
+        rest = x[..., rows:, :]
+        if packed is not None and packed_product_dtype(rest, weight, bias) == packed.dtype:
+            buffer[..., rows:, :] = packed_linear(rest, packed, bias)
+        else:
+            buffer[..., rows:, :] = onednn_linear(rest, weight, bias)
         ctx.save_for_backward(x.to(dtype), weight)
         ctx.has_bias = bias is not None
         return buffer
