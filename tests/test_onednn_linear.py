@@ -24,6 +24,7 @@ from quietstar.ops.onednn_linear import (
 requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
 requires_packing = pytest.mark.skipif(not onednn_packing_available(), reason="this torch cannot pack weights for oneDNN")
 _REAL_PRODUCT = onednn_module._onednn_product
+_REAL_PACKED_LINEAR = onednn_module.packed_linear
 
 
 @pytest.fixture
@@ -37,6 +38,7 @@ def rechecked_availability():
     onednn_packing_available.cache_clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onednn_module, "_onednn_product", _REAL_PRODUCT)
+        patch.setattr(onednn_module, "packed_linear", _REAL_PACKED_LINEAR)
         patch.delenv(NO_ONEDNN_ENV_VAR, raising=False)
         onednn_linear_available()
         onednn_packing_available()
@@ -168,3 +170,13 @@ def test_packing_applies_to_bfloat16_autocast_products_without_a_gradient_to_rec
             assert packed_product_dtype(x.double(), weight.double()) is None
         with torch.autocast("cpu", dtype=torch.float16):
             assert packed_product_dtype(x, weight) is None
+
+
+@requires_packing
+def test_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog, rechecked_availability):
+    monkeypatch.setattr(onednn_module, "packed_linear", lambda x, packed, bias=None: torch.zeros(x.shape[0], packed.out_features))
+    with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):
+        assert rechecked_availability() and not onednn_packing_available()
+    assert "not packed for oneDNN: its packed products computed a wrong result" in caplog.text
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,20 @@ NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
 logger = logging.getLogger(__name__)
 
 
+def _first_use_failure(computes_right: Callable[..., bool], op: str) -> str | None:
+    """Why ``op`` (internal to PyTorch: a version may change it) is not to be used, or None:
+    ``computes_right(x [2, 3], weight [4, 3], bias [4])`` must hold on a small product, with no
+    autograd or autocast."""
+    x, weight, bias = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3) / 8, torch.arange(4.0)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            if computes_right(x, weight, bias):
+                return None
+        return f"its {op} computed a wrong result"
+    except RuntimeError as error:
+        return f"its {op} failed ({error})"
+
+
 @functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
     """Whether this torch has oneDNN's linear op, it computes a small ``F.linear`` right (it is
@@ -52,18 +67,13 @@ def onednn_linear_available() -> bool:
     elif not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         reason = "this torch has no oneDNN linear op"
     else:
-        x = torch.arange(6.0).view(2, 3)
-        weight, bias = torch.arange(12.0).view(4, 3) / 8, torch.arange(4.0)
-        try:
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                same = torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias)) and torch.allclose(
-                    _onednn_product(x, weight.t().contiguous().t(), None), x @ weight.T  # a transposed view
-                )
-            if same:
-                return True
-            reason = "its oneDNN linear op computed a wrong result"
-        except RuntimeError as error:
-            reason = f"its oneDNN linear op failed ({error})"
+        reason = _first_use_failure(
+            lambda x, weight, bias: torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias))
+            and torch.allclose(_onednn_product(x, weight.t().contiguous().t(), None), x @ weight.T),  # a transposed view
+            "oneDNN linear op",
+        )
+        if reason is None:
+            return True
     logger.info("float32 CPU products stay with PyTorch's own linear: %s", reason)
     return False
 
@@ -123,16 +133,14 @@ def onednn_packing_available() -> bool:
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         reason = "this torch has no oneDNN weight reorder op"
     else:
-        x = torch.arange(6.0).view(2, 3)
-        weight, bias = torch.arange(12.0).view(4, 3) / 8, torch.arange(4.0)
-        try:
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight, 2), torch.float32, 4)
-                if torch.allclose(packed_linear(x, packed, bias), F.linear(x, weight, bias)):
-                    return True
-            reason = "its packed products computed a wrong result"
-        except RuntimeError as error:
-            reason = f"its packed products failed ({error})"
+
+        def computes_right(x, weight, bias):
+            packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight, 2), torch.float32, 4)
+            return torch.allclose(packed_linear(x, packed, bias), F.linear(x, weight, bias))
+
+        reason = _first_use_failure(computes_right, "packed products")
+        if reason is None:
+            return True
     logger.info("linear weights are not packed for oneDNN: %s", reason)
     return False
 
