@@ -20,7 +20,7 @@ plain weight at every product. That is done under CPU bfloat16 autocast, where t
 bfloat16 copy takes the place of the cast copy autocast would keep: the 30 layers' seven
 projections of SmolLM2-135M ran 1.12x faster at 128 rows and 1.08x at 640, against about 60 ms
 to cast and pack them all, and the bfloat16 training step's sampling pass 1.04x faster, its
-peak memory 85 MiB lower (2-core AMD EPYC with AVX-512 BF16, docs/benchmarks.md). Not in
+peak memory 84 MiB lower (2-core AMD EPYC with AVX-512 BF16, docs/benchmarks.md). Not in
 float32: there the packed copy is extra (424 MB at that size), and it raised the step's peak
 by 365 MiB (14%) for 1.3% of its time.
 """
