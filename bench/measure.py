@@ -55,36 +55,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> dict:
+def measure(
+    step: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: bool = True,
+    after_run: Callable[[], float] | None = None,
+) -> dict:
     """Run ``step`` once for peak memory (which also warms up), then ``repeats`` times for time.
     ``warmup=False`` (a step long enough to time cold): one run, timed, its memory measured
-    with the allocator as it is.
+    with the allocator as it is. ``after_run`` (a matmul rate, say) is called right after each
+    timed run, untimed, so that each run is paired with what the machine did next to it.
 
     Returns:
-        ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``.
+        ``{"peak_mib": extra peak memory of one step, "times_s": [...], "time_s": median}``,
+        and with ``after_run`` ``"after_runs"``: its value after each timed run, in order.
     """
     if not warmup:
         peak, seconds = _peak_run(step, device)
-        return {"peak_mib": peak / MIB, "times_s": [seconds], "time_s": seconds}
+        result = {"peak_mib": peak / MIB, "times_s": [seconds], "time_s": seconds}
+        return result if after_run is None else {**result, "after_runs": [after_run()]}
     if device.type == "cpu":
         _set_mmap_threshold(MEMORY_RUN_MMAP_THRESHOLD, trim=True)
     peak, _ = _peak_run(step, device)
     if device.type == "cpu":
         _set_mmap_threshold(TIMED_RUN_MMAP_THRESHOLD, trim=False)
-    times = _timed_runs(step, device, repeats)
-    return {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+    times, after = _timed_runs(step, device, repeats, after_run)
+    result = {"peak_mib": peak / MIB, "times_s": times, "time_s": statistics.median(times)}
+    return result if after_run is None else {**result, "after_runs": after}
 
 
-def _timed_runs(step: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` runs of ``step``, the device synchronized around each."""
-    times = []
+def _timed_runs(
+    step: Callable[[], object], device: torch.device, repeats: int, after_run: Callable[[], float] | None = None
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of ``repeats`` runs of ``step``, the device synchronized around each, and
+    ``after_run()`` after each (an empty list without it)."""
+    times, after = [], []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+        if after_run is not None:
+            after.append(after_run())
+    return times, after
 
 
 def _peak_run(step: Callable[[], object], device: torch.device) -> tuple[int, float]:
@@ -154,7 +169,7 @@ def matmul_tflops(
         best = math.inf
         for product in products:
             product()
-            best = min(best, statistics.median(_timed_runs(product, device, repeats)))
+            best = min(best, statistics.median(_timed_runs(product, device, repeats)[0]))
         flops += runs * 2.0 * batch * m * k * n
         seconds += runs * best
     return flops / seconds / 1e12

@@ -9,8 +9,9 @@ Each (case, variant) runs in a fresh worker process so that peak memory is its o
 (``bench/measure.py`` says how it is measured). The table reports median time, the speed-up
 ``baseline time / time`` and the memory ratio ``baseline peak / peak`` (the baseline is the
 dense reference, or on CUDA where that cannot fit FlexAttention), the useful TFLOP/s, their
-fraction of the rate of the case's own matrix products (measured in the same run, in the
-baseline's worker after its timing), and the time over the case's floor (plain causal attention for tree attention).
+fraction of the rate of the case's own matrix products (measured in the same run right after
+each timed run, in the baseline's worker and in the others ``measures_matmul_rate`` names), and
+the time over the case's floor (plain causal attention for tree attention).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +52,16 @@ def run_worker(spec: dict) -> dict:
     step, info = case.build(spec["variant"], spec["size"], device)
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
-    record = {**info, **allocator, **measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False))}
-    if spec.get("matmul_rate"):  # measured right after the timing, on the case's shapes in the variant's dtype
+    rate = None
+    if spec.get("matmul_rate"):  # measured right after each timed run, on the case's shapes in the variant's dtype
         dtype, shapes = case.matmul_shapes(spec["size"], device)
-        record["matmul_tflops"] = matmul_tflops(device, matmul_dtype(case, spec["variant"], dtype), shapes)
+        product_dtype = matmul_dtype(case, spec["variant"], dtype)
+        rate = lambda: matmul_tflops(device, product_dtype, shapes)  # noqa: E731
+    measured = measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False), after_run=rate)
+    record = {**info, **allocator, **measured}
+    if rate is not None:
+        record["matmul_tflops_runs"] = record.pop("after_runs")
+        record["matmul_tflops"] = statistics.median(record["matmul_tflops_runs"])
     return record
 
 
@@ -195,7 +203,8 @@ def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
     lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
                  "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the faster of MKL and "
                  "oneDNN per shape), measured in the same run: in the baseline's worker and in that of a variant "
-                 "of another dtype, and with --full in every variant's worker, right after its timing.")
+                 "of another dtype, and with --full in every variant's worker, right after each timed run (with "
+                 "--repeats N, the median of the N runs' fractions).")
     lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
@@ -203,7 +212,9 @@ def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
 
 def add_ratios(results: list[dict], baseline: str, floor: str | None) -> None:
     """Speed-up and memory ratio against ``baseline``, time over ``floor``'s, and the fraction
-    of each record's measured matmul rate, for the records of one case and size."""
+    of each record's measured matmul rate, for the records of one case and size: the median
+    over its timed runs of each run's over the rate measured right after it, where its worker
+    measured one (else the baseline's rate)."""
     measured = {r["variant"]: r for r in results if "time_s" in r}
     for r in measured.values():
         if baseline in measured:
@@ -214,7 +225,10 @@ def add_ratios(results: list[dict], baseline: str, floor: str | None) -> None:
             r["floor_ratio"] = r["time_s"] / measured[floor]["time_s"]
         if r.get("useful_flops"):
             r["tflops"] = r["useful_flops"] / r["time_s"] / 1e12
-            if r.get("matmul_tflops"):
+            if r.get("matmul_tflops_runs"):  # each timed run over the rate measured right after it
+                runs = zip(r["times_s"], r["matmul_tflops_runs"], strict=True)
+                r["matmul_fraction"] = statistics.median(r["useful_flops"] / t / 1e12 / rate for t, rate in runs)
+            elif r.get("matmul_tflops"):
                 r["matmul_fraction"] = r["tflops"] / r["matmul_tflops"]
 
 

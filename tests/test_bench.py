@@ -80,6 +80,26 @@ def test_each_record_is_a_fraction_of_its_own_matmul_rate():
     assert records[1]["speedup"] == pytest.approx(4.0) and records[1]["memory_ratio"] == pytest.approx(4.0)
 
 
+def test_a_record_with_a_rate_after_each_run_takes_the_median_of_the_runs_fractions():
+    # The machine slowed down between the runs: each run is held against the rate next to it.
+    record = {"variant": "fast", "time_s": 2.0, "times_s": [1.0, 2.0, 4.0], "peak_mib": 1.0, "useful_flops": 4e12,
+              "matmul_tflops": 4.0, "matmul_tflops_runs": [8.0, 4.0, 2.0]}
+    add_ratios([record], "fast", None)
+    assert record["matmul_fraction"] == pytest.approx(0.5)
+    assert record["tflops"] / record["matmul_tflops"] == pytest.approx(0.5)
+    record.update(times_s=[1.0, 1.0, 1.0], time_s=1.0)  # same times: the fractions are 0.5, 1 and 2
+    add_ratios([record], "fast", None)
+    assert record["matmul_fraction"] == pytest.approx(1.0)
+
+
+def test_measure_calls_after_run_once_after_each_timed_run_and_not_after_the_memory_run():
+    calls = []
+    record = measure(lambda: calls.append("step"), CPU, repeats=3, after_run=lambda: calls.append("rate") or len(calls))
+    assert calls == ["step"] + ["step", "rate"] * 3
+    assert record["after_runs"] == [3, 5, 7] and len(record["times_s"]) == 3
+    assert "after_runs" not in measure(lambda: None, CPU, repeats=2)
+
+
 def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):
     out = tmp_path / "results.json"
     run = Path(__file__).resolve().parents[1] / "bench" / "run.py"
