@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ def run_worker(spec: dict) -> dict:
     if spec.get("matmul_rate"):  # measured right after each timed run, on the case's shapes in the variant's dtype
         dtype, shapes = case.matmul_shapes(spec["size"], device)
         product_dtype = matmul_dtype(case, spec["variant"], dtype)
-        rate = lambda: matmul_tflops(device, product_dtype, shapes)  # noqa: E731
+        rate = functools.partial(matmul_tflops, device, product_dtype, shapes)
     measured = measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False), after_run=rate)
     record = {**info, **allocator, **measured}
     if rate is not None:
