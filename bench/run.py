@@ -123,6 +123,13 @@ def longest_length(name: str, variant: str, size: dict, device: str, budget_gib:
     return {"variant": variant, "longest": good, "first_failing": bad, "limit": limit, "probes": tried}
 
 
+def max_length_size(case, device: torch.device, scale: str | None) -> dict:
+    """The size ``--max-length`` varies the length of: the whole model (the ``full`` scale)
+    unless a scale is asked for; the default scale's cut (2 of 30 layers on CPU) would answer
+    for a smaller model than the one whose memory is in question."""
+    return case.sizes(device, scale or "full")[0]
+
+
 def selected(variants: list[str], wanted: list[str] | None, keep: tuple[str | None, ...] = ()) -> list[str]:
     """``variants`` restricted to ``wanted`` (all when None), keeping those in ``keep``."""
     if wanted is None:
@@ -195,17 +202,19 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_report(title: str, env: dict, sizes: dict, table: str) -> str:
-    """Markdown page of one run: where it ran, the sizes, the table."""
+def format_report(title: str, env: dict, sizes: dict, table: str, rates: bool = True) -> str:
+    """Markdown page of one run: where it ran, what its rate columns mean (with ``rates``), the
+    sizes, the table."""
     versions = ", ".join(f"{name} {env[name]}" for name in ("python", "torch", "triton", "transformers"))
     lines = [f"# {title}", "", f"Device: {env['device']}; {versions}; run on {env['date']}."]
     if env.get("peak_matmul_tflops"):
         lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['peak_matmul_tflops']:.0f} TFLOP/s.")
-    lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
-                 "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the faster of MKL and "
-                 "oneDNN per shape), measured in the same run: in the baseline's worker and in that of a variant "
-                 "of another dtype, and with --full in every variant's worker, right after each timed run (with "
-                 "--repeats N, the median of the N runs' fractions).")
+    if rates:
+        lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
+                     "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the faster of MKL and "
+                     "oneDNN per shape), measured in the same run: in the baseline's worker and in that of a variant "
+                     "of another dtype, and with --full in every variant's worker, right after each timed run (with "
+                     "--repeats N, the median of the N runs' fractions).")
     lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-length",
         action="store_true",
-        help="instead of timing: the longest sequence length whose training step fits in --memory-gib",
+        help="instead of timing: the longest sequence length whose training step fits in --memory-gib, "
+        "with the whole model (the --full size; --quick for a smoke run)",
     )
     parser.add_argument("--memory-gib", type=float, default=24.0, help="memory budget of --max-length")
     parser.add_argument("--start-length", type=int, default=64, help="first length --max-length tries")
@@ -316,7 +326,7 @@ def report_max_length(args, device: torch.device) -> int:
         case = CASES[name]
         if not hasattr(case, "LENGTH_KEY"):
             continue
-        size = case.sizes(device, args.scale or "default")[0]
+        size = max_length_size(case, device, args.scale)
         sizes[name] = {**size, case.LENGTH_KEY: "varied"}
         for variant in selected(case.LENGTH_VARIANTS, args.variant):
             search = longest_length(name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit)
@@ -331,7 +341,7 @@ def report_max_length(args, device: torch.device) -> int:
     env = environment(device)
     report = {"environment": env, "memory_gib": args.memory_gib, "max_length": results}
     title = f"bench/run.py --max-length (budget {args.memory_gib} GiB)"
-    write_report(args.json or MAX_LENGTH_JSON, report, format_report(title, env, sizes, "\n".join(lines)))
+    write_report(args.json or MAX_LENGTH_JSON, report, format_report(title, env, sizes, "\n".join(lines), rates=False))
     return 0
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from cases import CASES  # noqa: E402
 from helpers import requires_native  # noqa: E402
 from measure import measure  # noqa: E402
-from run import add_ratios, matmul_dtype, measures_matmul_rate, spawn_worker  # noqa: E402
+from run import add_ratios, format_report, matmul_dtype, max_length_size, measures_matmul_rate, spawn_worker  # noqa: E402
 
 CPU = torch.device("cpu")
 # FlexAttention is compiled (tens of seconds on CPU); bench/run.py --quick covers it.
@@ -98,6 +98,18 @@ def test_measure_calls_after_run_once_after_each_timed_run_and_not_after_the_mem
     assert calls == ["step"] + ["step", "rate"] * 3
     assert record["after_runs"] == [3, 5, 7] and len(record["times_s"]) == 3
     assert "after_runs" not in measure(lambda: None, CPU, repeats=2)
+
+
+def test_max_length_probes_the_whole_model_unless_a_scale_is_asked_for():
+    step = CASES["training_step"]
+    layers = {scale: max_length_size(step, CPU, scale)["layers"] for scale in (None, "full", "default", "quick")}
+    assert layers == {None: 30, "full": 30, "default": 2, "quick": 2}
+
+
+def test_a_report_without_rate_columns_does_not_explain_them():
+    env = {"device": "CPU", "python": "3", "torch": "2", "triton": "3", "transformers": "5", "date": "today"}
+    assert "TFLOP/s" in format_report("bench", env, {}, "| table |")
+    assert "TFLOP/s" not in format_report("bench --max-length", env, {}, "| table |", rates=False)
 
 
 def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path):
