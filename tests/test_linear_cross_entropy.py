@@ -164,27 +164,31 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
     assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the scratch is kept on CPU only")
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the scratch passes between calls on CPU only")
 @pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "float32-products"])
-def test_torch_backend_keeps_cpu_scratch_with_the_weight_and_reads_the_weight_anew(fast_bf16, monkeypatch):
-    """The CPU scratch stays with its weight between calls and goes with it; a weight changed
-    in place, even through ``.data`` (which its version counter does not see), gives the new
-    weight's result on the next call."""
+def test_torch_backend_passes_cpu_scratch_between_calls_only_inside_reusing_scratch(fast_bf16, monkeypatch):
+    """Inside ``reusing_scratch`` the CPU scratch passes from call to call of the same weight,
+    and a weight changed in place, even through ``.data`` (which its version counter does not
+    see), gives the new weight's result on the next call. When the block ends the scratch is
+    freed, and outside a block a call keeps none."""
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
     kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.bfloat16)
     for name in ("lm_weight", "lm_bias"):  # float32 master weights, as under autocast
         kwargs[name] = kwargs[name].detach().float().requires_grad_()
     weight = kwargs["lm_weight"]
-    assert_matches_reference("torch", kwargs, temperature=temperature)
-    scratch = torch_backend._WORKSPACES[weight]
-    assert {"scores"} <= set(scratch) and ("weight" in scratch) == fast_bf16
-    weight.data.mul_(-0.5)
-    assert_matches_reference("torch", kwargs, temperature=temperature)
-    assert torch_backend._WORKSPACES[weight] is scratch
-    scores = weakref.ref(scratch["scores"])
-    del kwargs, weight, scratch
+    with torch_backend.reusing_scratch():
+        assert_matches_reference("torch", kwargs, temperature=temperature)
+        scratch = torch_backend._WORKSPACES[weight]
+        assert {"scores"} <= set(scratch) and ("weight" in scratch) == fast_bf16
+        weight.data.mul_(-0.5)
+        assert_matches_reference("torch", kwargs, temperature=temperature)
+        assert torch_backend._WORKSPACES[weight] is scratch
+        scores = weakref.ref(scratch["scores"])
+        del scratch
     gc.collect()
-    assert scores() is None  # the scratch went with its weight
+    assert scores() is None and weight not in torch_backend._WORKSPACES
+    assert_matches_reference("torch", kwargs, temperature=temperature)
+    assert weight not in torch_backend._WORKSPACES
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

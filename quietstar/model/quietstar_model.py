@@ -48,6 +48,7 @@ from quietstar.ops.linear_cross_entropy import (
     weighted_linear_cross_entropy,
 )
 from quietstar.ops.linear_cross_entropy_common import compute_dtype
+from quietstar.ops.linear_cross_entropy_torch import reusing_scratch
 
 logger = logging.getLogger(__name__)
 
@@ -571,6 +572,7 @@ class QuietStarModel(nn.Module):
             hidden = run_backbone(self.model, embeds, positions, tree_layout=layout, checkpoint_layers=checkpoint)
         return hidden[:, :length], hidden[:, length:].unflatten(1, (cfg.chain_steps, n, length))
 
+    @reusing_scratch()  # the head's calls below share their CPU scratch
     def losses(
         self,
         h_base: torch.Tensor,

@@ -8,16 +8,21 @@ chunk's scores into the same buffer, turns them into ``scale * (softmax - onehot
 by matrix products. Peak extra memory is one chunk of scores plus the float32 gradients of the
 weights and of ``hidden``: no ``N x V`` term.
 
-On CPU a call's scratch (one chunk's scores, their copies in the product dtype and the weight
-cast to it) stays with the weight for its next call, as long as the weight lives: at most
-``CHUNK_BYTES`` of scores; with half-precision products, half that again and two ``[V, d]``
-arrays in the product dtype (the weight and one ``dW`` product); with products in another
-dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page fault
-per 4 KiB there (glibc maps them anew for each allocation and unmaps them when freed).
+On CPU, inside a ``reusing_scratch()`` block, a call's scratch (one chunk's scores, their
+copies in the product dtype and the weight cast to it) passes to the same weight's next call:
+at most ``CHUNK_BYTES`` of scores; with half-precision products, half that again and two
+``[V, d]`` arrays in the product dtype (the weight and one ``dW`` product); with products in
+another dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page
+fault per 4 KiB there (glibc maps them anew for each allocation and unmaps them when freed).
+When the outermost block ends the scratch is freed, so nothing is held between a model's
+calls; across them the CPU caching allocator (``quietstar.ops.cpu_caching_allocator``) reuses
+the freed blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -45,9 +50,29 @@ CHUNK_ROW_MULTIPLE = 64
 # Rows of a float32 gradient updated at a time from a half-precision product: the promoted
 # copy of each block stays small enough for the allocator to reuse.
 ACCUMULATE_BLOCK_BYTES = 8 * 2**20
-# CPU scratch per lm_weight, between calls: {name: flat tensor}. A call takes its weight's entry
-# out and puts it back when done, so concurrent calls never share one.
+# CPU scratch per lm_weight while a ``reusing_scratch`` block is open: {name: flat tensor}. A
+# call takes its weight's entry out and puts it back when done, so concurrent calls never share one.
 _WORKSPACES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_open_blocks = 0  # ``reusing_scratch`` blocks open, in any thread
+_blocks_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reusing_scratch() -> Iterator[None]:
+    """Inside the block, the CPU scratch of a call (``[V, c]`` scores and, for half-precision
+    products, the weight's cast) passes to the next call with the same weight instead of being
+    allocated again; it is freed when the outermost open block ends. Outside any block, each
+    call frees its own. ``QuietStarModel.losses`` runs its head calls in one block."""
+    global _open_blocks
+    with _blocks_lock:
+        _open_blocks += 1
+    try:
+        yield
+    finally:
+        with _blocks_lock:
+            _open_blocks -= 1
+            if _open_blocks == 0:
+                _WORKSPACES.clear()
 
 
 def _chunks(rows: int, vocab: int, itemsize: int) -> Iterator[slice]:
@@ -80,12 +105,13 @@ class _Scores:
         self.inv_temperature = 1.0 / temperature
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, self.dtype, hidden.device)
         self.offset = None if offset is None else offset[:, None]
-        # Scratch reused from chunk to chunk and, on CPU, from call to call (the module's
-        # docstring says why); handed back when the ``with`` block ends.
+        # Scratch reused from chunk to chunk and, on CPU inside ``reusing_scratch``, from call to
+        # call (the module's docstring says why); handed back when the ``with`` block ends.
         self._owner = lm_weight if hidden.device.type == "cpu" else None
         self._scratch: dict[str, torch.Tensor] = {}
         if self._owner is not None:
-            self._scratch = _WORKSPACES.pop(self._owner, None) or {}
+            with _blocks_lock:
+                self._scratch = _WORKSPACES.pop(self._owner, None) or {}
         self.weight = lm_weight
         if self.product_dtype != lm_weight.dtype:
             self.weight = self._flat("weight", lm_weight.numel(), self.product_dtype).view(lm_weight.shape).copy_(lm_weight)
@@ -94,9 +120,10 @@ class _Scores:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Hand the scratch back for the weight's next call (CPU)."""
-        if self._owner is not None:
-            _WORKSPACES[self._owner] = self._scratch
+        """Hand the scratch back for the weight's next call inside a ``reusing_scratch`` block (CPU)."""
+        with _blocks_lock:
+            if self._owner is not None and _open_blocks > 0:
+                _WORKSPACES[self._owner] = self._scratch
 
     def _flat(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``numel`` elements of scratch ``name`` (grown when too small)."""

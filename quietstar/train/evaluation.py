@@ -28,6 +28,7 @@ from quietstar._checks import check_int, check_positive_float
 from quietstar.model.quietstar_model import QuietStarModel
 from quietstar.model.sampling import head_logits
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
+from quietstar.ops.linear_cross_entropy_torch import reusing_scratch
 from quietstar.train.eval_data import AnswerItem
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def windows_of(documents: list[torch.Tensor], seq_len: int) -> list[list[int]]:
     return windows
 
 
+@reusing_scratch()  # the two head calls share their CPU scratch
 def next_token_nll(
     qs: QuietStarModel, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
