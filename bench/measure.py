@@ -1,12 +1,14 @@
 """Time and peak memory of one benchmark step, measured inside a fresh worker process.
 
-Peak memory is measured for real: on CUDA ``torch.cuda.max_memory_allocated`` above what was
-allocated before the step; on CPU the process's peak resident set size (``VmHWM``, reset
-through ``/proc/self/clear_refs``) above its resident size before the step. For that run only,
-glibc is told to hand every freed buffer above 128 KiB back at once (``mallopt``) and to trim
-what it holds, so the resident size is the live data; the timed runs that follow use the
-allocator as a user's process would (returning buffers at once slows an allocation-heavy CPU
-step by up to 1.5x).
+Peak memory is measured for real, on a step after a warm-up step (so what the first step sets
+up once is not counted): on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated
+before the step; on CPU the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs``) above its resident size before the step. Up to that run glibc hands
+every freed buffer above 128 KiB back at once (``mallopt``, set by ``bench/run.py``'s worker
+before it builds anything; ``measure`` trims what glibc holds and empties the CPU caching
+allocator's cache before the run), so the resident size is the live data; the timed runs that
+follow use the allocator as a user's process would (returning buffers at once slows an
+allocation-heavy CPU step by up to 1.5x).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from quietstar.ops.cpu_caching_allocator import empty_cpu_caching_allocator_cache
 from quietstar.ops.onednn_linear import onednn_linear, onednn_linear_available
 
 MIB = 2**20
@@ -40,6 +43,13 @@ def _glibc():
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: the resident size is what it is
         return None
+
+
+def return_freed_memory_at_once() -> None:
+    """From now on glibc hands every freed buffer above 128 KiB back to the system at once: a
+    worker calls this before building its step, so the step's inputs and weights do not sit
+    among freed memory that glibc keeps (on CPU; glibc only)."""
+    _set_mmap_threshold(MEMORY_RUN_MMAP_THRESHOLD, trim=True)
 
 
 def _set_mmap_threshold(threshold: int, trim: bool) -> None:
@@ -62,7 +72,7 @@ def measure(
     warmup: bool = True,
     after_run: Callable[[], float] | None = None,
 ) -> dict:
-    """Run ``step`` once for peak memory (which also warms up), then ``repeats`` times for time.
+    """Run ``step`` once to warm up, once for peak memory, then ``repeats`` times for time.
     ``warmup=False`` (a step long enough to time cold): one run, timed, its memory measured
     with the allocator as it is. ``after_run`` (a matmul rate, say) is called right after each
     timed run, untimed, so that each run is paired with what the machine did next to it.
@@ -75,7 +85,9 @@ def measure(
         peak, seconds = _peak_run(step, device)
         result = {"peak_mib": peak / MIB, "times_s": [seconds], "time_s": seconds}
         return result if after_run is None else {**result, "after_runs": [after_run()]}
+    step()
     if device.type == "cpu":
+        empty_cpu_caching_allocator_cache()
         _set_mmap_threshold(MEMORY_RUN_MMAP_THRESHOLD, trim=True)
     peak, _ = _peak_run(step, device)
     if device.type == "cpu":

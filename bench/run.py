@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from cases import CASES, SCALES  # noqa: E402
-from measure import matmul_tflops, measure, probe_fits  # noqa: E402
+from measure import matmul_tflops, measure, probe_fits, return_freed_memory_at_once  # noqa: E402
 
 from quietstar.ops.cpu_caching_allocator import enable_cpu_caching_allocator  # noqa: E402
 
@@ -49,8 +49,13 @@ def run_worker(spec: dict) -> dict:
     case = CASES[spec["case"]]
     allocator = {}
     if device.type == "cpu" and getattr(case, "CPU_CACHING_ALLOCATOR", False):
-        allocator["cpu_caching_allocator"] = enable_cpu_caching_allocator()
+        allocator["cpu_caching_allocator"] = spec.get("cpu_caching_allocator", True) and enable_cpu_caching_allocator()
+    warmup = not getattr(case, "COLD_START", False)
+    if device.type == "cpu" and warmup and "budget_gib" not in spec:  # measure() restores glibc's threshold for the timed runs
+        return_freed_memory_at_once()
     step, info = case.build(spec["variant"], spec["size"], device)
+    if allocator.get("cpu_caching_allocator") is False and spec.get("cpu_caching_allocator") is False:
+        info = {**info, "note": "; ".join(filter(None, [info.get("note"), "no CPU caching allocator"]))}
     if "budget_gib" in spec:
         return probe_fits(step, device, int(spec["budget_gib"] * 2**30))
     rate = None
@@ -58,7 +63,7 @@ def run_worker(spec: dict) -> dict:
         dtype, shapes = case.matmul_shapes(spec["size"], device)
         product_dtype = matmul_dtype(case, spec["variant"], dtype)
         rate = functools.partial(matmul_tflops, device, product_dtype, shapes)
-    measured = measure(step, device, spec["repeats"], warmup=not getattr(case, "COLD_START", False), after_run=rate)
+    measured = measure(step, device, spec["repeats"], warmup=warmup, after_run=rate)
     record = {**info, **allocator, **measured}
     if rate is not None:
         record["matmul_tflops_runs"] = record.pop("after_runs")
@@ -90,15 +95,18 @@ def spawn_worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def probe(name: str, variant: str, size: dict, device: str, budget_gib: float) -> dict:
+def probe(name: str, variant: str, size: dict, device: str, budget_gib: float, cpu_caching_allocator: bool = True) -> dict:
     """Whether one step of ``variant`` at ``size`` fits in ``budget_gib``; a worker that dies
     (out of memory) does not fit."""
-    spec = {"case": name, "variant": variant, "size": size, "device": device, "budget_gib": budget_gib}
+    spec = {"case": name, "variant": variant, "size": size, "device": device, "budget_gib": budget_gib,
+            "cpu_caching_allocator": cpu_caching_allocator}
     record = spawn_worker(spec)
     return record if "fits" in record else {"fits": False, "peak_gib": None, "error": record.get("error")}
 
 
-def longest_length(name: str, variant: str, size: dict, device: str, budget_gib: float, start: int, limit: int) -> dict:
+def longest_length(
+    name: str, variant: str, size: dict, device: str, budget_gib: float, start: int, limit: int, cpu_caching_allocator: bool = True
+) -> dict:
     """The longest sequence length whose training step fits in the budget: doubling from
     ``start``, then bisection to 1/8 of the last length that fitted. Lengths above ``limit``
     are not tried; ``longest`` is 0 when ``start`` does not fit."""
@@ -106,7 +114,7 @@ def longest_length(name: str, variant: str, size: dict, device: str, budget_gib:
     tried = {}
 
     def fits(length: int) -> bool:
-        tried[length] = probe(name, variant, {**size, key: length}, device, budget_gib)
+        tried[length] = probe(name, variant, {**size, key: length}, device, budget_gib, cpu_caching_allocator)
         print(f"  {variant} L={length}: {tried[length]}", flush=True)
         return tried[length]["fits"]
 
@@ -254,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--quick", action="store_const", const="quick", dest="scale", help="tiny sizes: a smoke run in about two minutes")
     scale.add_argument("--full", action="store_const", const="full", dest="scale", help="the target sizes in full (the default cuts some down)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up and memory runs")
+    parser.add_argument("--no-cpu-caching-allocator", dest="cpu_caching_allocator", action="store_false",
+                        help="run the training step's CPU workers without the caching allocator that quietstar train turns on "
+                        "(memory then counts no cache of freed blocks)")
     parser.add_argument(
         "--json", type=Path, help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE)} or, with --max-length, {MAX_LENGTH_JSON.relative_to(HERE)}); a .md table is written beside it"
     )
@@ -297,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                     record["skipped"] = reason
                 else:
                     spec = {"case": name, "variant": variant, "size": size, "device": args.device, "repeats": args.repeats,
-                            "matmul_rate": measures_matmul_rate(case, variant, device, args.scale or "default")}
+                            "matmul_rate": measures_matmul_rate(case, variant, device, args.scale or "default"),
+                            "cpu_caching_allocator": args.cpu_caching_allocator}
                     record.update(spawn_worker(spec))
                     if "time_s" in record:
                         record["useful_flops"] = case.useful_flops(size, variant, device)
@@ -329,7 +341,9 @@ def report_max_length(args, device: torch.device) -> int:
         size = max_length_size(case, device, args.scale)
         sizes[name] = {**size, case.LENGTH_KEY: "varied"}
         for variant in selected(case.LENGTH_VARIANTS, args.variant):
-            search = longest_length(name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit)
+            search = longest_length(
+                name, variant, size, args.device, args.memory_gib, args.start_length, args.length_limit, args.cpu_caching_allocator
+            )
             results.append({"case": name, **search})
     lines = ["| case | variant | longest L | first L that failed | peak at longest (GiB) |", "| --- | --- | --- | --- | --- |"]
     for r in results:

@@ -38,10 +38,13 @@ def test_case_runs_at_quick_size_and_reports_time_and_memory(name, variant):
 
 
 @requires_native
-def test_training_step_workers_run_with_the_cpu_caching_allocator_as_the_trainer_does():
+@pytest.mark.parametrize("allocator", [True, False], ids=["as-the-trainer-does", "no-cpu-caching-allocator"])
+def test_training_step_workers_run_with_the_cpu_caching_allocator_unless_told_not_to(allocator):
     size = CASES["training_step"].sizes(CPU, "quick")[0]
-    record = spawn_worker({"case": "training_step", "variant": "quietstar", "size": size, "device": "cpu", "repeats": 1})
-    assert record.get("cpu_caching_allocator") is True, record
+    spec = {"case": "training_step", "variant": "quietstar", "size": size, "device": "cpu", "repeats": 1}
+    record = spawn_worker(spec if allocator else {**spec, "cpu_caching_allocator": False})
+    assert record.get("cpu_caching_allocator") is allocator, record
+    assert ("no CPU caching allocator" in record.get("note", "")) is not allocator
     assert record["time_s"] > 0
 
 
@@ -92,12 +95,24 @@ def test_a_record_with_a_rate_after_each_run_takes_the_median_of_the_runs_fracti
     assert record["matmul_fraction"] == pytest.approx(1.0)
 
 
-def test_measure_calls_after_run_once_after_each_timed_run_and_not_after_the_memory_run():
+def test_measure_calls_after_run_once_after_each_timed_run_and_not_after_the_warm_up_or_memory_run():
     calls = []
     record = measure(lambda: calls.append("step"), CPU, repeats=3, after_run=lambda: calls.append("rate") or len(calls))
-    assert calls == ["step"] + ["step", "rate"] * 3
-    assert record["after_runs"] == [3, 5, 7] and len(record["times_s"]) == 3
+    assert calls == ["step", "step"] + ["step", "rate"] * 3
+    assert record["after_runs"] == [4, 6, 8] and len(record["times_s"]) == 3
     assert "after_runs" not in measure(lambda: None, CPU, repeats=2)
+
+
+def test_peak_memory_is_a_step_after_a_warm_up_without_what_the_first_step_keeps():
+    kept = []
+
+    def step():
+        if not kept:
+            kept.append(torch.ones(16 * 2**20))  # 64 MiB that only the first step sets up, and keeps
+        torch.ones(4 * 2**20).sum()  # 16 MiB every step
+
+    peak = measure(step, CPU, repeats=1)["peak_mib"]
+    assert 12 <= peak < 40, peak
 
 
 def test_max_length_probes_the_whole_model_unless_a_scale_is_asked_for():
