@@ -6,9 +6,10 @@ before the step; on CPU the process's peak resident set size (``VmHWM``, reset t
 ``/proc/self/clear_refs``) above its resident size before the step. Up to that run glibc hands
 every freed buffer above 128 KiB back at once (``mallopt``, set by ``bench/run.py``'s worker
 before it builds anything; ``measure`` trims what glibc holds and empties the CPU caching
-allocator's cache before the run), so the resident size is the live data; the timed runs that
-follow use the allocator as a user's process would (returning buffers at once slows an
-allocation-heavy CPU step by up to 1.5x).
+allocator's cache before the run), so the reading is the step's live data plus, with the
+caching allocator, the freed blocks its cache holds at the peak. The timed runs that follow
+set glibc's threshold to 32 MiB, the ceiling its own adjustment reaches (returning buffers at
+once slows an allocation-heavy CPU step by up to 1.5x).
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def run_worker(spec: dict) -> dict:
     if device.type == "cpu" and getattr(case, "CPU_CACHING_ALLOCATOR", False):
         allocator["cpu_caching_allocator"] = spec.get("cpu_caching_allocator", True) and enable_cpu_caching_allocator()
     warmup = not getattr(case, "COLD_START", False)
-    if device.type == "cpu" and warmup and "budget_gib" not in spec:  # measure() restores glibc's threshold for the timed runs
+    # For measure()'s memory run (it restores glibc's threshold for the timed runs); --max-length
+    # probes and a cold case, timed in the run they are measured in, keep glibc's defaults.
+    if device.type == "cpu" and warmup and "budget_gib" not in spec:
         return_freed_memory_at_once()
     step, info = case.build(spec["variant"], spec["size"], device)
     if allocator.get("cpu_caching_allocator") is False and spec.get("cpu_caching_allocator") is False:
@@ -353,8 +355,8 @@ def report_max_length(args, device: torch.device) -> int:
         peak = r["probes"][r["longest"]]["peak_gib"] if r["longest"] else None
         lines.append(f"| {r['case']} | {r['variant']} | {r['longest']} | {failed} | {peak:.2f} |" if peak else f"| {r['case']} | {r['variant']} | none | {failed} | - |")
     env = environment(device)
-    report = {"environment": env, "memory_gib": args.memory_gib, "max_length": results}
-    title = f"bench/run.py --max-length (budget {args.memory_gib} GiB)"
+    report = {"environment": env, "memory_gib": args.memory_gib, "cpu_caching_allocator": args.cpu_caching_allocator, "max_length": results}
+    title = f"bench/run.py --max-length (budget {args.memory_gib} GiB{'' if args.cpu_caching_allocator else ', no CPU caching allocator'})"
     write_report(args.json or MAX_LENGTH_JSON, report, format_report(title, env, sizes, "\n".join(lines), rates=False))
     return 0
 

@@ -115,6 +115,18 @@ def test_peak_memory_is_a_step_after_a_warm_up_without_what_the_first_step_keeps
     assert 12 <= peak < 40, peak
 
 
+@requires_native
+def test_peak_memory_counts_the_blocks_the_caching_allocator_gives_the_step():
+    """Its cache is emptied before the memory run, so a step's 16 MiB counts although the
+    warm-up left a block of that size cached."""
+    from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
+
+    with cpu_caching_allocator() as enabled:
+        assert enabled
+        peak = measure(lambda: torch.ones(4 * 2**20).sum(), CPU, repeats=1)["peak_mib"]
+    assert 12 <= peak < 40, peak
+
+
 def test_max_length_probes_the_whole_model_unless_a_scale_is_asked_for():
     step = CASES["training_step"]
     layers = {scale: max_length_size(step, CPU, scale)["layers"] for scale in (None, "full", "default", "quick")}

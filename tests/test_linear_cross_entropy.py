@@ -4,6 +4,7 @@ and the reference against a plain float64 formula of SPEC sections 2 and 3."""
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 import pytest
 import torch
@@ -178,17 +179,42 @@ def test_torch_backend_passes_cpu_scratch_between_calls_only_inside_reusing_scra
     weight = kwargs["lm_weight"]
     with torch_backend.reusing_scratch():
         assert_matches_reference("torch", kwargs, temperature=temperature)
-        scratch = torch_backend._WORKSPACES[weight]
+        scratch = torch_backend._open_workspaces()[weight]
         assert {"scores"} <= set(scratch) and ("weight" in scratch) == fast_bf16
+        address = scratch["scores"].data_ptr()
         weight.data.mul_(-0.5)
         assert_matches_reference("torch", kwargs, temperature=temperature)
-        assert torch_backend._WORKSPACES[weight] is scratch
+        assert torch_backend._open_workspaces()[weight] is scratch and scratch["scores"].data_ptr() == address
         scores = weakref.ref(scratch["scores"])
         del scratch
     gc.collect()
-    assert scores() is None and weight not in torch_backend._WORKSPACES
+    assert scores() is None and torch_backend._open_workspaces() is None
     assert_matches_reference("torch", kwargs, temperature=temperature)
-    assert weight not in torch_backend._WORKSPACES
+    assert torch_backend._open_workspaces() is None
+
+
+def test_reusing_scratch_frees_only_when_the_outermost_block_ends_even_on_an_error():
+    with torch_backend.reusing_scratch():
+        outer = torch_backend._open_workspaces()
+        with torch_backend.reusing_scratch():
+            assert torch_backend._open_workspaces() is outer
+        assert torch_backend._open_workspaces() is outer  # an inner block's end keeps it
+        with pytest.raises(RuntimeError), torch_backend.reusing_scratch():
+            raise RuntimeError("a failed call")
+        assert torch_backend._open_workspaces() is outer
+    assert torch_backend._open_workspaces() is None
+    with pytest.raises(RuntimeError), torch_backend.reusing_scratch():
+        raise RuntimeError("a failed call")
+    assert torch_backend._open_workspaces() is None
+
+
+def test_reusing_scratch_is_per_thread():
+    seen = []
+    with torch_backend.reusing_scratch():
+        thread = threading.Thread(target=lambda: seen.append(torch_backend._open_workspaces()))
+        thread.start()
+        thread.join()
+    assert seen == [None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

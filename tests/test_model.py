@@ -155,24 +155,31 @@ def test_sampling_is_reproducible_with_a_generator():
     assert torch.equal(first, second)
 
 
-def test_a_steps_head_calls_share_their_cpu_scratch_and_leave_none_behind(monkeypatch):
-    """The step's three head calls (base, talk, policy) pass one CPU scratch along, and none
-    is held once the step is done: between steps the caching allocator reuses freed blocks."""
+# Whether each head call of a step found scratch left by the one before: the forward's three
+# (base, talk, policy), then with mix="logprobs" the unweighted form's two backward calls,
+# which run after ``losses`` has returned.
+SCRATCH_FOUND = {"hidden": [False, True, True], "logprobs": [False, True, True, False, False]}
+
+
+@pytest.mark.parametrize("mix", list(SCRATCH_FOUND))
+def test_a_steps_head_calls_share_their_cpu_scratch_and_leave_none_behind(mix, monkeypatch):
+    """The forward's head calls pass one CPU scratch along, and none is held once the step is
+    done: between steps the caching allocator reuses freed blocks."""
     import quietstar.ops.linear_cross_entropy_torch as torch_backend
 
     found = []
     init = torch_backend._Scores.__init__
 
     def spy(self, hidden, lm_weight, *args):
-        found.append(lm_weight in torch_backend._WORKSPACES)
+        found.append(lm_weight in (torch_backend._open_workspaces() or {}))
         init(self, hidden, lm_weight, *args)
 
     monkeypatch.setattr(torch_backend._Scores, "__init__", spy)
-    qs = make_model(n_thoughts=1)
+    qs = make_model(n_thoughts=1, mix=mix)
     ids, mask = batch()
     qs(ids, mask, generator=torch.Generator().manual_seed(0)).loss.backward()
-    assert found == [False, True, True]
-    assert len(torch_backend._WORKSPACES) == 0
+    assert found == SCRATCH_FOUND[mix]
+    assert torch_backend._open_workspaces() is None
 
 
 def test_training_step_lowers_the_loss_on_a_repeated_batch():

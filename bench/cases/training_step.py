@@ -13,7 +13,8 @@ bfloat16 autocast, float32 master weights: fast where the CPU multiplies bfloat1
 on CUDA, whose models are bfloat16, also ``quietstar+sampling-fp32`` (the same step of the
 float32 model without autocast: bfloat16 autocast's speed-up over float32 there, side by side).
 On CPU every variant's worker process runs with quietstar's CPU caching allocator, as
-``quietstar train`` does (``CPU_CACHING_ALLOCATOR``; where the native extension is built).
+``quietstar train`` does (``CPU_CACHING_ALLOCATOR``; where the native extension is built),
+unless ``bench/run.py`` is given ``--no-cpu-caching-allocator``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 LENGTH_KEY = "length"  # what --max-length varies
-CPU_CACHING_ALLOCATOR = True  # bench/run.py's CPU workers enable quietstar.ops.cpu_caching_allocator
+CPU_CACHING_ALLOCATOR = True  # bench/run.py's CPU workers enable quietstar.ops.cpu_caching_allocator (unless told not to)
 LENGTH_VARIANTS = ["reference", "quietstar"]
 MODELS = {
     "smollm2-135m": dict(

@@ -15,8 +15,8 @@ at most ``CHUNK_BYTES`` of scores; with half-precision products, half that again
 another dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page
 fault per 4 KiB there (glibc maps them anew for each allocation and unmaps them when freed).
 When the outermost block ends the scratch is freed, so nothing is held between a model's
-calls; across them the CPU caching allocator (``quietstar.ops.cpu_caching_allocator``) reuses
-the freed blocks.
+calls; across them the CPU caching allocator (``quietstar.ops.cpu_caching_allocator``), where
+it is on (``quietstar train`` turns it on), hands the freed blocks back without page faults.
 """
 
 from __future__ import annotations
@@ -50,29 +50,32 @@ CHUNK_ROW_MULTIPLE = 64
 # Rows of a float32 gradient updated at a time from a half-precision product: the promoted
 # copy of each block stays small enough for the allocator to reuse.
 ACCUMULATE_BLOCK_BYTES = 8 * 2**20
-# CPU scratch per lm_weight while a ``reusing_scratch`` block is open: {name: flat tensor}. A
-# call takes its weight's entry out and puts it back when done, so concurrent calls never share one.
-_WORKSPACES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_open_blocks = 0  # ``reusing_scratch`` blocks open, in any thread
-_blocks_lock = threading.Lock()
+# Per thread: while a ``reusing_scratch`` block is open, its CPU scratch per lm_weight
+# ({weight: {name: flat tensor}}); a call takes its weight's entry out and puts it back when done.
+_THREAD = threading.local()
+
+
+def _open_workspaces() -> WeakIdKeyDictionary | None:
+    """This thread's scratch per weight while a ``reusing_scratch`` block is open, else None."""
+    return getattr(_THREAD, "workspaces", None)
 
 
 @contextlib.contextmanager
 def reusing_scratch() -> Iterator[None]:
     """Inside the block, the CPU scratch of a call (``[V, c]`` scores and, for half-precision
-    products, the weight's cast) passes to the next call with the same weight instead of being
-    allocated again; it is freed when the outermost open block ends. Outside any block, each
-    call frees its own. ``QuietStarModel.losses`` runs its head calls in one block."""
-    global _open_blocks
-    with _blocks_lock:
-        _open_blocks += 1
+    products, the weight's cast) passes to the next call with the same weight in the same
+    thread instead of being allocated again; it is freed when the thread's outermost block
+    ends. Outside any block, each call frees its own. ``QuietStarModel.losses`` runs its head
+    calls in one block (with ``mix="logprobs"`` the unweighted form's backward runs after it,
+    outside)."""
+    outermost = _open_workspaces() is None
+    if outermost:
+        _THREAD.workspaces = WeakIdKeyDictionary()
     try:
         yield
     finally:
-        with _blocks_lock:
-            _open_blocks -= 1
-            if _open_blocks == 0:
-                _WORKSPACES.clear()
+        if outermost:
+            _THREAD.workspaces = None
 
 
 def _chunks(rows: int, vocab: int, itemsize: int) -> Iterator[slice]:
@@ -107,11 +110,11 @@ class _Scores:
         self.offset = None if offset is None else offset[:, None]
         # Scratch reused from chunk to chunk and, on CPU inside ``reusing_scratch``, from call to
         # call (the module's docstring says why); handed back when the ``with`` block ends.
-        self._owner = lm_weight if hidden.device.type == "cpu" else None
+        self._owner = lm_weight
+        self._workspaces = _open_workspaces() if hidden.device.type == "cpu" else None
         self._scratch: dict[str, torch.Tensor] = {}
-        if self._owner is not None:
-            with _blocks_lock:
-                self._scratch = _WORKSPACES.pop(self._owner, None) or {}
+        if self._workspaces is not None:
+            self._scratch = self._workspaces.pop(lm_weight, None) or {}
         self.weight = lm_weight
         if self.product_dtype != lm_weight.dtype:
             self.weight = self._flat("weight", lm_weight.numel(), self.product_dtype).view(lm_weight.shape).copy_(lm_weight)
@@ -121,9 +124,8 @@ class _Scores:
 
     def __exit__(self, *exc) -> None:
         """Hand the scratch back for the weight's next call inside a ``reusing_scratch`` block (CPU)."""
-        with _blocks_lock:
-            if self._owner is not None and _open_blocks > 0:
-                _WORKSPACES[self._owner] = self._scratch
+        if self._workspaces is not None:
+            self._workspaces[self._owner] = self._scratch
 
     def _flat(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``numel`` elements of scratch ``name`` (grown when too small)."""
