@@ -189,8 +189,17 @@ def test_torch_backend_passes_cpu_scratch_between_calls_only_inside_reusing_scra
         del scratch
     gc.collect()
     assert scores() is None and torch_backend._open_workspaces() is None
+    left = []  # each call's scores scratch, weakly, as it hands it back
+    exit_ = torch_backend._Scores.__exit__
+
+    def spy(self, *exc):
+        left.append(weakref.ref(self._scratch["scores"]))
+        exit_(self, *exc)
+
+    monkeypatch.setattr(torch_backend._Scores, "__exit__", spy)
     assert_matches_reference("torch", kwargs, temperature=temperature)
-    assert torch_backend._open_workspaces() is None
+    gc.collect()
+    assert left and all(ref() is None for ref in left)
 
 
 def test_reusing_scratch_frees_only_when_the_outermost_block_ends_even_on_an_error():
