@@ -116,6 +116,30 @@ def test_non_finite_logits_still_give_token_ids():
     assert draws.shape == (4,) and bool(((draws >= 0) & (draws < 300)).all())
 
 
+def test_a_draw_leaves_its_logits_unless_told_to_overwrite_them():
+    logits = torch.randn(600, 5)
+    before = logits.clone()
+    kept = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(logits, before)
+    overwritten = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(0), overwrite=True)
+    assert torch.equal(kept, overwritten)
+    torch.testing.assert_close(logits, (before - before.amax(0)).exp())  # the weights took their place
+
+
+def test_draws_agree_between_the_native_and_pytorch_softmax(monkeypatch):
+    import quietstar.ops.head_softmax as head_softmax
+    from quietstar.ops.native import native_available, native_unavailable
+
+    if not native_available():
+        pytest.skip(f"native kernels: {native_unavailable()}")
+    logits = 3 * torch.randn(2 * CDF_BLOCK + 77, 4000, generator=torch.Generator().manual_seed(0))
+    native = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(head_softmax, "_native_takes", lambda scores: False)
+    pytorch = draw_by_inverse_cdf(logits, torch.Generator().manual_seed(1))
+    # The same uniform numbers against block sums that differ in float32 rounding only.
+    assert (native == pytorch).double().mean() >= 0.999
+
+
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
 def test_vocabulary_major_logits_multiply_through_onednn_in_float32(monkeypatch):
     calls = count_onednn_products(monkeypatch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from quietstar.ops.head_softmax import exp_block_sums_
 from quietstar.ops.onednn_linear import onednn_linear
 
 # Float32 logits scored at a time on the CPU: 64 MiB, whatever the vocabulary (rows = this // V).
@@ -55,23 +56,22 @@ def head_logits(
     return logits
 
 
-def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_by_inverse_cdf(
+    logits: torch.Tensor, generator: torch.Generator | None = None, *, overwrite: bool = False
+) -> torch.Tensor:
     """One sample per column of ``logits [V, N]`` from ``softmax`` over ``V``: ``[N]`` int64.
 
     Inverse-CDF sampling with one uniform number per column (Gumbel-max needs ``V``): the
-    weights ``exp(logit - max)`` are summed in float32 within blocks of ``CDF_BLOCK`` entries,
-    the block sums run in float64 to pick the block, and only the picked block's running sum
-    is taken to pick the entry; so a token's share is resolved to float32 precision of its
-    block's sum, not of the whole vocabulary's. An entry of weight 0 (a masked id) is never
-    drawn: the draw is clamped below its block's and the column's total.
+    weights ``exp(logit - max)`` are summed in float32 within blocks of ``CDF_BLOCK`` entries
+    (``exp_block_sums_``), the block sums run in float64 to pick the block, and only the picked
+    block's running sum is taken to pick the entry; so a token's share is resolved to float32
+    precision of its block's sum, not of the whole vocabulary's. An entry of weight 0 (a masked
+    id) is never drawn: the draw is clamped below its block's and the column's total. With
+    ``overwrite``, the weights take the place of ``logits`` (no copy).
     """
     vocab, columns = logits.shape
-    weights = (logits - logits.amax(0)).exp_()
-    pad = (-vocab) % CDF_BLOCK
-    if pad:
-        weights = torch.cat([weights, weights.new_zeros(pad, columns)])
-    blocks = weights.view(-1, CDF_BLOCK, columns)  # [blocks, CDF_BLOCK, N]
-    block_cdf = blocks.sum(1).double().cumsum(0).t().contiguous()  # [N, blocks]
+    weights = logits if overwrite else logits.clone()
+    block_cdf = exp_block_sums_(weights, CDF_BLOCK).double().cumsum(0).t().contiguous()  # [N, blocks]
     total = block_cdf[:, -1:]
     zero = total.new_zeros(())
     target = torch.rand(columns, 1, generator=generator, dtype=torch.float64, device=logits.device) * total
@@ -79,7 +79,9 @@ def draw_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None 
     # The first block whose running sum exceeds the target (clamped, for non-finite logits).
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), zero)
-    inside = blocks[block[:, 0], :, torch.arange(columns, device=logits.device)].cumsum(1)  # [N, CDF_BLOCK]
+    entries = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=logits.device)  # [N, CDF_BLOCK]
+    inside = weights.gather(0, entries.clamp(max=vocab - 1).t()).t()  # the picked block's weights
+    inside = inside.masked_fill_(entries >= vocab, 0.0).cumsum(1)  # past the vocabulary: weight 0
     rest = (target - before).to(inside.dtype)
     rest = torch.minimum(rest, inside[:, -1:].nextafter(inside.new_zeros(()))).clamp_(min=0)
     offset = torch.searchsorted(inside, rest, right=True).clamp_(max=CDF_BLOCK - 1)
@@ -128,5 +130,7 @@ def sample_tokens(
         rows = flat[start : start + chunk]
         into = None if logits_out is None else logits_out[:, start : start + chunk]
         logits = head_logits(rows, lm_weight, lm_bias, masked_vocab, temperature, vocab_major=True, out=into)
-        out[start : start + chunk] = logits.argmax(0) if greedy else draw_by_inverse_cdf(logits, generator)
+        # The logits are ours to overwrite unless they are what was written into logits_out.
+        draw = logits.argmax(0) if greedy else draw_by_inverse_cdf(logits, generator, overwrite=logits is not into)
+        out[start : start + chunk] = draw
     return out.view(hidden.shape[:-1])

@@ -1,5 +1,6 @@
 """``linear_cross_entropy`` composed from PyTorch ops: the CPU fast path (and, on CUDA, the
-choice for what the kernels do not cover).
+choice for what the kernels do not cover). Each chunk's softmax over the vocabulary runs
+through ``quietstar.ops.head_softmax`` (one native kernel on float32 CPU scores).
 
 Rows are processed in chunks whose float32 scores fit a fixed memory budget, so the ``N x V``
 logits never exist. The forward keeps one log-sum-exp per row; the backward recomputes each
@@ -29,6 +30,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul
+from quietstar.ops.head_softmax import column_logsumexp, softmax_gradient_
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     compute_dtype,
@@ -199,8 +201,7 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
             for chunk in scorer.chunks():
                 z = scorer.scores(scorer.mixed(chunk), buffer)
                 picked = z.gather(0, picked_ids[None, chunk])[0]
-                top = z.amax(0, keepdim=True)
-                chunk_lse = z.sub_(top).exp_().sum(0).log_().add_(top[0])
+                chunk_lse = column_logsumexp(z)
                 lse[chunk] = chunk_lse
                 nll[chunk] = chunk_lse - picked
             nll.masked_fill_(targets == ignore_index, 0.0)
@@ -270,16 +271,12 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
                 h = scorer.mixed(chunk)
                 z = scorer.scores(h, buffer) if scores is None else scores[:, chunk]
                 picked = z.gather(0, picked_ids[None, chunk])[0]
-                top = z.amax(0, keepdim=True)
-                probs = z.sub_(top).exp_()
-                total = probs.sum(0)
-                nll[chunk] = total.log() + top[0] - picked
                 if not train:
+                    nll[chunk] = column_logsumexp(z) - picked
                     continue
                 # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
-                chunk_scale = scale[None, chunk]
-                probs.mul_(chunk_scale / total)
-                probs[picked_ids[chunk], torch.arange(probs.shape[1], device=device)] -= chunk_scale[0]
+                nll[chunk] = softmax_gradient_(z, picked_ids[chunk], scale[chunk]) - picked
+                probs = z
                 d_probs = scorer.as_product(probs)
                 if grad_h is not None:
                     scorer.product(d_probs.T, scorer.weight, grad_h[chunk])

@@ -80,6 +80,18 @@ def _register_fakes() -> None:
         batch, length, heads, dim = x.shape
         return x.new_empty((batch, heads, length, dim), dtype=torch.float32)
 
+    @torch.library.register_fake("quietstar::head_logsumexp")
+    def _head_logsumexp(scores):
+        return scores.new_empty(scores.shape[1])
+
+    @torch.library.register_fake("quietstar::head_softmax_gradient_")
+    def _head_softmax_gradient(scores, targets, scale):
+        return scores.new_empty(scores.shape[1])  # the log-sum-exps; the scores change in place
+
+    @torch.library.register_fake("quietstar::head_exp_block_sums_")
+    def _head_exp_block_sums(scores, block):
+        return scores.new_empty((-(-scores.shape[0] // block), scores.shape[1]))  # the scores change in place
+
     @torch.library.register_fake("quietstar::rotary_embedding_backward")
     def _rotary_backward(grad, cos, sin, x_dtype):
         batch, heads, length, dim = grad.shape

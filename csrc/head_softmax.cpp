@@ -1,0 +1,222 @@
+// The lm_head's softmax over the vocabulary, for scores stored vocabulary-major ([V, C]: one
+// column per scored row, as linear_cross_entropy's CPU path and the thought sampler keep them).
+// PyTorch runs the softmax of such a chunk as four or five ops (column maxima, subtract, exp,
+// column sums, scale), each a pass over V * C values, which at V = 49,152 do not fit any cache.
+// Here each task takes 16 columns (one vector) down the whole vocabulary: the first pass reads
+// them from memory, the later ones find them in the last-level cache (16 columns of 49,152
+// floats are 3 MB), and exp is a vector polynomial (vexp).
+//
+// float32 scores, unit column stride, any row stride; results float32.
+// * head_logsumexp(scores) -> lse [C]: log(sum_v exp(scores[v, c])); scores unchanged.
+// * head_softmax_gradient_(scores, targets, scale) -> lse [C], and in place
+//   scores[v, c] = scale[c] * (softmax(scores[:, c])[v] - (v == targets[c])): the gradient of
+//   sum_c scale[c] * (lse[c] - scores[targets[c], c]) with respect to the scores.
+// * head_exp_block_sums_(scores, block) -> sums [ceil(V / block), C], and in place
+//   scores[v, c] = exp(scores[v, c] - max_v scores[v, c]); sums[b, c] the sum of block b's
+//   entries of column c (the thought sampler's inverse CDF).
+// A column of -inf scores, or one with +inf or NaN, gives NaN (its sum is NaN), as PyTorch's ops do.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "vector_math.h"
+
+#if !defined(__GNUC__)
+#error "quietstar's native kernels need GCC or Clang vector extensions"
+#endif
+
+namespace quietstar {
+namespace {
+
+// Rows a pass handles per step with independent accumulators (the max and sum chains' latency).
+constexpr int64_t kUnroll = 4;  // the reductions below combine exactly four
+// Rows whose exponentials are summed in float32 before their sum joins a float64 total.
+constexpr int64_t kSumBlock = 64;
+
+struct Columns {
+  float* scores;
+  int64_t vocab, stride;  // rows and the row stride, in floats
+  int64_t first, count;   // this task's columns: [first, first + count), count <= kLanes
+};
+
+QUIETSTAR_INLINE Floats load_columns(const Columns& c, int64_t v) {
+  const float* p = c.scores + v * c.stride + c.first;
+  return c.count == kLanes ? load(p) : load_first(p, c.count);
+}
+
+QUIETSTAR_INLINE void store_columns(const Columns& c, int64_t v, Floats x) {
+  float* p = c.scores + v * c.stride + c.first;
+  if (c.count == kLanes) {
+    store(p, x);
+  } else {
+    store_first(p, x, c.count);
+  }
+}
+
+QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
+
+// Column maxima. A NaN score may be skipped here: the exp pass turns it into a NaN sum.
+QUIETSTAR_INLINE Floats column_max(const Columns& c) {
+  Floats m[kUnroll];
+  for (auto& x : m) x = splat(-INFINITY);
+  int64_t v = 0;
+  for (; v + kUnroll <= c.vocab; v += kUnroll) {
+    for (int64_t u = 0; u < kUnroll; ++u) m[u] = max_of(m[u], load_columns(c, v + u));
+  }
+  for (; v < c.vocab; ++v) m[0] = max_of(m[0], load_columns(c, v));
+  return max_of(max_of(m[0], m[1]), max_of(m[2], m[3]));
+}
+
+// Sum over v of exp(scores[v] - top), with the exponentials written back when `store`.
+template <bool kStore>
+QUIETSTAR_INLINE Floats exp_sum(const Columns& c, Floats top, int64_t begin, int64_t end) {
+  Floats s[kUnroll] = {};
+  int64_t v = begin;
+  for (; v + kUnroll <= end; v += kUnroll) {
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      const Floats e = vexp(load_columns(c, v + u) - top);
+      if constexpr (kStore) store_columns(c, v + u, e);
+      s[u] += e;
+    }
+  }
+  for (; v < end; ++v) {
+    const Floats e = vexp(load_columns(c, v) - top);
+    if constexpr (kStore) store_columns(c, v, e);
+    s[0] += e;
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// exp_sum over all rows: float32 sums of kSumBlock rows, added up in float64 (one float32 sum
+// over 49,152 rows would lose about 1e-5 of it; PyTorch's sums are pairwise).
+template <bool kStore>
+QUIETSTAR_INLINE Floats exp_total(const Columns& c, Floats top) {
+  using Doubles = Vector<double, kLanes / 2>;
+  Doubles low = {}, high = {};
+  for (int64_t v = 0; v < c.vocab; v += kSumBlock) {
+    const Floats s = exp_sum<kStore>(c, top, v, std::min(c.vocab, v + kSumBlock));
+    Vector<float, kLanes / 2> half;
+    std::memcpy(&half, &s, sizeof(half));
+    low += __builtin_convertvector(half, Doubles);
+    std::memcpy(&half, reinterpret_cast<const char*>(&s) + sizeof(half), sizeof(half));
+    high += __builtin_convertvector(half, Doubles);
+  }
+  const Vector<float, kLanes / 2> low_f = __builtin_convertvector(low, Vector<float, kLanes / 2>),
+                                  high_f = __builtin_convertvector(high, Vector<float, kLanes / 2>);
+  Floats total;
+  std::memcpy(&total, &low_f, sizeof(low_f));
+  std::memcpy(reinterpret_cast<char*>(&total) + sizeof(low_f), &high_f, sizeof(high_f));
+  return total;
+}
+
+QUIETSTAR_INLINE Floats vlog(Floats x) {
+  float lanes[kLanes];
+  store(lanes, x);
+  for (float& l : lanes) l = std::log(l);
+  return load(lanes);
+}
+
+QUIETSTAR_CLONES void logsumexp_task(Columns c, float* lse) {
+  const Floats top = column_max(c);
+  const Floats lse_c = vlog(exp_total<false>(c, top)) + top;
+  store_first(lse + c.first, lse_c, c.count);
+}
+
+QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, const float* scale, float* lse) {
+  const Floats top = column_max(c);
+  const Floats total = exp_total<true>(c, top);
+  store_first(lse + c.first, vlog(total) + top, c.count);
+  const Floats factor = load_first(scale + c.first, c.count) / total;
+  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, load_columns(c, v) * factor);
+  for (int64_t j = 0; j < c.count; ++j) {
+    c.scores[targets[c.first + j] * c.stride + c.first + j] -= scale[c.first + j];
+  }
+}
+
+QUIETSTAR_CLONES void exp_block_sums_task(Columns c, int64_t block, float* sums, int64_t sums_stride) {
+  const Floats top = column_max(c);
+  for (int64_t b = 0; b * block < c.vocab; ++b) {
+    const Floats s = exp_sum<true>(c, top, b * block, std::min(c.vocab, (b + 1) * block));
+    store_first(sums + b * sums_stride + c.first, s, c.count);
+  }
+}
+
+void check_scores(const at::Tensor& scores, const char* op) {
+  TORCH_CHECK(scores.device().is_cpu(), op, ": scores must be a CPU tensor");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, op, ": scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) > 0, op, ": scores must be [V, C] with V > 0, got ",
+              scores.sizes());
+  TORCH_CHECK(scores.size(1) <= 1 || scores.stride(1) == 1, op, ": scores' columns must be adjacent (stride 1)");
+}
+
+// Runs task(columns) for each group of kLanes columns, in parallel.
+template <typename Task>
+void for_each_column_group(const at::Tensor& scores, const Task& task) {
+  const int64_t columns = scores.size(1), groups = (columns + kLanes - 1) / kLanes;
+  float* data = scores.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kLanes;
+      task(Columns{data, scores.size(0), scores.stride(0), first, std::min(kLanes, columns - first)});
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor head_logsumexp(const at::Tensor& scores) {
+  check_scores(scores, "head_logsumexp");
+  at::Tensor lse = at::empty({scores.size(1)}, scores.options());
+  float* out = lse.data_ptr<float>();
+  for_each_column_group(scores, [&](Columns c) { logsumexp_task(c, out); });
+  return lse;
+}
+
+at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale) {
+  check_scores(scores, "head_softmax_gradient_");
+  const int64_t columns = scores.size(1);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == columns &&
+                  targets.is_contiguous() && targets.device().is_cpu(),
+              "head_softmax_gradient_: targets must be contiguous int64 [C] for scores [V, C]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == columns &&
+                  scale.is_contiguous() && scale.device().is_cpu(),
+              "head_softmax_gradient_: scale must be contiguous float32 [C] for scores [V, C]");
+  if (columns > 0) {
+    const auto [low, high] = at::aminmax(targets);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < scores.size(0),
+                "head_softmax_gradient_: targets must lie in [0, V)");
+  }
+  at::Tensor lse = at::empty({columns}, scores.options());
+  const int64_t* t = targets.data_ptr<int64_t>();
+  const float* s = scale.data_ptr<float>();
+  float* out = lse.data_ptr<float>();
+  for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, out); });
+  return lse;
+}
+
+at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
+  check_scores(scores, "head_exp_block_sums_");
+  TORCH_CHECK(block > 0, "head_exp_block_sums_: block must be > 0, got ", block);
+  const int64_t blocks = (scores.size(0) + block - 1) / block;
+  at::Tensor sums = at::empty({blocks, scores.size(1)}, scores.options());
+  float* out = sums.data_ptr<float>();
+  for_each_column_group(scores, [&](Columns c) { exp_block_sums_task(c, block, out, scores.size(1)); });
+  return sums;
+}
+
+}  // namespace quietstar
+
+TORCH_LIBRARY_FRAGMENT(quietstar, m) {
+  m.def("head_logsumexp(Tensor scores) -> Tensor");
+  m.def("head_softmax_gradient_(Tensor(a!) scores, Tensor targets, Tensor scale) -> Tensor");
+  m.def("head_exp_block_sums_(Tensor(a!) scores, int block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quietstar, CPU, m) {
+  m.impl("head_logsumexp", &quietstar::head_logsumexp);
+  m.impl("head_softmax_gradient_", &quietstar::head_softmax_gradient_);
+  m.impl("head_exp_block_sums_", &quietstar::head_exp_block_sums_);
+}

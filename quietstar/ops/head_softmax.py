@@ -1,0 +1,78 @@
+"""The lm_head's softmax over the vocabulary for scores kept vocabulary-major (``[V, C]``, one
+column per scored row), as ``linear_cross_entropy``'s torch backend and the thought sampler
+keep them.
+
+PyTorch runs such a softmax as four or five ops (column maxima, subtract, exp, column sums,
+scale), each a pass over ``V x C`` values that at a vocabulary of 49,152 fit no cache. Where
+the native kernels are built (``quietstar.ops.native``), float32 CPU scores go through one
+kernel per function instead (``csrc/head_softmax.cpp``): 16 columns at a time down the whole
+vocabulary, so that only the first pass reads memory, and a vector exp. A ``[49152, 320]``
+chunk's softmax gradient took 9.5 ms against 16-18 ms for PyTorch's ops on the 2-core AMD EPYC
+of docs/benchmarks.md. Everything else (other dtypes and devices, ``QUIETSTAR_NO_NATIVE=1``)
+runs the PyTorch ops. Both compute the same float32 mathematics; the native sums are exact to
+float32 rounding (float32 within blocks of 64 rows, float64 across them).
+
+A column whose scores include ``+inf`` or NaN, or are all ``-inf``, gives NaN in either path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quietstar.ops.native import native_available
+
+
+def _native_takes(scores: torch.Tensor) -> bool:
+    """float32 ``[V, C]`` CPU scores with adjacent columns, and the native kernels loaded."""
+    return (
+        scores.device.type == "cpu"
+        and scores.dtype == torch.float32
+        and scores.dim() == 2
+        and scores.shape[0] > 0
+        and (scores.shape[1] <= 1 or scores.stride(1) == 1)
+        and native_available()
+    )
+
+
+def column_logsumexp(scores: torch.Tensor) -> torch.Tensor:
+    """``log(sum_v exp(scores[v, c]))`` per column of ``scores [V, C]``: ``[C]``. ``scores`` is
+    left as it was on the native path and overwritten on PyTorch's (callers must not read it)."""
+    if _native_takes(scores):
+        return torch.ops.quietstar.head_logsumexp(scores)
+    top = scores.amax(0, keepdim=True)
+    return scores.sub_(top).exp_().sum(0).log_().add_(top[0])
+
+
+def softmax_gradient_(scores: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """In place, ``scores [V, C] = scale[c] * (softmax over V - onehot(targets[c]))``, the
+    gradient of ``sum_c scale[c] * nll[c]`` with respect to the scores; returns the columns'
+    log-sum-exps ``[C]`` (of the scores as given).
+
+    Args:
+        scores: ``[V, C]`` in the head's compute dtype (float32, or float64).
+        targets: ``[C]`` int64 ids in ``[0, V)`` (ignored rows pointed anywhere, with scale 0).
+        scale: ``[C]`` in ``scores``' dtype.
+    """
+    if _native_takes(scores):
+        return torch.ops.quietstar.head_softmax_gradient_(scores, targets.contiguous(), scale.contiguous())
+    top = scores.amax(0, keepdim=True)
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(0)
+    probs.mul_(scale / total)
+    probs[targets, torch.arange(probs.shape[1], device=probs.device)] -= scale
+    return total.log_().add_(top[0])
+
+
+def exp_block_sums_(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """In place, ``scores [V, C] = exp(scores - their column maximum)``; returns the sums of each
+    ``block`` consecutive entries of each column, ``[ceil(V / block), C]`` (the last block's
+    missing entries count as 0)."""
+    if _native_takes(scores):
+        return torch.ops.quietstar.head_exp_block_sums_(scores, block)
+    vocab, columns = scores.shape
+    weights = scores.sub_(scores.amax(0, keepdim=True)).exp_()
+    whole = vocab - vocab % block
+    sums = weights[:whole].view(-1, block, columns).sum(1)
+    if whole < vocab:
+        sums = torch.cat([sums, weights[whole:].sum(0, keepdim=True)])
+    return sums

@@ -1,0 +1,115 @@
+"""The lm_head's vocabulary-major softmax (quietstar.ops.head_softmax): the native kernels and
+PyTorch's ops against float64, on full and strided chunks, tails, masked ids and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quietstar.ops.head_softmax as head_softmax
+from quietstar.ops.head_softmax import column_logsumexp, exp_block_sums_, softmax_gradient_
+from quietstar.ops.native import native_available, native_unavailable
+
+NATIVE = pytest.param(
+    "native", marks=pytest.mark.skipif(not native_available(), reason=f"native kernels: {native_unavailable()}")
+)
+
+
+@pytest.fixture(params=[NATIVE, "torch"])
+def path(request, monkeypatch):
+    """Which implementation runs: the native kernels, or PyTorch's ops (native turned off)."""
+    if request.param == "torch":
+        monkeypatch.setattr(head_softmax, "_native_takes", lambda scores: False)
+    return request.param
+
+
+def scores_of(vocab: int, columns: int, strided: bool, seed: int = 0) -> torch.Tensor:
+    """Random ``[V, C]`` float32 scores with a -inf (masked) entry; with ``strided``, the first C
+    columns of a wider buffer, as a chunk of given scores is."""
+    gen = torch.Generator().manual_seed(seed)
+    buffer = 3 * torch.randn(vocab, 2 * columns + 1 if strided else columns, generator=gen)
+    scores = buffer[:, :columns]
+    scores[vocab // 2, 0] = float("-inf")
+    return scores
+
+
+SHAPES = [(49152, 48, False), (1000, 37, False), (300, 16, True), (5, 3, True), (257, 1, False)]
+
+
+@pytest.mark.parametrize("vocab,columns,strided", SHAPES)
+def test_softmax_gradient_matches_float64(path, vocab, columns, strided):
+    scores = scores_of(vocab, columns, strided)
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, vocab, (columns,), generator=gen)
+    scale = torch.rand(columns, generator=gen)
+    scale[-1] = 0.0  # an ignored row
+    exact = scores.double()
+    expected_lse = torch.logsumexp(exact, 0)
+    expected = torch.softmax(exact, 0) * scale.double()
+    expected[targets, torch.arange(columns)] -= scale.double()
+    lse = softmax_gradient_(scores, targets, scale)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=2e-6, rtol=0)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-7, rtol=2e-6)
+
+
+@pytest.mark.parametrize("vocab,columns,strided", SHAPES)
+def test_column_logsumexp_matches_float64(path, vocab, columns, strided):
+    scores = scores_of(vocab, columns, strided)
+    expected = torch.logsumexp(scores.double(), 0)
+    torch.testing.assert_close(column_logsumexp(scores).double(), expected, atol=2e-6, rtol=0)
+
+
+def test_native_logsumexp_leaves_the_scores_as_they_were():
+    if not native_available():
+        pytest.skip(f"native kernels: {native_unavailable()}")
+    scores = scores_of(1000, 37, strided=True)
+    before = scores.clone()
+    column_logsumexp(scores)
+    assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize("vocab,block", [(1024, 256), (1000, 256), (5, 256), (49152, 256)])
+def test_exp_block_sums_match_float64(path, vocab, block):
+    scores = scores_of(vocab, 20, strided=True)
+    exact = scores.double()
+    weights = (exact - exact.amax(0)).exp()
+    pad = (-vocab) % block
+    expected_sums = torch.cat([weights, weights.new_zeros(pad, 20)]).view(-1, block, 20).sum(1)
+    sums = exp_block_sums_(scores, block)
+    assert sums.shape == (-(-vocab // block), 20)
+    torch.testing.assert_close(scores.double(), weights, atol=0, rtol=2e-6)
+    torch.testing.assert_close(sums.double(), expected_sums, atol=0, rtol=2e-6)
+
+
+def test_the_strided_chunk_leaves_the_other_columns_alone(path):
+    buffer = torch.randn(300, 33)
+    before = buffer.clone()
+    softmax_gradient_(buffer[:, :16], torch.zeros(16, dtype=torch.long), torch.ones(16))
+    exp_block_sums_(buffer[:, 16:32], 64)
+    assert torch.equal(buffer[:, 32], before[:, 32])
+
+
+def test_non_finite_columns_give_nan_in_both_paths(path):
+    scores = torch.randn(100, 4)
+    scores[5, 0] = float("nan")
+    scores[7, 1] = float("inf")
+    scores[:, 2] = float("-inf")
+    lse = softmax_gradient_(scores, torch.zeros(4, dtype=torch.long), torch.ones(4))
+    assert lse[:3].isnan().all() and lse[3].isfinite()
+    assert scores[:, :3].isnan().any(0).all() and scores[:, 3].isfinite().all()
+
+
+def test_float64_scores_keep_their_precision():
+    scores = torch.randn(500, 7, dtype=torch.float64) * 30
+    expected = torch.logsumexp(scores, 0)
+    torch.testing.assert_close(column_logsumexp(scores.clone()), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not native_available(), reason=f"native kernels: {native_unavailable()}")
+def test_native_kernels_reject_targets_outside_the_vocabulary():
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\)"):
+        torch.ops.quietstar.head_softmax_gradient_(torch.randn(10, 3), torch.tensor([0, 10, 1]), torch.ones(3))
+    with pytest.raises(RuntimeError, match="scores must be float32"):
+        torch.ops.quietstar.head_logsumexp(torch.randn(10, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="block must be > 0"):
+        torch.ops.quietstar.head_exp_block_sums_(torch.randn(10, 3), 0)
