@@ -14,7 +14,10 @@
 // * head_exp_block_sums_(scores, block) -> sums [ceil(V / block), C], and in place
 //   scores[v, c] = exp(scores[v, c] - max_v scores[v, c]); sums[b, c] the sum of block b's
 //   entries of column c (the thought sampler's inverse CDF).
-// A column of -inf scores, or one with +inf or NaN, gives NaN (its sum is NaN), as PyTorch's ops do.
+// Non-finite columns as PyTorch's ops: one of -inf scores or holding a NaN is NaN throughout; a
+// +inf gives NaN where it is (inf - inf), the other weights 0, and so a NaN log-sum-exp and
+// gradient. exp results below float32's normal range (e^-87.3) are 0 where PyTorch keeps
+// subnormals.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,7 +61,8 @@ QUIETSTAR_INLINE void store_columns(const Columns& c, int64_t v, Floats x) {
 
 QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
 
-// Column maxima. A NaN score may be skipped here: the exp pass turns it into a NaN sum.
+// Column maxima. A NaN score may be passed over here (torch.amax would return NaN): the exp
+// pass turns it into a NaN sum, and each op below makes such a column NaN throughout.
 QUIETSTAR_INLINE Floats column_max(const Columns& c) {
   Floats m[kUnroll];
   for (auto& x : m) x = splat(-INFINITY);
@@ -138,9 +142,24 @@ QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, c
 
 QUIETSTAR_CLONES void exp_block_sums_task(Columns c, int64_t block, float* sums, int64_t sums_stride) {
   const Floats top = column_max(c);
-  for (int64_t b = 0; b * block < c.vocab; ++b) {
+  Floats nan_seen = {};  // NaN in the lanes of a column holding a NaN score
+  const int64_t blocks = (c.vocab + block - 1) / block;
+  for (int64_t b = 0; b < blocks; ++b) {
     const Floats s = exp_sum<true>(c, top, b * block, std::min(c.vocab, (b + 1) * block));
+    nan_seen += s * 0.0f;  // s is NaN or finite: the weights are at most 1
     store_first(sums + b * sums_stride + c.first, s, c.count);
+  }
+  // A NaN sum comes from a NaN score, from a column of -inf, or from +inf (inf - inf: NaN at
+  // that entry only, as in PyTorch's ops). In the first two cases PyTorch's column maximum is
+  // NaN or -inf and its weights NaN throughout: so here too (rare: a scalar loop). A column
+  // with both +inf and NaN is NaN only in the blocks holding them.
+  float lanes[kLanes], tops[kLanes];
+  store(lanes, nan_seen);
+  store(tops, top);
+  for (int64_t j = 0; j < c.count; ++j) {
+    if (!std::isnan(lanes[j]) || tops[j] == INFINITY) continue;
+    for (int64_t v = 0; v < c.vocab; ++v) c.scores[v * c.stride + c.first + j] = NAN;
+    for (int64_t b = 0; b < blocks; ++b) sums[b * sums_stride + c.first + j] = NAN;
   }
 }
 
@@ -150,6 +169,8 @@ void check_scores(const at::Tensor& scores, const char* op) {
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) > 0, op, ": scores must be [V, C] with V > 0, got ",
               scores.sizes());
   TORCH_CHECK(scores.size(1) <= 1 || scores.stride(1) == 1, op, ": scores' columns must be adjacent (stride 1)");
+  TORCH_CHECK(scores.size(0) <= 1 || scores.stride(0) >= std::max<int64_t>(1, scores.size(1)), op,
+              ": scores' rows must not overlap (row stride at least C), got stride ", scores.stride(0));
 }
 
 // Runs task(columns) for each group of kLanes columns, in parallel.

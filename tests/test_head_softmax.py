@@ -82,21 +82,42 @@ def test_exp_block_sums_match_float64(path, vocab, block):
 
 
 def test_the_strided_chunk_leaves_the_other_columns_alone(path):
-    buffer = torch.randn(300, 33)
+    # 20 and 13 columns: a full group of 16 and a partial one next to columns left alone.
+    buffer = torch.randn(300, 36)
     before = buffer.clone()
-    softmax_gradient_(buffer[:, :16], torch.zeros(16, dtype=torch.long), torch.ones(16))
-    exp_block_sums_(buffer[:, 16:32], 64)
-    assert torch.equal(buffer[:, 32], before[:, 32])
+    softmax_gradient_(buffer[:, :20], torch.zeros(20, dtype=torch.long), torch.ones(20))
+    exp_block_sums_(buffer[:, 21:34], 64)
+    assert torch.equal(buffer[:, 20], before[:, 20]) and torch.equal(buffer[:, 34:], before[:, 34:])
+
+
+def test_overlapping_rows_are_left_to_pytorch():
+    scores = torch.randn(1, 20).expand(100, 20)  # every row the same memory
+    assert not head_softmax._native_takes(scores)
+    if native_available():
+        with pytest.raises(RuntimeError, match="rows must not overlap"):
+            torch.ops.quietstar.head_exp_block_sums_(scores, 64)
+
+
+def non_finite_columns(vocab: int) -> torch.Tensor:
+    """``[vocab, 4]`` scores: a NaN mid-column, a +inf, all -inf, and a finite column."""
+    scores = torch.randn(vocab, 4)
+    scores[vocab // 2, 0] = float("nan")
+    scores[7, 1] = float("inf")
+    scores[:, 2] = float("-inf")
+    return scores
 
 
 def test_non_finite_columns_give_nan_in_both_paths(path):
-    scores = torch.randn(100, 4)
-    scores[5, 0] = float("nan")
-    scores[7, 1] = float("inf")
-    scores[:, 2] = float("-inf")
+    scores = non_finite_columns(600)
     lse = softmax_gradient_(scores, torch.zeros(4, dtype=torch.long), torch.ones(4))
     assert lse[:3].isnan().all() and lse[3].isfinite()
-    assert scores[:, :3].isnan().any(0).all() and scores[:, 3].isfinite().all()
+    assert scores[:, :3].isnan().all() and scores[:, 3].isfinite().all()
+    scores = non_finite_columns(600)
+    sums = exp_block_sums_(scores, 256)
+    # NaN and all -inf: every weight NaN; +inf: NaN where it is (inf - inf), 0 elsewhere.
+    assert sums[:, [0, 2]].isnan().all() and scores[:, [0, 2]].isnan().all()
+    assert sums[0, 1].isnan() and (sums[1:, 1] == 0).all() and scores[:, 1].isnan().sum() == 1
+    assert sums[:, 3].isfinite().all() and scores[:, 3].isfinite().all()
 
 
 def test_float64_scores_keep_their_precision():
@@ -107,8 +128,9 @@ def test_float64_scores_keep_their_precision():
 
 @pytest.mark.skipif(not native_available(), reason=f"native kernels: {native_unavailable()}")
 def test_native_kernels_reject_targets_outside_the_vocabulary():
-    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\)"):
-        torch.ops.quietstar.head_softmax_gradient_(torch.randn(10, 3), torch.tensor([0, 10, 1]), torch.ones(3))
+    for targets in ([0, 10, 1], [0, -1, 1]):
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\)"):
+            torch.ops.quietstar.head_softmax_gradient_(torch.randn(10, 3), torch.tensor(targets), torch.ones(3))
     with pytest.raises(RuntimeError, match="scores must be float32"):
         torch.ops.quietstar.head_logsumexp(torch.randn(10, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="block must be > 0"):

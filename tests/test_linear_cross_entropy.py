@@ -95,12 +95,12 @@ def assert_matches_reference(backend, kwargs, **options):
         assert relative_error(grad, ref_grads[name]) <= tol, (f"d{name}", relative_error(grad, ref_grads[name]))
 
 
-def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature, scores=None):
-    """``weighted_linear_cross_entropy``'s loss, NLLs and every gradient (with a backward scale
-    that is not 1) against the reference's weighted sum in float32 (given ``scores``, if any)."""
+def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature, scores=None, scale=2.5):
+    """``weighted_linear_cross_entropy``'s loss, NLLs and every gradient (with a backward scale,
+    2.5 unless given) against the reference's weighted sum in float32 (given ``scores``, if any)."""
     reference = as_float32_leaves(kwargs)
     ref_nll = linear_cross_entropy(backend="reference", temperature=temperature, **reference)
-    ref_grads = torch.autograd.grad(2.5 * (weights * ref_nll).sum(), list(differentiable(reference).values()))
+    ref_grads = torch.autograd.grad(scale * (weights * ref_nll).sum(), list(differentiable(reference).values()))
     loss, nll = weighted_linear_cross_entropy(
         row_weights=weights, backend=backend, temperature=temperature, scores=scores, **kwargs
     )
@@ -108,7 +108,7 @@ def assert_weighted_form_matches_reference(backend, kwargs, weights, temperature
     tol = TOLERANCE.get(backend, TOLERANCE["torch"])[kwargs["hidden"].dtype]
     assert relative_error(nll, ref_nll) <= tol
     assert relative_error(loss, (weights * ref_nll).sum()) <= tol
-    grads = torch.autograd.grad(2.5 * loss, list(differentiable(kwargs).values()))
+    grads = torch.autograd.grad(loss if scale == 1 else scale * loss, list(differentiable(kwargs).values()))
     for name, grad, ref_grad in zip(differentiable(kwargs), grads, ref_grads):
         assert relative_error(grad, ref_grad) <= tol, (name, relative_error(grad, ref_grad))
 
@@ -290,6 +290,21 @@ def test_weighted_form_equals_the_weighted_sum_of_the_reference(backend, case, p
     kwargs, temperature = case_inputs(case, torch.float32, seed=4)
     weights = torch.randn(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(5)).to(DEVICE)
     assert_weighted_form_matches_reference(backend, kwargs, weights, temperature)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_weighted_form_at_a_backward_scale_of_one(backend):
+    """A loss used as it is (the CPU skips multiplying by 1): the same gradients; and a scale
+    that itself needs a gradient keeps the gradients linked to it (double backward)."""
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.float32, seed=4)
+    weights = torch.randn(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert_weighted_form_matches_reference(backend, kwargs, weights, temperature, scale=1)
+    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend=backend, temperature=temperature, **kwargs)
+    one = torch.ones((), device=DEVICE, requires_grad=True)
+    (grad_h,) = torch.autograd.grad(loss, [kwargs["hidden"]], grad_outputs=one, create_graph=True)
+    assert grad_h.requires_grad
+    (d_one,) = torch.autograd.grad((grad_h * kwargs["hidden"].detach()).sum(), [one])
+    torch.testing.assert_close(d_one, (grad_h.detach() * kwargs["hidden"].detach()).sum())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,7 +31,9 @@ def head_logits(
     ``temperature``, masked ids -inf; with ``vocab_major``, transposed: ``[V, N]`` from the
     product ``W h^T``, which with the vocabulary as its long side runs about 1.3x faster on CPU
     than ``h W^T`` for a few hundred rows. With ``out`` (the result's shape and dtype, any
-    strides), the logits are also written there. The bias, temperature and
+    strides), the logits are also written there; the result is then ``out`` itself where a
+    half-precision product was converted straight into it, else a fresh tensor (the caller's
+    to overwrite). The bias, temperature and
     mask are applied in place: one pass fewer over the ``N x V`` logits each."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     # ``linear`` hands autocast the weight itself (a leaf), whose cast autocast then caches for

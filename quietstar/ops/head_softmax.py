@@ -7,12 +7,15 @@ scale), each a pass over ``V x C`` values that at a vocabulary of 49,152 fit no 
 the native kernels are built (``quietstar.ops.native``), float32 CPU scores go through one
 kernel per function instead (``csrc/head_softmax.cpp``): 16 columns at a time down the whole
 vocabulary, so that only the first pass reads memory, and a vector exp. A ``[49152, 320]``
-chunk's softmax gradient took 9.5 ms against 16-18 ms for PyTorch's ops on the 2-core AMD EPYC
-of docs/benchmarks.md. Everything else (other dtypes and devices, ``QUIETSTAR_NO_NATIVE=1``)
-runs the PyTorch ops. Both compute the same float32 mathematics; the native sums are exact to
-float32 rounding (float32 within blocks of 64 rows, float64 across them).
+chunk's softmax gradient took 9.5-11.5 ms against 15.5-28 ms for PyTorch's ops on the 2-core
+AMD EPYC of docs/benchmarks.md. Everything else (other dtypes and devices, ``QUIETSTAR_NO_NATIVE=1``)
+runs the PyTorch ops. Both agree to float32 rounding: the native sums are float32 within
+blocks of 64 rows and float64 across them, and its exp gives 0 below float32's normal range
+(about ``e^-87.3``) where PyTorch's keeps subnormal values.
 
-A column whose scores include ``+inf`` or NaN, or are all ``-inf``, gives NaN in either path.
+A column whose scores include ``+inf`` or NaN, or are all ``-inf``, gives a NaN log-sum-exp
+and gradient in either path; ``exp_block_sums_`` makes a NaN or all ``-inf`` column NaN
+throughout and a ``+inf`` NaN where it is (its other weights 0), as PyTorch's ops do.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from quietstar.ops.native import native_available
 
 
 def _native_takes(scores: torch.Tensor) -> bool:
-    """float32 ``[V, C]`` CPU scores with adjacent columns, and the native kernels loaded."""
+    """float32 ``[V, C]`` CPU scores with adjacent columns and rows that do not overlap, and the
+    native kernels loaded."""
     return (
         scores.device.type == "cpu"
         and scores.dtype == torch.float32
         and scores.dim() == 2
         and scores.shape[0] > 0
         and (scores.shape[1] <= 1 or scores.stride(1) == 1)
+        and (scores.shape[0] <= 1 or scores.stride(0) >= max(1, scores.shape[1]))  # rows do not overlap
         and native_available()
     )
 

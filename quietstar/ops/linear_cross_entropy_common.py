@@ -127,8 +127,14 @@ def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tenso
             "its backward runs once (use linear_cross_entropy to backpropagate through the same graph twice)"
         )
     # A loss used as it is gives a grad_loss of 1: on the CPU (where the check costs no device
-    # sync) the [V, d] pass that would multiply by it is skipped.
-    unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and bool(grad_loss == 1)
+    # sync) the [V, d] pass that would multiply by it is skipped, unless a double backward
+    # needs the product's link to grad_loss.
+    unit = (
+        grad_loss.device.type == "cpu"
+        and grad_loss.numel() == 1
+        and not grad_loss.requires_grad
+        and bool(grad_loss == 1)
+    )
     scaled = [None if g is None else g if unit else g.mul_(grad_loss) for g in ctx.grads]
     ctx.grads = None
     d_hidden, d_weight, _, d_bias, d_base, d_w = input_gradients(
