@@ -276,14 +276,13 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
                     continue
                 # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
                 nll[chunk] = softmax_gradient_(z, picked_ids[chunk], scale[chunk]) - picked
-                probs = z
-                d_probs = scorer.as_product(probs)
+                d_probs = scorer.as_product(z)
                 if grad_h is not None:
                     scorer.product(d_probs.T, scorer.weight, grad_h[chunk])
                 if grad_weight is not None:
                     scorer.product(d_probs, h.to(scorer.product_dtype), grad_weight, accumulate=index > 0)
                 if grad_bias is not None:
-                    grad_bias += probs.sum(1)
+                    grad_bias += z.sum(1)
             nll.masked_fill_(ignored, 0.0)
             keep_formed_gradients(ctx, nll, (grad_h, grad_weight, grad_bias), hidden, lm_weight, lm_bias, base_hidden, w)
             return (row_weights.to(dtype) * nll).sum(), nll
