@@ -227,9 +227,10 @@ def test_training_step_matmul_rate_counts_the_products_the_useful_flops_count(n_
     assert sum(2 * b * m * k * n * count for b, m, k, n, count in shapes) == 3 * (2 * params * tokens + 2 * d * cfg["vocab_size"] * rows)
     _, forward = training_step.matmul_shapes(size, CPU, backward=False)
     assert sum(2 * b * m * k * n * count for b, m, k, n, count in forward) == 2 * params * tokens + 2 * d * cfg["vocab_size"] * rows
-    # The forward's decoder products at the rows the step multiplies: the base pass and the 3
-    # sampling steps through the cache (replayed by the tree pass), then the tree's other slots.
-    assert training_step.forward_rows(size) == [16] + [16 * n_thoughts] * 3 + [2 * 3 * n_thoughts * 8]
+    # The forward's decoder products at the rows the step multiplies: the 3 sampling steps
+    # through the cache, the first with the base pass (replayed by the tree pass), then the
+    # tree's other slots.
+    assert training_step.forward_rows(size) == [16 * (1 + n_thoughts)] + [16 * n_thoughts] * 2 + [2 * 3 * n_thoughts * 8]
     assert {m for _, m, _, _, _ in forward[:-1]} == set(training_step.forward_rows(size))
 
 

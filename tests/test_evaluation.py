@@ -64,7 +64,7 @@ def test_one_pass_evaluation_equals_the_training_forward_for_its_thoughts(model_
         assert relative_error(getattr(fast, field), getattr(tree, field)) < 1e-9, field
 
 
-def test_evaluation_runs_the_steps_after_the_last_thought_token_as_one_pass(model_folder):
+def test_evaluation_runs_the_base_with_the_first_step_and_the_steps_after_the_last_thought_token_as_one_pass(model_folder):
     from quietstar.model.attention import decoder_layers
 
     qs = thinking_model(model_folder, n_thoughts=2)
@@ -74,7 +74,8 @@ def test_evaluation_runs_the_steps_after_the_last_thought_token_as_one_pass(mode
     qs.evaluate(ids, mask, generator=torch.Generator().manual_seed(1))
     t_len, chain = qs.config.thought_tokens, qs.config.chain_steps
     slot = 2 * 12  # N * L tokens per chain step
-    assert tokens_per_pass == [12] + [slot] * t_len + [slot * (chain - t_len)]
+    # the base pass with the start token's step, the other sampling steps, then the rest at once
+    assert tokens_per_pass == [12 + slot] + [slot] * (t_len - 1) + [slot * (chain - t_len)]
 
 
 @pytest.mark.parametrize("mix", ["hidden", "logprobs"])

@@ -51,12 +51,13 @@ def tokens(size: dict) -> int:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int, int]]]:
-    """The products ``next_token_nll`` runs: the decoder over the text, the ``T`` sampling steps
-    through the KV cache and the last thought token with the end token as one pass; the lm_head
-    for the ``T`` draws and for the two NLLs (base, thinking) of the ``L - 1`` scored rows."""
+    """The products ``next_token_nll`` runs: the ``T`` sampling steps through the KV cache, the
+    first with the decoder over the text as one pass, and the last thought token with the end
+    token as one pass; the lm_head for the ``T`` draws and for the two NLLs (base, thinking) of
+    the ``L - 1`` scored rows."""
     cfg = MODELS[size["model"]]
     text, step = size["batch"] * size["length"], size["batch"] * size["n_thoughts"] * size["length"]
-    rows = [text] + [step] * size["thought_tokens"] + [2 * step]
+    rows = [text + step] + [step] * (size["thought_tokens"] - 1) + [2 * step]
     shapes = [(1, m, k, n, count) for m in rows for k, n, count in decoder_products(size)]
     head = (cfg["hidden_size"], cfg["vocab_size"])
     shapes += [(1, step, *head, size["thought_tokens"]), (1, size["batch"] * (size["length"] - 1), *head, 2)]

@@ -86,16 +86,16 @@ def label(size: dict) -> str:
 
 
 def forward_rows(size: dict) -> list[int]:
-    """Rows of each forward product of the decoder, as a step runs them: the base pass of the
-    text (``B L`` rows) and the ``T`` sampling steps through the KV cache (``B N L`` rows each),
-    whose projections the tree pass replays (``quietstar.model.projection_replay``), then the
-    tree's remaining chain slots in one product (``QuietStarModel.evaluate``'s schedule too,
-    without gradients)."""
+    """Rows of each forward product of the decoder, as a step runs them: the ``T`` sampling
+    steps through the KV cache, the first of them with the base pass of the text (``B L + B N
+    L`` rows, one pass) and the others ``B N L`` rows each, whose projections the tree pass
+    replays (``quietstar.model.projection_replay``), then the tree's remaining chain slots in
+    one product (``QuietStarModel.evaluate``'s schedule too, without gradients)."""
     batch, length, n = size["batch"], size["length"], size["n_thoughts"]
     chain = size["thought_tokens"] + 1 + size["talk_tokens"]
     steps = size["thought_tokens"]
     rest = batch * (chain - steps) * n * length
-    return [batch * length] + [batch * n * length] * steps + ([rest] if rest else [])
+    return [batch * length * (1 + n)] + [batch * n * length] * (steps - 1) + ([rest] if rest else [])
 
 
 def matmul_shapes(

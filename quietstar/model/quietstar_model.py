@@ -2,8 +2,9 @@
 
 The fast training step:
 
-1. **Think** without gradients: a base pass, then ``T`` chain steps through a KV cache in the
-   tree layout, each sampling one thought token per position and branch.
+1. **Think** without gradients: ``T`` chain steps through a KV cache in the tree layout, the
+   first together with the base pass (its input, the start token, is known up front), each
+   sampling one thought token per position and branch.
 2. **One tree pass with gradients** over the base slot and every chain slot (start, thought
    tokens, end, teacher-forced talk inputs): sampled tokens are detached, so this gives the
    gradients of the step-by-step algorithm (SPEC section 6). The base slot is computed once
@@ -340,8 +341,8 @@ class QuietStarModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample ``[B, N, L, T]`` thought tokens: a base pass, then ``T`` chain steps through
-        a KV cache in the tree layout (each step appends ``N * L`` tokens)."""
+        """Sample ``[B, N, L, T]`` thought tokens: ``T`` chain steps through a KV cache in the
+        tree layout, the first with the base pass (each step appends ``N * L`` tokens)."""
         return self._chain_through_cache(input_ids, attention_mask, generator, self.config.thought_tokens)[2]
 
     def _chain_through_cache(
@@ -353,9 +354,9 @@ class QuietStarModel(nn.Module):
         thought_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The base pass and the first ``steps`` chain steps through a KV cache in the tree
-        layout, sampling the thought tokens on the way; returns ``h_base [B, L, d]``, the
-        chain steps' hidden states ``[B, steps, N, L, d]`` (those of the tree pass) and the
-        thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
+        layout (the base and the first step as one pass), sampling the thought tokens on the
+        way; returns ``h_base [B, L, d]``, the chain steps' hidden states ``[B, steps, N, L,
+        d]`` (those of the tree pass) and the thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
         thought token ``c`` (``1 <= c <= T``), the end token (``T + 1``), then the talk input
         ``x[i + c - T - 1]``; the steps from ``T`` on, whose inputs are all known once the last
         thought token is drawn, run as one pass. With ``thought_logits [V, T, B * N * L]``, the
@@ -366,7 +367,6 @@ class QuietStarModel(nn.Module):
         layout = TreeLayout(length, n, None if attention_mask is None else attention_mask.bool())
         positions = base_positions(attention_mask, batch, length, input_ids.device)
         cache = KVCache(capacity=(1 + steps * n) * length)
-        h_base = run_backbone(self.model, self.embed(input_ids), positions, cache=cache, tree_layout=layout)
         talk_inputs = shift_positions(input_ids, cfg.talk_tokens)  # [B, L, K]: x[i + k]
         chain_positions = positions.repeat(1, n)  # [B, N * L]: the text's, for every branch
 
@@ -379,10 +379,21 @@ class QuietStarModel(nn.Module):
                 return self.meta_embedding(1).expand(batch, n * length, -1)
             return self.embed(talk_inputs[..., c - t_len - 1].repeat(1, n))
 
+        # The base slot and the start token's step (whose input is known up front) as one pass
+        # over both slots: one read of every weight fewer, and products of twice the rows.
+        first = run_backbone(
+            self.model,
+            torch.cat([self.embed(input_ids), step_input(0)], dim=1),
+            torch.cat([positions, chain_positions + 1], dim=1),
+            cache=cache,
+            tree_layout=layout,
+        )
+        h_base, hidden = first[:, :length], first[:, length:]
         hidden_steps, thoughts = [], []
         sampling = min(steps, t_len)  # the steps that draw the next thought token
         for c in range(sampling):
-            hidden = run_backbone(self.model, step_input(c), chain_positions + c + 1, cache=cache, tree_layout=layout)
+            if c:
+                hidden = run_backbone(self.model, step_input(c), chain_positions + c + 1, cache=cache, tree_layout=layout)
             hidden_steps.append(hidden)
             logits_out = None if thought_logits is None else thought_logits[:, c]
             thoughts.append(self.sample(hidden, generator, logits_out=logits_out).view(batch, n, length))
