@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import count_onednn_products, quietstar_model, relative_error
+from helpers import count_onednn_products, quietstar_model, relative_error, requires_native
 from torch import nn
 
 from quietstar.model import projection_replay
@@ -106,6 +106,41 @@ def test_a_sampling_step_replays_every_projection_of_the_sampled_slots(monkeypat
     assert len(calls) == len(linears) == 2 * 7
     # The base slot and the 3 sampling steps of 2 branches.
     assert set(calls) == {(1 + 3 * 2) * 6}
+
+
+def count_attention_queries(monkeypatch) -> list[int]:
+    """Query rows (per batch row and head) of every native attention forward from now on."""
+    from quietstar.ops import tree_attention_native
+
+    rows = []
+    forward = tree_attention_native._forward
+
+    def counted(q, *args):
+        rows.append(q.shape[2])
+        return forward(q, *args)
+
+    monkeypatch.setattr(tree_attention_native, "_forward", counted)
+    return rows
+
+
+@requires_native
+def test_a_sampling_step_computes_the_tree_pass_attention_only_after_the_sampled_slots(monkeypatch):
+    """The tree pass's attention takes the rows the sampling computed and computes the others;
+    given thoughts, or checkpointing, it computes every row."""
+    rows = count_attention_queries(monkeypatch)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    layers = len(decoder_layers(qs.model))
+    # sampling: the base slot with the first step's 2 slots, two more steps of 2; the tree pass:
+    # the 6 slots after the sampled 7 (end token, 2 talk inputs, of 2 branches)
+    assert rows == [3 * 6] * layers + [2 * 6] * 2 * layers + [6 * 6] * layers
+    rows.clear()
+    qs(ids, thoughts=torch.zeros(2, 2, 6, 3, dtype=torch.long)).loss.backward()
+    qs.gradient_checkpointing = True
+    qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
+    tree = 13 * 6
+    assert rows[:layers] == [tree] * layers and rows[-layers:] == [tree] * layers
 
 
 def test_given_thoughts_and_checkpointed_steps_replay_nothing(monkeypatch):

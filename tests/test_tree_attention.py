@@ -338,6 +338,103 @@ def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations
     assert relative_error(out, expected) < 1e-5
 
 
+def keep_rows_slot_by_slot(q, k, v, slot_len, first_slots, n_thoughts=1, **options):
+    """``TreeAttentionRows`` kept by calls through a cache, as thought sampling makes them: the
+    base slot with the first chain step, then one chain step (``n_thoughts`` slots) per call,
+    up to the tree's first ``first_slots`` slots."""
+    from quietstar.ops.tree_attention_native import TreeAttentionRows
+
+    rows = TreeAttentionRows(q.shape[2])
+    with torch.no_grad():
+        end = 1 + n_thoughts
+        while end <= first_slots:
+            begin = 0 if end == 1 + n_thoughts else end - n_thoughts
+            tree_attention(
+                q[:, :, begin * slot_len : end * slot_len].detach(),
+                k[:, :, : end * slot_len].detach(),
+                v[:, :, : end * slot_len].detach(),
+                slot_len,
+                n_thoughts=n_thoughts,
+                backend="native",
+                known_rows=rows,
+                **options,
+            )
+            end += n_thoughts
+    return rows
+
+
+@requires_native
+@pytest.mark.parametrize(("n_thoughts", "padded", "window"), [(1, False, None), (2, True, None), (1, True, 3)])
+def test_native_known_rows_kept_through_a_cache_give_the_tree_pass_its_output_and_gradients(
+    n_thoughts, padded, window, poisoned_allocations
+):
+    """Rows kept by the sampling's calls through a cache stand for the tree pass's first slots:
+    its output and gradients are the tree's computed whole, to float32 rounding."""
+    slot_len, slots = 6, 1 + 4 * n_thoughts
+    q, k, v, mask = make_inputs(2, 4, 2, slot_len, slots, slots, 16, torch.float32, padded=padded, seed=3)
+    options = dict(n_thoughts=n_thoughts, key_padding_mask=mask, sliding_window=window)
+    rows = keep_rows_slot_by_slot(q, k, v, slot_len, 1 + 2 * n_thoughts, **options)
+    assert rows.filled == (1 + 2 * n_thoughts) * slot_len
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    out, grads = run("native", q, k, v, slot_len, grad_out, known_rows=rows, **options)
+    expected, expected_grads = run("native", q, k, v, slot_len, grad_out, **options)
+    assert relative_error(out, expected) < 1e-5
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) < 1e-5
+    assert rows.out is None and not rows.usable  # given once
+
+
+@requires_native
+def test_native_known_rows_are_taken_as_given_and_only_the_rest_computed():
+    """The tree pass does not compute the kept rows again: what was kept is what it returns."""
+    slot_len = 5
+    q, k, v, _ = make_inputs(1, 2, 1, slot_len, 4, 4, 16, torch.float32)
+    rows = keep_rows_slot_by_slot(q, k, v, slot_len, 3)
+    rows.out[:, :, : rows.filled] = 7.0
+    with torch.no_grad():
+        out = tree_attention(q, k, v, slot_len, backend="native", known_rows=rows)
+        expected = tree_attention(q, k, v, slot_len, backend="native")
+    assert (out[:, :, : 3 * slot_len] == 7.0).all()
+    assert relative_error(out[:, :, 3 * slot_len :], expected[:, :, 3 * slot_len :]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda rows: rows.keep(rows.out[:, :1, :2], rows.lse[:, :1, :2], False), id="other-heads"),
+        pytest.param(lambda rows: rows.keep(rows.out[:, :, :2], rows.lse[:, :, :2], True), id="other-arithmetic"),
+        pytest.param(lambda rows: rows.keep(rows.out, rows.lse, False), id="more-rows-than-the-tree"),
+    ],
+)
+@requires_native
+def test_native_known_rows_that_do_not_fit_are_not_used(spoil):
+    """A call that does not continue the kept rows makes them unusable: the tree pass then
+    computes every row."""
+    slot_len = 5
+    q, k, v, _ = make_inputs(1, 2, 1, slot_len, 4, 4, 16, torch.float32)
+    rows = keep_rows_slot_by_slot(q, k, v, slot_len, 3)
+    rows.out[:, :, : rows.filled] = 7.0
+    spoil(rows)
+    with torch.no_grad():
+        out = tree_attention(q, k, v, slot_len, backend="native", known_rows=rows)
+        expected = tree_attention(q, k, v, slot_len, backend="native")
+    assert relative_error(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+@requires_native
+def test_backends_without_known_rows_compute_every_row(backend):
+    """Only the native backend keeps and uses rows; the others compute every row as usual."""
+    slot_len = 4
+    q, k, v, _ = make_inputs(1, 2, 1, slot_len, 3, 3, 16, torch.float32)
+    rows = keep_rows_slot_by_slot(q, k, v, slot_len, 2)
+    rows.out[:, :, : rows.filled] = 7.0
+    with torch.no_grad():
+        out = tree_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slot_len, backend=backend, known_rows=rows)
+        expected = tree_attention(q, k, v, slot_len, backend="reference")
+    assert relative_error(out.cpu(), expected) < 1e-5
+
+
 @requires_native
 @pytest.mark.parametrize(("slot_len", "padded", "window"), [(300, False, 0), (300, True, 0), (270, True, 60), (7, False, 0)])
 def test_native_trunk_bfloat16_products_match_float32_products_at_bfloat16_precision(slot_len, padded, window):
@@ -516,6 +613,7 @@ def good_inputs():
         (lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}), "scale"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "backend": "cuda"}), "backend"),
         (lambda q, k, v, kw: (q, k.to("meta"), v, kw), "k must be on"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "known_rows": {}}), "known_rows"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(change, argument):

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from quietstar.ops.layout import TreeLayout
 from quietstar.ops.rotary_embedding import rotary_embedding
 from quietstar.ops.tree_attention import tree_attention
-from quietstar.ops.tree_attention_native import half_precision_pays
+from quietstar.ops.tree_attention_native import TreeAttentionRows, half_precision_pays
 
 ATTENTION_NAME = "quietstar"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -40,6 +40,7 @@ def quietstar_attention_forward(
     scaling: float | None = None,
     sliding_window: int | None = None,
     tree_layout: TreeLayout | None = None,
+    known_rows: TreeAttentionRows | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention with transformers' calling convention.
@@ -49,6 +50,7 @@ def quietstar_attention_forward(
         query: ``[B, Hq, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (the cache included).
         attention_mask: the model's mask for ordinary input; unused with ``tree_layout``.
         tree_layout: the queries and keys hold the tree layout: run ``tree_attention``.
+        known_rows: with ``tree_layout``, ``tree_attention``'s rows kept across calls.
 
     Returns:
         ``([B, Tq, Hq, D], None)``.
@@ -79,6 +81,7 @@ def quietstar_attention_forward(
         sliding_window=sliding_window,
         scale=scaling,
         backend=tree_layout.backend,
+        known_rows=known_rows,
     )
     return out.transpose(1, 2), None
 
@@ -111,7 +114,12 @@ class QuietStarAttention(nn.Module):
     Shapes:
         ``forward(hidden_states [B, T, d], position_embeddings (cos, sin) [B, T, D], ...)
         -> (out [B, T, d], None)``.
+
+    ``known_rows`` (``TreeAttentionRows`` or None) is handed to ``tree_attention`` with the tree
+    layout: ``projection_replay`` sets it while a training step samples and replays.
     """
+
+    known_rows: TreeAttentionRows | None = None
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
@@ -172,6 +180,7 @@ class QuietStarAttention(nn.Module):
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             tree_layout=tree_layout,
+            known_rows=self.known_rows,
         )
         return self.o_proj(out.reshape(batch, length, -1)), None
 

@@ -11,8 +11,11 @@ inputs). Its backward is a linear's: ``dX = dY W``, ``dW = dY^T X`` over all the
 The forward's largest products for ``1 + T * N`` of the tree's ``1 + C * N`` slots are thus done
 once instead of twice; losses and gradients are the same mathematics (SPEC section 6).
 
-Elementwise parts (norms, RoPE, the MLP's activation) and attention are recomputed in the tree
-pass as before: they are cheap, and autograd needs their graph.
+Attention is replayed the same way: while recording, each ``QuietStarAttention`` keeps its
+output and log-sum-exp rows (``TreeAttentionRows``, where the native backend computes them), and
+in the tree pass it computes only the queries after them, its backward taking the whole rows as
+its own. Elementwise parts (norms, RoPE, the MLP's activation) are recomputed in the tree pass:
+they are cheap, and autograd needs their graph.
 
 While recording, each projection's weight is packed once into oneDNN's layout
 (``onednn_linear.pack_weight``: the sampling pass multiplies it ``1 + T`` times) where that
@@ -28,7 +31,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from quietstar.model.attention import autocast_dtype
+from quietstar.model.attention import QuietStarAttention, autocast_dtype
 from quietstar.ops.onednn_linear import (
     PackedWeight,
     onednn_linear,
@@ -37,6 +40,7 @@ from quietstar.ops.onednn_linear import (
     packed_linear,
     packed_product_dtype,
 )
+from quietstar.ops.tree_attention_native import TreeAttentionRows
 
 
 def replayable(layers: nn.Module) -> bool:
@@ -57,7 +61,7 @@ class ProjectionRecord:
     """The outputs of every ``nn.Linear`` under ``layers`` while recording, each module's calls
     written one after another along the token axis of one buffer ``[B, total_rows, out]``
     (``filled[module]`` rows so far), so that the tree pass can fill in the rest and use the
-    buffer as its output."""
+    buffer as its output; and each ``QuietStarAttention``'s rows (``attention``)."""
 
     def __init__(self, layers: nn.Module, total_rows: int) -> None:
         # Exactly nn.Linear with the class's forward: a subclass (a quantized linear, say) may
@@ -71,6 +75,9 @@ class ProjectionRecord:
         self.packed: dict[nn.Linear, PackedWeight] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
         self.overflow = False  # a module was called with more rows than total_rows
+        self.attention: dict[QuietStarAttention, TreeAttentionRows] = {
+            module: TreeAttentionRows(total_rows) for module in layers.modules() if isinstance(module, QuietStarAttention)
+        }
 
     def keep(self, module: nn.Linear, output: torch.Tensor) -> None:
         """Write ``output [B, tokens, out]`` after the rows ``module`` has so far."""
@@ -116,11 +123,12 @@ def recording_projections(layers: nn.Module, total_rows: int) -> Iterator[Projec
     # instance forward of their own (ProjectionRecord): deleting the patch restores the class's.
     for module in record.linears:
         module.forward = _RecordingForward(module, record)
-    try:
-        yield record
-    finally:
-        for module in record.linears:
-            del module.forward
+    with _attention_rows(record.attention):
+        try:
+            yield record
+        finally:
+            for module in record.linears:
+                del module.forward
 
 
 @contextlib.contextmanager
@@ -137,11 +145,25 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
         module.forward = _ReplayedForward(
             module, record.buffers.pop(module), record.filled[module], record.packed.pop(module, None)
         )
+    attention, record.attention = record.attention, {}
+    with _attention_rows(attention):
+        try:
+            yield
+        finally:
+            for module in replaced:
+                del module.forward
+
+
+@contextlib.contextmanager
+def _attention_rows(rows: dict[QuietStarAttention, TreeAttentionRows]) -> Iterator[None]:
+    """Hand each attention module its rows inside the block (``QuietStarAttention.known_rows``)."""
+    for module, kept in rows.items():
+        module.known_rows = kept
     try:
         yield
     finally:
-        for module in replaced:
-            del module.forward
+        for module in rows:
+            del module.known_rows  # back to the class's None
 
 
 class _RecordingForward:

@@ -6,6 +6,7 @@ import torch
 
 from quietstar._checks import FLOAT_DTYPES, check_int, check_positive_float, check_tensor
 from quietstar.ops.backends import resolve_backend
+from quietstar.ops.tree_attention_native import TreeAttentionRows
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 # The kernels put batch x KV heads on a launch grid axis that CUDA caps at 65535.
@@ -24,6 +25,7 @@ def tree_attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    known_rows: TreeAttentionRows | None = None,
 ) -> torch.Tensor:
     """Attention where every position grows its own chain of thought tokens.
 
@@ -43,6 +45,10 @@ def tree_attention(
         scale: softmax scale, ``D ** -0.5`` by default.
         backend: ``"reference"``, ``"torch"``, ``"triton"``, ``"native"`` or None (see
             ``quietstar.ops.backends``).
+        known_rows: rows of this tree's output kept across calls (``TreeAttentionRows``): a
+            call whose queries are the tree's next slots appends its rows, a call over all of
+            the tree's queries computes only those after the kept ones. Only the native
+            backend in float32 keeps and uses them; elsewhere every row is computed.
 
     Returns:
         ``[B, Hq, Sq * slot_len, D]`` in the dtype of ``q``. A query that sees no key (a base
@@ -82,6 +88,8 @@ def tree_attention(
     if sliding_window is not None:
         check_int("sliding_window", sliding_window, minimum=1)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
+    if known_rows is not None and not isinstance(known_rows, TreeAttentionRows):
+        raise ValueError(f"known_rows must be a TreeAttentionRows or None, got {type(known_rows).__name__}")
 
     backend = resolve_backend(backend, q.device, _triton_unsupported(q, k), has_native=True)
     args = (q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale)
@@ -96,7 +104,7 @@ def tree_attention(
     if backend == "native":
         from quietstar.ops.tree_attention_native import tree_attention_native
 
-        return tree_attention_native(*args)
+        return tree_attention_native(*args, known_rows)
     from quietstar.ops.tree_attention_triton import tree_attention_triton
 
     return tree_attention_triton(*args)
