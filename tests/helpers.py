@@ -129,3 +129,17 @@ def count_onednn_products(monkeypatch, weights=None) -> list[tuple[int, ...]]:
     monkeypatch.setattr(onednn_module, "_onednn_product", counted)
     return calls
 
+
+def count_native_queries(monkeypatch) -> list[int]:
+    """Query rows (per batch row and head) of every native forward computation from now on."""
+    from quietstar.ops import tree_attention_native
+
+    rows = []
+    forward = tree_attention_native._forward
+
+    def counted(q, *args):
+        rows.append(q.shape[2])
+        return forward(q, *args)
+
+    monkeypatch.setattr(tree_attention_native, "_forward", counted)
+    return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import count_onednn_products, quietstar_model, relative_error, requires_native
+from helpers import count_native_queries, count_onednn_products, quietstar_model, relative_error, requires_native
 from torch import nn
 
 from quietstar.model import projection_replay
@@ -12,6 +12,7 @@ from quietstar.model.attention import decoder_layers
 from quietstar.model.projection_replay import ReplayedLinear, recording_projections, replaying_projections
 from quietstar.ops.backends import fast_half_matmul
 from quietstar.ops.onednn_linear import onednn_linear_available, onednn_packing_available
+from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
 # Tests that hold a sampling step against the step given its thoughts run in float64: the
 # REINFORCE term (policy_weight 1e6 times rewards that are differences of losses) turns a
@@ -108,39 +109,48 @@ def test_a_sampling_step_replays_every_projection_of_the_sampled_slots(monkeypat
     assert set(calls) == {(1 + 3 * 2) * 6}
 
 
-def count_attention_queries(monkeypatch) -> list[int]:
-    """Query rows (per batch row and head) of every native attention forward from now on."""
-    from quietstar.ops import tree_attention_native
-
-    rows = []
-    forward = tree_attention_native._forward
-
-    def counted(q, *args):
-        rows.append(q.shape[2])
-        return forward(q, *args)
-
-    monkeypatch.setattr(tree_attention_native, "_forward", counted)
-    return rows
-
-
 @requires_native
 def test_a_sampling_step_computes_the_tree_pass_attention_only_after_the_sampled_slots(monkeypatch):
     """The tree pass's attention takes the rows the sampling computed and computes the others;
     given thoughts, or checkpointing, it computes every row."""
-    rows = count_attention_queries(monkeypatch)
+    rows = count_native_queries(monkeypatch)
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
     qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
     qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
     layers = len(decoder_layers(qs.model))
     # sampling: the base slot with the first step's 2 slots, two more steps of 2; the tree pass:
     # the 6 slots after the sampled 7 (end token, 2 talk inputs, of 2 branches)
-    assert rows == [3 * 6] * layers + [2 * 6] * 2 * layers + [6 * 6] * layers
+    sampling = [3 * 6] * layers + [2 * 6] * 2 * layers
+    assert rows == sampling + [6 * 6] * layers
     rows.clear()
     qs(ids, thoughts=torch.zeros(2, 2, 6, 3, dtype=torch.long)).loss.backward()
     qs.gradient_checkpointing = True
     qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
-    tree = 13 * 6
-    assert rows[:layers] == [tree] * layers and rows[-layers:] == [tree] * layers
+    tree = 13 * 6  # given thoughts; checkpointed: the sampling, the tree pass, its recomputation
+    assert rows == [tree] * layers + sampling + [tree] * layers + [tree] * layers
+
+
+@requires_native
+@pytest.mark.parametrize(("architecture", "padded"), [("llama", True), ("mistral", True), ("qwen2", False)])
+def test_in_float32_the_kept_attention_rows_give_the_step_it_computes_without_them(architecture, padded, monkeypatch):
+    """The float32 step with the sampling's attention rows has the losses and gradients of the
+    same step computing every row (padding, windows, two branches)."""
+    qs = quietstar_model(architecture, thought_tokens=3, talk_tokens=2, n_thoughts=2, policy_weight=1.0)
+    params = [p for p in qs.parameters() if p.requires_grad]
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    if padded:
+        mask[0, :3] = False
+    rows = count_native_queries(monkeypatch)
+    kept = qs(ids, mask, generator=torch.Generator().manual_seed(1))
+    assert rows[-len(decoder_layers(qs.model)) :] == [6 * 8] * len(decoder_layers(qs.model))  # rows were kept
+    kept_grads = torch.autograd.grad(kept.loss, params)
+    monkeypatch.setattr(TreeAttentionRows, "take", lambda self, *args: self.drop())
+    computed = qs(ids, mask, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kept.thoughts, computed.thoughts)
+    assert relative_error(kept.loss, computed.loss) <= 1e-6
+    for a, b in zip(kept_grads, torch.autograd.grad(computed.loss, params)):
+        assert relative_error(a, b) <= 1e-5
 
 
 def test_given_thoughts_and_checkpointed_steps_replay_nothing(monkeypatch):

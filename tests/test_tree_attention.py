@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import DEVICE, relative_error, requires_native, requires_triton
+from helpers import DEVICE, count_native_queries, relative_error, requires_native, requires_triton
 
 from quietstar import tree_attention
 from quietstar.ops.backends import BACKEND_ENV_VAR, resolve_backend
@@ -385,14 +385,19 @@ def test_native_known_rows_kept_through_a_cache_give_the_tree_pass_its_output_an
 
 
 @requires_native
-def test_native_known_rows_are_taken_as_given_and_only_the_rest_computed():
-    """The tree pass does not compute the kept rows again: what was kept is what it returns."""
+def test_native_known_rows_are_taken_as_given_and_only_the_rest_computed(monkeypatch):
+    """The tree pass does not compute the kept rows again: it returns what was kept and computes
+    the queries after them."""
     slot_len = 5
     q, k, v, _ = make_inputs(1, 2, 1, slot_len, 4, 4, 16, torch.float32)
     rows = keep_rows_slot_by_slot(q, k, v, slot_len, 3)
     rows.out[:, :, : rows.filled] = 7.0
+    computed = count_native_queries(monkeypatch)
     with torch.no_grad():
         out = tree_attention(q, k, v, slot_len, backend="native", known_rows=rows)
+    assert computed == [slot_len]  # the last slot only
+    assert rows.out is None and not rows.usable  # given once
+    with torch.no_grad():
         expected = tree_attention(q, k, v, slot_len, backend="native")
     assert (out[:, :, : 3 * slot_len] == 7.0).all()
     assert relative_error(out[:, :, 3 * slot_len :], expected[:, :, 3 * slot_len :]) < 1e-6
@@ -401,38 +406,42 @@ def test_native_known_rows_are_taken_as_given_and_only_the_rest_computed():
 @pytest.mark.parametrize(
     "spoil",
     [
-        pytest.param(lambda rows: rows.keep(rows.out[:, :1, :2], rows.lse[:, :1, :2], False), id="other-heads"),
-        pytest.param(lambda rows: rows.keep(rows.out[:, :, :2], rows.lse[:, :, :2], True), id="other-arithmetic"),
-        pytest.param(lambda rows: rows.keep(rows.out, rows.lse, False), id="more-rows-than-the-tree"),
+        pytest.param(dict(heads=1), id="other-heads"),
+        pytest.param(dict(scale=0.5), id="other-scale"),
+        pytest.param(dict(sliding_window=2), id="other-window"),
+        pytest.param(dict(padded=True), id="other-padding"),
+        pytest.param(dict(slots=2), id="more-rows-than-the-tree"),
     ],
 )
 @requires_native
-def test_native_known_rows_that_do_not_fit_are_not_used(spoil):
-    """A call that does not continue the kept rows makes them unusable: the tree pass then
-    computes every row."""
+def test_native_known_rows_that_a_call_does_not_continue_are_not_used(spoil, monkeypatch):
+    """A call that does not continue the kept rows lets them go: the tree pass then computes
+    every row."""
     slot_len = 5
     q, k, v, _ = make_inputs(1, 2, 1, slot_len, 4, 4, 16, torch.float32)
     rows = keep_rows_slot_by_slot(q, k, v, slot_len, 3)
     rows.out[:, :, : rows.filled] = 7.0
-    spoil(rows)
+    end, slots = 4 * slot_len, spoil.get("slots", 1)
+    mask = torch.ones(1, slot_len, dtype=torch.bool) if spoil.get("padded") else None
+    with torch.no_grad():
+        tree_attention(
+            q[:, : spoil.get("heads", 2), end - slots * slot_len : end].detach(),
+            k[:, :, :end].detach(),
+            v[:, :, :end].detach(),
+            slot_len,
+            key_padding_mask=mask,
+            sliding_window=spoil.get("sliding_window"),
+            scale=spoil.get("scale"),
+            backend="native",
+            known_rows=rows,
+        )
+    assert not rows.usable and rows.out is None
+    computed = count_native_queries(monkeypatch)
     with torch.no_grad():
         out = tree_attention(q, k, v, slot_len, backend="native", known_rows=rows)
         expected = tree_attention(q, k, v, slot_len, backend="native")
+    assert computed[0] == 4 * slot_len
     assert relative_error(out, expected) < 1e-6
-
-
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
-@requires_native
-def test_backends_without_known_rows_compute_every_row(backend):
-    """Only the native backend keeps and uses rows; the others compute every row as usual."""
-    slot_len = 4
-    q, k, v, _ = make_inputs(1, 2, 1, slot_len, 3, 3, 16, torch.float32)
-    rows = keep_rows_slot_by_slot(q, k, v, slot_len, 2)
-    rows.out[:, :, : rows.filled] = 7.0
-    with torch.no_grad():
-        out = tree_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slot_len, backend=backend, known_rows=rows)
-        expected = tree_attention(q, k, v, slot_len, backend="reference")
-    assert relative_error(out.cpu(), expected) < 1e-5
 
 
 @requires_native

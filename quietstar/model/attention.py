@@ -24,7 +24,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from quietstar.ops.layout import TreeLayout
 from quietstar.ops.rotary_embedding import rotary_embedding
 from quietstar.ops.tree_attention import tree_attention
-from quietstar.ops.tree_attention_native import TreeAttentionRows, half_precision_pays
+from quietstar.ops.tree_attention_native import half_precision_pays
+from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
 ATTENTION_NAME = "quietstar"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

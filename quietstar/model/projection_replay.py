@@ -1,7 +1,7 @@
 """Reuse the thought-sampling pass's projections in the tree pass.
 
-A training step first samples the thoughts without gradients (a base pass and ``T`` chain
-steps through a KV cache), then runs the tree pass with gradients over the base slot and every
+A training step first samples the thoughts without gradients (``T`` chain steps through a KV
+cache, the first with the base pass), then runs the tree pass with gradients over the base slot and every
 chain slot. The tree's first ``1 + T * N`` slots are exactly what the sampling pass computed:
 the same inputs at the same positions under the same tree rule. So while sampling,
 ``recording_projections`` keeps the output of every linear projection in the decoder layers
@@ -18,7 +18,7 @@ its own. Elementwise parts (norms, RoPE, the MLP's activation) are recomputed in
 they are cheap, and autograd needs their graph.
 
 While recording, each projection's weight is packed once into oneDNN's layout
-(``onednn_linear.pack_weight``: the sampling pass multiplies it ``1 + T`` times) where that
+(``onednn_linear.pack_weight``: the sampling pass multiplies it ``T`` times) where that
 applies, and the tree pass multiplies its remaining rows from the same packed weight; each is
 let go once its module has replayed.
 """
@@ -40,7 +40,7 @@ from quietstar.ops.onednn_linear import (
     packed_linear,
     packed_product_dtype,
 )
-from quietstar.ops.tree_attention_native import TreeAttentionRows
+from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
 
 def replayable(layers: nn.Module) -> bool:
@@ -75,8 +75,9 @@ class ProjectionRecord:
         self.packed: dict[nn.Linear, PackedWeight] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
         self.overflow = False  # a module was called with more rows than total_rows
+        attention = [module for module in layers.modules() if isinstance(module, QuietStarAttention)]
         self.attention: dict[QuietStarAttention, TreeAttentionRows] = {
-            module: TreeAttentionRows(total_rows) for module in layers.modules() if isinstance(module, QuietStarAttention)
+            module: TreeAttentionRows(total_rows) for module in attention
         }
 
     def keep(self, module: nn.Linear, output: torch.Tensor) -> None:
@@ -116,7 +117,9 @@ class ProjectionRecord:
 @contextlib.contextmanager
 def recording_projections(layers: nn.Module, total_rows: int) -> Iterator[ProjectionRecord]:
     """Keep the output of every linear projection under ``layers`` called inside the block,
-    into buffers of ``total_rows`` tokens (the tree pass's)."""
+    into buffers of ``total_rows`` tokens (the tree pass's), and every ``QuietStarAttention``'s
+    rows. The modules are patched for every thread: run nothing else on the model inside the
+    block."""
     record = ProjectionRecord(layers, total_rows)
     # The module's forward itself keeps the rows: they are the projection's own output, which
     # the module's hooks see again when the tree pass replays them. Recorded modules have no
@@ -156,14 +159,20 @@ def replaying_projections(record: ProjectionRecord) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _attention_rows(rows: dict[QuietStarAttention, TreeAttentionRows]) -> Iterator[None]:
-    """Hand each attention module its rows inside the block (``QuietStarAttention.known_rows``)."""
+    """Hand each attention module its rows inside the block (``QuietStarAttention.known_rows``);
+    what the modules had is theirs again after it."""
+    missing = object()
+    before = {module: vars(module).get("known_rows", missing) for module in rows}
     for module, kept in rows.items():
         module.known_rows = kept
     try:
         yield
     finally:
-        for module in rows:
-            del module.known_rows  # back to the class's None
+        for module, had in before.items():
+            if had is missing:
+                vars(module).pop("known_rows", None)  # back to the class's None
+            else:
+                module.known_rows = had
 
 
 class _RecordingForward:

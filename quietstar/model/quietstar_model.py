@@ -356,10 +356,10 @@ class QuietStarModel(nn.Module):
         """The base pass and the first ``steps`` chain steps through a KV cache in the tree
         layout (the base and the first step as one pass), sampling the thought tokens on the
         way; returns ``h_base [B, L, d]``, the chain steps' hidden states ``[B, steps, N, L,
-        d]`` (those of the tree pass) and the thoughts ``[B, N, L, T]``. Chain step ``c`` reads: the start token (``c = 0``),
-        thought token ``c`` (``1 <= c <= T``), the end token (``T + 1``), then the talk input
-        ``x[i + c - T - 1]``; the steps from ``T`` on, whose inputs are all known once the last
-        thought token is drawn, run as one pass. With ``thought_logits [V, T, B * N * L]``, the
+        d]`` (those of the tree pass) and the thoughts ``[B, N, L, T]``. Chain step ``c``
+        reads: the start token (``c = 0``), thought token ``c`` (``1 <= c <= T``), the end
+        token (``T + 1``), then the talk input ``x[i + c - T - 1]``; the steps from ``T`` on,
+        whose inputs are all known once the last thought token is drawn, run as one pass. With ``thought_logits [V, T, B * N * L]``, the
         logits each thought token was drawn from are written there (``sample``)."""
         cfg = self.config
         batch, length = input_ids.shape

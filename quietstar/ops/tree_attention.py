@@ -6,7 +6,7 @@ import torch
 
 from quietstar._checks import FLOAT_DTYPES, check_int, check_positive_float, check_tensor
 from quietstar.ops.backends import resolve_backend
-from quietstar.ops.tree_attention_native import TreeAttentionRows
+from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 # The kernels put batch x KV heads on a launch grid axis that CUDA caps at 65535.
@@ -48,7 +48,8 @@ def tree_attention(
         known_rows: rows of this tree's output kept across calls (``TreeAttentionRows``): a
             call whose queries are the tree's next slots appends its rows, a call over all of
             the tree's queries computes only those after the kept ones. Only the native
-            backend in float32 keeps and uses them; elsewhere every row is computed.
+            backend keeps and uses them, where it computes in float32 (float32 inputs, and
+            half-precision ones it casts); elsewhere every row is computed.
 
     Returns:
         ``[B, Hq, Sq * slot_len, D]`` in the dtype of ``q``. A query that sees no key (a base

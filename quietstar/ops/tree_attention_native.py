@@ -28,6 +28,7 @@ import torch
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul
 from quietstar.ops.native import native_bf16_products
+from quietstar.ops.tree_attention_rows import TreeAttentionRows
 from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
 
 # Shortest slot length whose trunk is not slower in PyTorch's bfloat16 flash kernel than in the
@@ -86,68 +87,6 @@ def _native_trunk(q: torch.Tensor) -> bool:
     return q.dtype == torch.float32
 
 
-class TreeAttentionRows:
-    """The output and log-sum-exp rows of a tree's queries, kept by one pass for a later pass
-    over the same tree (``tree_attention(..., known_rows=)``; the native backend in float32).
-
-    A training step's sampling pass computes the tree's first slots through a KV cache, one
-    call per step, each call's queries the tree's next slots; the tree pass then computes the
-    attention of every slot again, with gradients, over the same queries and keys. So each
-    sampling call appends its rows (``out [B, Hq, total, D]``, ``lse [B, Hq, total]``, the first
-    ``filled`` written), and the tree pass's call over all ``total`` query rows takes them
-    (once), computes only the rows after them and saves the buffers for its backward as its
-    own output and log-sum-exp. The caller vouches that the appended rows are the tree's first
-    ones (the queries and keys the later call computes again); a call that fits neither way
-    (another shape or arithmetic) computes as usual and leaves the rows unusable.
-
-    Args:
-        total: the tree's query rows per batch row and head (``S * L``).
-    """
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.out: torch.Tensor | None = None
-        self.lse: torch.Tensor | None = None
-        self.filled = 0
-        self.arithmetic: tuple[torch.dtype, bool] | None = None  # (dtype, bf16 products) of the kept rows
-        self.usable = True
-
-    def keep(self, out: torch.Tensor, lse: torch.Tensor, bf16: bool) -> None:
-        """Append ``out [B, Hq, rows, D]`` and ``lse [B, Hq, rows]`` after the kept rows."""
-        rows = out.shape[2]
-        if self.out is None:
-            self.out = out.new_empty(*out.shape[:2], self.total, out.shape[3])
-            self.lse = lse.new_empty(*lse.shape[:2], self.total)
-            self.arithmetic = (out.dtype, bf16)
-        fits = (
-            self.filled + rows <= self.total
-            and out.shape[:2] == self.out.shape[:2]
-            and out.shape[3] == self.out.shape[3]
-            and self.arithmetic == (out.dtype, bf16)
-        )
-        if not (self.usable and fits):
-            self.usable = False
-            return
-        self.out[:, :, self.filled : self.filled + rows] = out
-        self.lse[:, :, self.filled : self.filled + rows] = lse
-        self.filled += rows
-
-    def take(self, q: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """For a call over all the tree's queries ``q [B, Hq, total, D]``: the buffers and the
-        rows kept, which the rows are then given up to (None if ``q`` is not such a call, or
-        nothing usable is kept)."""
-        if q.shape[2] != self.total:
-            return None
-        out, lse, filled, usable = self.out, self.lse, self.filled, self.usable
-        self.out = self.lse = None
-        self.usable = False
-        if not usable or out is None or filled == 0:
-            return None
-        if out.shape[:2] != q.shape[:2] or out.shape[3] != q.shape[3] or self.arithmetic != (q.dtype, bf16):
-            return None
-        return out, lse, filled
-
-
 def _forward(q, k, v, key_padding_mask, sliding_window, slot_len, n_thoughts, scale, bf16):
     """Output ``[B, Hq, Sq * L, D]`` and log-sum-exp ``[B, Hq, Sq * L]`` of queries ``q`` (the
     tree's last ``Sq`` slots) over ``k`` and ``v``, as the kernels read them."""
@@ -178,13 +117,18 @@ class TreeAttentionNative(torch.autograd.Function):
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.contiguous()  # [B, L] bool, as the kernels read it
         options = (key_padding_mask, sliding_window, slot_len, n_thoughts, scale, bf16)
-        # Rows are kept and given only where the native trunk computes them (float32).
-        known_rows = known_rows if _native_trunk(q) else None
-        given = None if known_rows is None else known_rows.take(q, bf16)
+        given = None
+        if known_rows is not None:
+            # Rows are kept and given only where the native trunk computes them (float32).
+            call = (q.dtype, bf16, slot_len, n_thoughts, sliding_window, scale)
+            if not _native_trunk(q):
+                known_rows.drop()
+            elif q.shape[2] == known_rows.total:
+                given = known_rows.take(q, call, key_padding_mask)
         if given is None:
             out, lse = _forward(q, k, v, *options)
-            if known_rows is not None:
-                known_rows.keep(out, lse, bf16)
+            if known_rows is not None and _native_trunk(q) and q.shape[2] < known_rows.total:
+                known_rows.keep(out, lse, call, key_padding_mask)
         else:
             out, lse, first = given
             if first < q.shape[2]:
