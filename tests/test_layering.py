@@ -1,12 +1,14 @@
 """The layers of docs/architecture.md import one way: kernels <- ops <- model <- train.
 
-Read from the source with ``ast`` (importing ``quietstar`` loads every layer), so a new import
-that points up, or an ops module that reaches for transformers, fails here.
+Read from the source with ``ast`` (importing a module loads the layers below it), so a new
+import that points up, or an ops module that reaches for transformers, fails here.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,22 @@ def test_the_layering_check_sees_relative_and_absolute_upward_imports():
     found = upward(source, package_of(ROOT / "quietstar" / "ops" / "example.py"), FORBIDDEN["quietstar/ops"])
     assert found == ["quietstar.model", "quietstar.model.attention", "transformers.activations"]
     assert package_of(ROOT / "kernels" / "tree_attention.py") == "quietstar.kernels"
+
+
+def test_importing_quietstar_loads_the_ops_and_the_model_layer_at_its_first_use():
+    """``import quietstar`` (what the ops' users and the benchmark's op workers do) does not
+    import transformers; the model layer's names and ``quietstar.model`` load when first asked for."""
+    code = (
+        "import sys, quietstar\n"
+        "assert 'transformers' not in sys.modules and 'quietstar.model' not in sys.modules\n"
+        "from quietstar import QuietStarModel, tree_attention\n"
+        "assert QuietStarModel is sys.modules['quietstar.model'].QuietStarModel\n"
+        "assert quietstar.model is sys.modules['quietstar.model'] and 'patch' in dir(quietstar)\n"
+        "try:\n"
+        "    quietstar.no_such_name\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_name' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
