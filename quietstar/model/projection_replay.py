@@ -1,8 +1,8 @@
 """Reuse the thought-sampling pass's projections in the tree pass.
 
 A training step first samples the thoughts without gradients (``T`` chain steps through a KV
-cache, the first with the base pass), then runs the tree pass with gradients over the base slot and every
-chain slot. The tree's first ``1 + T * N`` slots are exactly what the sampling pass computed:
+cache, the first with the base pass), then runs the tree pass with gradients over the base
+slot and every chain slot. The tree's first ``1 + T * N`` slots are exactly what the sampling pass computed:
 the same inputs at the same positions under the same tree rule. So while sampling,
 ``recording_projections`` keeps the output of every linear projection in the decoder layers
 (``[B, tokens, out]`` per call), and in the tree pass ``replaying_projections`` makes each
@@ -75,9 +75,10 @@ class ProjectionRecord:
         self.packed: dict[nn.Linear, PackedWeight] = {}
         self.filled: dict[nn.Linear, int] = {module: 0 for module in self.linears}
         self.overflow = False  # a module was called with more rows than total_rows
-        attention = [module for module in layers.modules() if isinstance(module, QuietStarAttention)]
         self.attention: dict[QuietStarAttention, TreeAttentionRows] = {
-            module: TreeAttentionRows(total_rows) for module in attention
+            module: TreeAttentionRows(total_rows)
+            for module in layers.modules()
+            if isinstance(module, QuietStarAttention)
         }
 
     def keep(self, module: nn.Linear, output: torch.Tensor) -> None:

@@ -359,8 +359,9 @@ class QuietStarModel(nn.Module):
         d]`` (those of the tree pass) and the thoughts ``[B, N, L, T]``. Chain step ``c``
         reads: the start token (``c = 0``), thought token ``c`` (``1 <= c <= T``), the end
         token (``T + 1``), then the talk input ``x[i + c - T - 1]``; the steps from ``T`` on,
-        whose inputs are all known once the last thought token is drawn, run as one pass. With ``thought_logits [V, T, B * N * L]``, the
-        logits each thought token was drawn from are written there (``sample``)."""
+        whose inputs are all known once the last thought token is drawn, run as one pass. With
+        ``thought_logits [V, T, B * N * L]``, the logits each thought token was drawn from are
+        written there (``sample``)."""
         cfg = self.config
         batch, length = input_ids.shape
         n, t_len = cfg.n_thoughts, cfg.thought_tokens

@@ -32,9 +32,8 @@ def head_logits(
     product ``W h^T``, which with the vocabulary as its long side runs about 1.3x faster on CPU
     than ``h W^T`` for a few hundred rows. With ``out`` (the result's shape and dtype, any
     strides), the logits are also written there; the result is then ``out`` itself where a
-    half-precision product was converted straight into it, else a fresh tensor (the caller's
-    to overwrite). The bias, temperature and
-    mask are applied in place: one pass fewer over the ``N x V`` logits each."""
+    half-precision product was converted straight into it, else a fresh tensor. The bias,
+    temperature and mask are applied in place: one pass fewer over the ``N x V`` logits each."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     # ``linear`` hands autocast the weight itself (a leaf), whose cast autocast then caches for
     # the rest of its region; a transposed view would be cast again at every call.
@@ -43,8 +42,8 @@ def head_logits(
     else:
         product, vocab_axis = torch.nn.functional.linear(hidden, lm_weight), -1
     # The product is a fresh tensor, ours to change in place. A half-precision one is converted
-    # straight into out; a float32 one is finished first, then copied (the copy is the result:
-    # contiguous for whatever reads it next).
+    # straight into out; a float32 one is finished first, then copied into out (the product,
+    # contiguous, is the result).
     convert_into_out = out is not None and product.dtype != dtype
     logits = out.copy_(product) if convert_into_out else product.to(dtype)
     if lm_bias is not None:

@@ -117,17 +117,16 @@ class TreeAttentionNative(torch.autograd.Function):
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.contiguous()  # [B, L] bool, as the kernels read it
         options = (key_padding_mask, sliding_window, slot_len, n_thoughts, scale, bf16)
-        given = None
-        if known_rows is not None:
-            # Rows are kept and given only where the native trunk computes them (float32).
-            call = (q.dtype, bf16, slot_len, n_thoughts, sliding_window, scale)
-            if not _native_trunk(q):
-                known_rows.drop()
-            elif q.shape[2] == known_rows.total:
-                given = known_rows.take(q, call, key_padding_mask)
+        # Rows are kept and given only where the native trunk computes them (float32).
+        if known_rows is not None and not _native_trunk(q):
+            known_rows.drop()
+            known_rows = None
+        call = (q.dtype, bf16, slot_len, n_thoughts, sliding_window, scale)
+        whole_tree = known_rows is not None and q.shape[2] == known_rows.total
+        given = known_rows.take(q, call, key_padding_mask) if whole_tree else None
         if given is None:
             out, lse = _forward(q, k, v, *options)
-            if known_rows is not None and _native_trunk(q) and q.shape[2] < known_rows.total:
+            if known_rows is not None and not whole_tree:
                 known_rows.keep(out, lse, call, key_padding_mask)
         else:
             out, lse, first = given
