@@ -112,3 +112,33 @@ def test_the_backend_variable_reference_names_the_composition_of_the_elementwise
     else:
         out = rotary_embedding(x, torch.ones(1, 3, 8), torch.zeros(1, 3, 8))
     assert not out.grad_fn.name().endswith(("NativeBackward", "TritonBackward"))
+
+
+@requires_native
+@pytest.mark.parametrize("op", ["swiglu", "rms_norm", "rotary_embedding"])
+def test_native_elementwise_ops_with_no_gradient_to_record_call_the_kernels_without_autograd(op, monkeypatch):
+    from quietstar.ops import rms_norm as rms_norm_module
+    from quietstar.ops import rotary_embedding as rotary_module
+    from quietstar.ops import swiglu as swiglu_module
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, 8, generator=generator)
+    weight, cos, sin = torch.randn(8, generator=generator), torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    calls = {
+        "swiglu": (lambda t: swiglu_module.swiglu(t, t.flip(-1)), swiglu_module.SwiGLUNative),
+        "rms_norm": (lambda t: rms_norm_module.rms_norm(t, weight, 1e-6, out_dtype=torch.bfloat16), rms_norm_module.RMSNormNative),
+        "rotary_embedding": (lambda t: rotary_module.rotary_embedding(t.transpose(1, 2), cos, sin), rotary_module.RotaryEmbeddingNative),
+    }
+    run, function = calls[op]
+    recorded = run(x.clone().requires_grad_())
+    assert recorded.grad_fn.name() == f"{function.__name__}Backward"
+
+    def refuse(*args):
+        raise AssertionError("no gradient is recorded: the kernels run without the autograd Function")
+
+    monkeypatch.setattr(function, "apply", refuse)
+    with torch.no_grad():
+        unrecorded = run(x.clone().requires_grad_())
+    torch.testing.assert_close(unrecorded, recorded.detach(), rtol=0, atol=0)
+    assert unrecorded.grad_fn is None and unrecorded.dtype == recorded.dtype
+    torch.testing.assert_close(run(x), recorded.detach(), rtol=0, atol=0)  # grad mode on, no input needing one

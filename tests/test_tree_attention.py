@@ -319,6 +319,29 @@ def test_native_backward_repeats_bit_for_bit():
 
 
 @requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_native_with_no_gradient_to_record_runs_without_autograd_and_gives_the_same_output(dtype, monkeypatch):
+    from quietstar.ops.tree_attention_native import TreeAttentionNative
+
+    q, k, v, mask = make_inputs(2, 4, 2, 9, 2, 3, 16, dtype, padded=True)
+    options = dict(n_thoughts=2, key_padding_mask=mask, sliding_window=5, backend="native")
+    recorded = tree_attention(q, k, v, 9, **options)
+    assert recorded.grad_fn.name() == "TreeAttentionNativeBackward"
+
+    def refuse(*args):
+        raise AssertionError("no gradient is recorded: the kernels run without the autograd Function")
+
+    monkeypatch.setattr(TreeAttentionNative, "apply", refuse)
+    with torch.no_grad():
+        unrecorded = tree_attention(q, k, v, 9, **options)
+    assert unrecorded.grad_fn is None and unrecorded.dtype == dtype
+    torch.testing.assert_close(unrecorded, recorded.detach(), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernels choose their own precision
+        detached = tree_attention(q.detach(), k.detach(), v.detach(), 9, **options)
+    torch.testing.assert_close(detached, recorded.detach(), rtol=0, atol=0)
+
+
+@requires_native
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations):
     """Keys and values as a KV cache hands them over: the filled part of a longer buffer

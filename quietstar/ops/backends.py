@@ -83,21 +83,22 @@ def resolve_backend(
     Raises:
         ValueError: unknown name, or ``triton`` or ``native`` where it cannot run.
     """
-    source = "backend"
     if backend is None:
-        backend = os.environ.get(BACKEND_ENV_VAR) or None
-        source = BACKEND_ENV_VAR
-    if backend is None:
-        if device.type == "cuda" and triton_available():
-            if triton_unsupported is None:
-                return "triton"
-            log_fallback_once(triton_unsupported)
-        if device.type == "cpu" and has_native:
-            from quietstar.ops.native import native_available
+        return _resolve(os.environ.get(BACKEND_ENV_VAR) or None, BACKEND_ENV_VAR, device, triton_unsupported, has_native)
+    return _resolve(backend, "backend", device, triton_unsupported, has_native)
 
-            if native_available():
-                return "native"
-        return "torch"
+
+def _resolve(
+    backend: str | None, source: str, device: torch.device, triton_unsupported: str | None, has_native: bool
+) -> str:
+    """``resolve_backend`` for ``backend`` as given by ``source`` (the argument or the
+    environment variable; None: neither names one)."""
+    if backend is None:
+        chosen = _automatic_backend(device.type, has_native)
+        if chosen == "triton" and triton_unsupported is not None:
+            log_fallback_once(triton_unsupported)
+            return "torch"
+        return chosen
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
@@ -119,6 +120,28 @@ def resolve_backend(
 
         require_native()
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _automatic_backend(device_type: str, has_native: bool) -> str:
+    """The automatic choice for inputs every backend takes: triton on CUDA with triton installed,
+    native on the CPU for an op with native kernels where they load, else torch. Cached: the
+    ops call it for every decoder layer's norms, rotations and activations."""
+    if device_type == "cuda" and triton_available():
+        return "triton"
+    if device_type == "cpu" and has_native:
+        from quietstar.ops.native import native_available
+
+        if native_available():
+            return "native"
+    return "torch"
+
+
+def records_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on ``tensors`` (grad mode on and one of them needs a
+    gradient). Where it would not, the ops call their kernels without an autograd Function,
+    whose ``apply`` costs about as much as a small kernel (the thought sampling's calls)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,10 +188,13 @@ def elementwise_backend(backend: str | None, device: torch.device) -> str:
     """For the decoder's elementwise ops: ``"triton"``, ``"native"`` or ``"torch"``, as
     ``backend`` (else ``QUIETSTAR_BACKEND``) on ``device`` resolves (``resolve_backend``);
     ``"reference"`` is the ``torch`` composition, by argument or environment alike."""
-    name = backend or os.environ.get(BACKEND_ENV_VAR) or None
+    if backend is None:
+        name, source = os.environ.get(BACKEND_ENV_VAR) or None, BACKEND_ENV_VAR
+    else:
+        name, source = backend, "backend"
     if name == "reference":
         return "torch"
-    return resolve_backend(backend, device, has_native=True)
+    return _resolve(name, source, device, None, has_native=True)
 
 
 def elementwise_choice(

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from quietstar.ops.backends import fast_half_matmul
+from quietstar.ops.backends import fast_half_matmul, records_gradient
 
 NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
 
@@ -85,14 +85,9 @@ def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         and x.dtype == weight.dtype == torch.float32
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and not _records_gradient(x, weight, bias)
+        and not records_gradient(x, weight, bias)
         and onednn_linear_available()
     )
-
-
-def _records_gradient(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd would record a product of ``tensors`` (which these functions do not)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -159,7 +154,7 @@ def packed_product_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return None
     if x.device.type != "cpu" or x.numel() == 0 or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if _records_gradient(x, weight, bias):
+    if records_gradient(x, weight, bias):
         return None
     native = fast_half_matmul(torch.bfloat16, x.device) and onednn_packing_available()  # which checks linear's too
     return torch.bfloat16 if native else None

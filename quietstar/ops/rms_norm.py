@@ -27,6 +27,7 @@ from quietstar.ops.backends import (
     elementwise_choice,
     elementwise_kernels,
     launch_device,
+    records_gradient,
 )
 
 # The widest row the Triton kernels take: one program holds a row in registers (wider rows would
@@ -47,8 +48,7 @@ class RMSNormKernels(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
         x, weight = x.contiguous(), weight.contiguous()
         ctx.kernels = elementwise_kernels("rms_norm", backend)
-        with launch_device(x):
-            out, rstd = ctx.kernels.forward(x, weight, eps, out_dtype)
+        out, rstd = _kernels_forward(ctx.kernels, x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         ctx.out_dtype = out_dtype
         return out
@@ -61,6 +61,12 @@ class RMSNormKernels(torch.autograd.Function):
         with launch_device(x):
             d_x, d_weight = ctx.kernels.backward(grad, x, weight, rstd)
         return d_x, d_weight, None, None, None
+
+
+def _kernels_forward(kernels, x, weight, eps, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result ``[..., d]`` and ``rstd`` (one float per row) from contiguous ``x`` and ``weight``."""
+    with launch_device(x):
+        return kernels.forward(x, weight, eps, out_dtype)
 
 
 class RMSNormNative(RMSNormKernels):
@@ -149,5 +155,9 @@ def rms_norm(
     )
     if chosen == "torch":
         return rms_norm_torch(x, weight, eps, out_dtype)
+    out_dtype = out_dtype or torch.promote_types(x.dtype, weight.dtype)
+    if not records_gradient(x, weight):
+        kernels = elementwise_kernels("rms_norm", chosen)
+        return _kernels_forward(kernels, x.contiguous(), weight.contiguous(), float(eps), out_dtype)[0]
     function = RMSNormNative if chosen == "native" else RMSNormTriton
-    return function.apply(x, weight, float(eps), out_dtype or torch.promote_types(x.dtype, weight.dtype), chosen)
+    return function.apply(x, weight, float(eps), out_dtype, chosen)

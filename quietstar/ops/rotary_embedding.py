@@ -23,6 +23,7 @@ from quietstar.ops.backends import (
     elementwise_choice,
     elementwise_kernels,
     launch_device,
+    records_gradient,
 )
 
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
@@ -36,6 +37,19 @@ def _last_axis_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _as_kernels_take(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x``, ``cos`` and ``sin`` in the layout ``backend``'s kernels read."""
+    if backend == "native":
+        return x.contiguous(), *(angle.expand(x.shape[0], -1, -1).contiguous() for angle in (cos, sin))
+    # any strides, the batch's included (0 where the angles are expanded over it)
+    x, cos, sin = _last_axis_contiguous(x), _last_axis_contiguous(cos), _last_axis_contiguous(sin)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return x, cos, sin
+
+
 class RotaryEmbeddingKernels(torch.autograd.Function):
     """Forward and backward through one backend's kernels (``elementwise_kernels``); the
     subclasses name the backend in ``grad_fn``. The native kernels take contiguous tensors,
@@ -44,13 +58,7 @@ class RotaryEmbeddingKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend == "native":
-            x = x.contiguous()
-            cos, sin = (angle.expand(x.shape[0], -1, -1).contiguous() for angle in (cos, sin))
-        else:  # any strides, the batch's included (0 where the angles are expanded over it)
-            x, cos, sin = _last_axis_contiguous(x), _last_axis_contiguous(cos), _last_axis_contiguous(sin)
-            if cos.stride() != sin.stride():
-                cos, sin = cos.contiguous(), sin.contiguous()
+        x, cos, sin = _as_kernels_take(x, cos, sin, backend)
         ctx.kernels, ctx.backend, ctx.x_dtype = elementwise_kernels("rotary_embedding", backend), backend, x.dtype
         ctx.save_for_backward(cos, sin)
         with launch_device(x):
@@ -149,4 +157,8 @@ def rotary_embedding(
     )
     if chosen == "torch":
         return rotary_embedding_torch(x, cos, sin)
+    if not records_gradient(x, cos, sin):
+        x, cos, sin = _as_kernels_take(x, cos, sin, chosen)
+        with launch_device(x):
+            return elementwise_kernels("rotary_embedding", chosen).forward(x, cos, sin)
     return (RotaryEmbeddingNative if chosen == "native" else RotaryEmbeddingTriton).apply(x, cos, sin, chosen)

@@ -25,6 +25,7 @@ from quietstar.ops.backends import (
     elementwise_choice,
     elementwise_kernels,
     launch_device,
+    records_gradient,
 )
 
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
@@ -43,8 +44,7 @@ class SwiGLUKernels(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.kernels = elementwise_kernels("swiglu", backend)
         ctx.save_for_backward(gate, up)
-        with launch_device(gate):
-            return ctx.kernels.forward(gate, up)
+        return _kernels_forward(ctx.kernels, gate, up)
 
     @staticmethod
     @once_differentiable
@@ -52,6 +52,12 @@ class SwiGLUKernels(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         with launch_device(gate):
             return (*ctx.kernels.backward(grad.to(gate.dtype).contiguous(), gate, up), None)
+
+
+def _kernels_forward(kernels, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from contiguous ``gate`` and ``up``."""
+    with launch_device(gate):
+        return kernels.forward(gate, up)
 
 
 class SwiGLUNative(SwiGLUKernels):
@@ -108,4 +114,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     )
     if chosen == "torch":
         return F.silu(gate) * up
+    if not records_gradient(gate, up):
+        return _kernels_forward(elementwise_kernels("swiglu", chosen), gate.contiguous(), up.contiguous())
     return (SwiGLUNative if chosen == "native" else SwiGLUTriton).apply(gate, up, chosen)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.ops.backends import autocast_off, fast_half_matmul
+from quietstar.ops.backends import autocast_off, fast_half_matmul, records_gradient
 from quietstar.ops.native import native_bf16_products
 from quietstar.ops.tree_attention_rows import TreeAttentionRows
 from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
@@ -106,11 +106,13 @@ def _forward(q, k, v, key_padding_mask, sliding_window, slot_len, n_thoughts, sc
     return out, lse
 
 
-class TreeAttentionNative(torch.autograd.Function):
-    @staticmethod
-    @autocast_off
-    def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows):
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+def _attend(q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows):
+    """The op's forward, autocast off: ``(out in q's dtype, saved, options)``, where ``saved``
+    holds ``q, k, v`` as computed, the output and log-sum-exp in the kernels' dtype, and the
+    mask, and ``options`` what else the backward reads; rows kept or taken through
+    ``known_rows`` (``TreeAttentionRows``)."""
+    with torch.autocast(q.device.type, enabled=False):
+        dtype = q.dtype
         compute = _run_dtype(q, k, v, slot_len)
         bf16 = bf16_products(q, k, v)
         q, k, v = q.to(compute).contiguous(), *_keys_in_place(k.to(compute), v.to(compute))
@@ -132,9 +134,18 @@ class TreeAttentionNative(torch.autograd.Function):
             out, lse, first = given
             if first < q.shape[2]:
                 out[:, :, first:], lse[:, :, first:] = _forward(q[:, :, first:].contiguous(), k, v, *options)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.options = (slot_len, n_thoughts, sliding_window, scale, bf16)
-        return out.to(ctx.dtypes[0])
+        return out.to(dtype), (q, k, v, out, lse, key_padding_mask), (slot_len, n_thoughts, sliding_window, scale, bf16)
+
+
+class TreeAttentionNative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows):
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        out, saved, ctx.options = _attend(
+            q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows
+        )
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @autocast_off
@@ -167,4 +178,7 @@ def tree_attention_native(
 ) -> torch.Tensor:
     """Arguments as ``quietstar.tree_attention`` (already checked; the extension loaded by
     ``resolve_backend``); CPU tensors."""
-    return TreeAttentionNative.apply(q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows)
+    args = (q, k, v, slot_len, n_thoughts, key_padding_mask, sliding_window, scale, known_rows)
+    if not records_gradient(q, k, v):  # no autograd Function: its apply costs about a small call's kernels
+        return _attend(*args)[0]
+    return TreeAttentionNative.apply(*args)
