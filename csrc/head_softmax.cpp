@@ -6,7 +6,8 @@
 // them from memory, the later ones find them in the last-level cache (16 columns of 49,152
 // floats are 3 MB), and exp is a vector polynomial (vexp).
 //
-// float32 scores, unit column stride, any row stride; results float32.
+// float32 scores (head_softmax_gradient_ also bfloat16: the half-precision head's products, rounded
+// once more, to bfloat16, on the way out), unit column stride, any row stride; results float32.
 // * head_logsumexp(scores) -> lse [C]: log(sum_v exp(scores[v, c])); scores unchanged.
 // * head_softmax_gradient_(scores, targets, scale) -> lse [C], and in place
 //   scores[v, c] = scale[c] * (softmax(scores[:, c])[v] - (v == targets[c])): the gradient of
@@ -39,19 +40,24 @@ constexpr int64_t kUnroll = 4;  // the reductions below combine exactly four
 // Rows whose exponentials are summed in float32 before their sum joins a float64 total.
 constexpr int64_t kSumBlock = 64;
 
-struct Columns {
-  float* scores;
-  int64_t vocab, stride;  // rows and the row stride, in floats
+// Scores stored as T: float, or bfloat16 (head_softmax_gradient_ only), computed in float.
+template <typename T>
+struct ColumnsOf {
+  T* scores;
+  int64_t vocab, stride;  // rows and the row stride, in elements
   int64_t first, count;   // this task's columns: [first, first + count), count <= kLanes
 };
+using Columns = ColumnsOf<float>;
 
-QUIETSTAR_INLINE Floats load_columns(const Columns& c, int64_t v) {
-  const float* p = c.scores + v * c.stride + c.first;
+template <typename T>
+QUIETSTAR_INLINE Floats load_columns(const ColumnsOf<T>& c, int64_t v) {
+  const T* p = c.scores + v * c.stride + c.first;
   return c.count == kLanes ? load(p) : load_first(p, c.count);
 }
 
-QUIETSTAR_INLINE void store_columns(const Columns& c, int64_t v, Floats x) {
-  float* p = c.scores + v * c.stride + c.first;
+template <typename T>
+QUIETSTAR_INLINE void store_columns(const ColumnsOf<T>& c, int64_t v, Floats x) {
+  T* p = c.scores + v * c.stride + c.first;
   if (c.count == kLanes) {
     store(p, x);
   } else {
@@ -63,7 +69,8 @@ QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
 
 // Column maxima. A NaN score may be passed over here (torch.amax would return NaN): the exp
 // pass turns it into a NaN sum, and each op below makes such a column NaN throughout.
-QUIETSTAR_INLINE Floats column_max(const Columns& c) {
+template <typename T>
+QUIETSTAR_INLINE Floats column_max(const ColumnsOf<T>& c) {
   Floats m[kUnroll];
   for (auto& x : m) x = splat(-INFINITY);
   int64_t v = 0;
@@ -75,8 +82,8 @@ QUIETSTAR_INLINE Floats column_max(const Columns& c) {
 }
 
 // Sum over v of exp(scores[v] - top), with the exponentials written back when `store`.
-template <bool kStore>
-QUIETSTAR_INLINE Floats exp_sum(const Columns& c, Floats top, int64_t begin, int64_t end) {
+template <bool kStore, typename T>
+QUIETSTAR_INLINE Floats exp_sum(const ColumnsOf<T>& c, Floats top, int64_t begin, int64_t end) {
   Floats s[kUnroll] = {};
   int64_t v = begin;
   for (; v + kUnroll <= end; v += kUnroll) {
@@ -96,8 +103,8 @@ QUIETSTAR_INLINE Floats exp_sum(const Columns& c, Floats top, int64_t begin, int
 
 // exp_sum over all rows: float32 sums of kSumBlock rows, added up in float64 (one float32 sum
 // over 49,152 rows would lose about 1e-5 of it; PyTorch's sums are pairwise).
-template <bool kStore>
-QUIETSTAR_INLINE Floats exp_total(const Columns& c, Floats top) {
+template <bool kStore, typename T>
+QUIETSTAR_INLINE Floats exp_total(const ColumnsOf<T>& c, Floats top) {
   using Doubles = Vector<double, kLanes / 2>;
   Doubles low = {}, high = {};
   for (int64_t v = 0; v < c.vocab; v += kSumBlock) {
@@ -140,6 +147,26 @@ QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, c
   }
 }
 
+// bfloat16 scores, the same arithmetic rounded once: the exponentials are not stored between the
+// passes (that would round them) but computed again for the last one, and each target's entry
+// is formed from its score, kept before that pass overwrites it.
+QUIETSTAR_CLONES void softmax_gradient_bf16_task(ColumnsOf<c10::BFloat16> c, const int64_t* targets, const float* scale,
+                                                 float* lse) {
+  const Floats top = column_max(c);
+  const Floats total = exp_total<false>(c, top);
+  store_first(lse + c.first, vlog(total) + top, c.count);
+  float picked[kLanes] = {};
+  for (int64_t j = 0; j < c.count; ++j) picked[j] = c.scores[targets[c.first + j] * c.stride + c.first + j];
+  const Floats factor = load_first(scale + c.first, c.count) / total;
+  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, vexp(load_columns(c, v) - top) * factor);
+  float at_target[kLanes];
+  store(at_target, vexp(load(picked) - top) * factor);
+  for (int64_t j = 0; j < c.count; ++j) {
+    const float gradient = at_target[j] - scale[c.first + j];
+    c.scores[targets[c.first + j] * c.stride + c.first + j] = c10::BFloat16(gradient);
+  }
+}
+
 QUIETSTAR_CLONES void exp_block_sums_task(Columns c, int64_t block, float* sums, int64_t sums_stride) {
   const Floats top = column_max(c);
   Floats nan_seen = {};  // NaN in the lanes of a column holding a NaN score
@@ -163,9 +190,10 @@ QUIETSTAR_CLONES void exp_block_sums_task(Columns c, int64_t block, float* sums,
   }
 }
 
-void check_scores(const at::Tensor& scores, const char* op) {
+void check_scores(const at::Tensor& scores, const char* op, bool bf16 = false) {
   TORCH_CHECK(scores.device().is_cpu(), op, ": scores must be a CPU tensor");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat, op, ": scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || (bf16 && scores.scalar_type() == at::kBFloat16), op,
+              bf16 ? ": scores must be float32 or bfloat16, got " : ": scores must be float32, got ", scores.scalar_type());
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) > 0, op, ": scores must be [V, C] with V > 0, got ",
               scores.sizes());
   TORCH_CHECK(scores.size(1) <= 1 || scores.stride(1) == 1, op, ": scores' columns must be adjacent (stride 1)");
@@ -174,14 +202,14 @@ void check_scores(const at::Tensor& scores, const char* op) {
 }
 
 // Runs task(columns) for each group of kLanes columns, in parallel.
-template <typename Task>
+template <typename T = float, typename Task>
 void for_each_column_group(const at::Tensor& scores, const Task& task) {
   const int64_t columns = scores.size(1), groups = (columns + kLanes - 1) / kLanes;
-  float* data = scores.data_ptr<float>();
+  T* data = scores.data_ptr<T>();
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes;
-      task(Columns{data, scores.size(0), scores.stride(0), first, std::min(kLanes, columns - first)});
+      task(ColumnsOf<T>{data, scores.size(0), scores.stride(0), first, std::min(kLanes, columns - first)});
     }
   });
 }
@@ -197,7 +225,7 @@ at::Tensor head_logsumexp(const at::Tensor& scores) {
 }
 
 at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale) {
-  check_scores(scores, "head_softmax_gradient_");
+  check_scores(scores, "head_softmax_gradient_", /*bf16=*/true);
   const int64_t columns = scores.size(1);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == columns &&
                   targets.is_contiguous() && targets.device().is_cpu(),
@@ -210,11 +238,16 @@ at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& ta
     TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < scores.size(0),
                 "head_softmax_gradient_: targets must lie in [0, V)");
   }
-  at::Tensor lse = at::empty({columns}, scores.options());
+  at::Tensor lse = at::empty({columns}, scores.options().dtype(at::kFloat));
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* s = scale.data_ptr<float>();
   float* out = lse.data_ptr<float>();
-  for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, out); });
+  if (scores.scalar_type() == at::kBFloat16) {
+    for_each_column_group<c10::BFloat16>(
+        scores, [&](ColumnsOf<c10::BFloat16> c) { softmax_gradient_bf16_task(c, t, s, out); });
+  } else {
+    for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, out); });
+  }
   return lse;
 }
 

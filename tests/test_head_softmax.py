@@ -19,7 +19,7 @@ NATIVE = pytest.param(
 def path(request, monkeypatch):
     """Which implementation runs: the native kernels, or PyTorch's ops (native turned off)."""
     if request.param == "torch":
-        monkeypatch.setattr(head_softmax, "_native_takes", lambda scores: False)
+        monkeypatch.setattr(head_softmax, "_native_takes", lambda *args: False)
     return request.param
 
 
@@ -50,6 +50,22 @@ def test_softmax_gradient_matches_float64(path, vocab, columns, strided):
     lse = softmax_gradient_(scores, targets, scale)
     torch.testing.assert_close(lse.double(), expected_lse, atol=2e-6, rtol=0)
     torch.testing.assert_close(scores.double(), expected, atol=1e-7, rtol=2e-6)
+
+
+@pytest.mark.parametrize("vocab,columns,strided", SHAPES)
+def test_softmax_gradient_of_bfloat16_scores_is_that_of_their_float32_copy_rounded_once(path, vocab, columns, strided):
+    scores = scores_of(vocab, columns, strided).bfloat16()
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, vocab, (columns,), generator=gen)
+    targets[0] = vocab // 2  # a target at the masked (-inf) entry
+    scale = torch.rand(columns, generator=gen)
+    scale[-1] = 0.0  # an ignored row
+    wide = scores.float()
+    expected_lse = softmax_gradient_(wide, targets, scale)
+    lse = softmax_gradient_(scores, targets, scale)
+    assert lse.dtype == torch.float32 and scores.dtype == torch.bfloat16
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
+    torch.testing.assert_close(scores, wide.bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("vocab,columns,strided", SHAPES)

@@ -15,6 +15,7 @@ from quietstar import linear_cross_entropy, weighted_linear_cross_entropy
 from quietstar.ops import backends
 from quietstar.ops.backends import BACKEND_ENV_VAR
 from quietstar.ops.linear_cross_entropy import weighted_form_reads_scores
+from quietstar.ops.native import native_available
 
 IGNORE = -100
 TOLERANCE = {
@@ -163,6 +164,38 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
     assert_matches_reference("torch", kwargs, temperature=temperature)
     weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2)).to(DEVICE)
     assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not native_available(), reason="the native CPU softmax keeps bfloat16 scores")
+def test_torch_weighted_form_keeps_bfloat16_scores_as_the_product_gives_them(monkeypatch, poisoned_allocations):
+    """With bfloat16 products and no bias, the scores stay as the product rounds them (masked ids
+    -inf) and chunks take twice the rows: per-row NLLs equal those from a float32 copy of the
+    scores bit for bit, the gradients agree at bfloat16 precision, and both match the float32
+    reference."""
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: True)
+    kwargs = make_inputs(150, 8, 29, torch.bfloat16, masked=True, ignored=True)
+    for name in ("lm_weight",):  # float32 master weights, as under autocast
+        kwargs[name] = kwargs[name].detach().float().requires_grad_()
+    weights = torch.rand(150, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 64 * 29 * 4)  # 64 float32 rows, 128 bfloat16
+    rows = []
+    product_scores = torch_backend._Scores.product_scores
+    monkeypatch.setattr(torch_backend._Scores, "product_scores", lambda self, h: rows.append(len(h)) or product_scores(self, h))
+
+    def run():
+        loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend="torch", temperature=2.0, **kwargs)
+        return nll, torch.autograd.grad(loss, list(differentiable(kwargs).values()))
+
+    nll, grads = run()
+    assert rows == [128, 22]
+    assert_weighted_form_matches_reference("torch", kwargs, weights, 2.0)
+    monkeypatch.setattr(torch_backend._Scores, "keeps_product_scores", lambda self: False)
+    rows.clear()
+    float32_nll, float32_grads = run()
+    assert rows == []  # the float32 copies' path scores through its buffer
+    torch.testing.assert_close(nll, float32_nll, rtol=0, atol=0)
+    for grad, expected in zip(grads, float32_grads):
+        assert relative_error(grad, expected) <= 1e-2
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the scratch passes between calls on CPU only")

@@ -25,12 +25,12 @@ import torch
 from quietstar.ops.native import native_available
 
 
-def _native_takes(scores: torch.Tensor) -> bool:
-    """float32 ``[V, C]`` CPU scores with adjacent columns and rows that do not overlap, and the
-    native kernels loaded."""
+def _native_takes(scores: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """``[V, C]`` CPU scores of one of ``dtypes`` with adjacent columns and rows that do not
+    overlap, and the native kernels loaded."""
     return (
         scores.device.type == "cpu"
-        and scores.dtype == torch.float32
+        and scores.dtype in dtypes
         and scores.dim() == 2
         and scores.shape[0] > 0
         and (scores.shape[1] <= 1 or scores.stride(1) == 1)
@@ -54,12 +54,23 @@ def softmax_gradient_(scores: torch.Tensor, targets: torch.Tensor, scale: torch.
     log-sum-exps ``[C]`` (of the scores as given).
 
     Args:
-        scores: ``[V, C]`` in the head's compute dtype (float32, or float64).
+        scores: ``[V, C]`` in the head's compute dtype (float32, or float64), or bfloat16: the
+            products of a bfloat16 head, computed in float32 and the gradient rounded once to
+            bfloat16 (what a float32 copy of them would give, cast back; one read and write of
+            half the bytes, no copy).
         targets: ``[C]`` int64 ids in ``[0, V)`` (ignored rows pointed anywhere, with scale 0).
-        scale: ``[C]`` in ``scores``' dtype.
+        scale: ``[C]`` in ``scores``' dtype (float32 for bfloat16 scores).
+
+    Returns:
+        ``[C]`` in ``scale``'s dtype.
     """
-    if _native_takes(scores):
+    if _native_takes(scores, (torch.float32, torch.bfloat16)):
         return torch.ops.quietstar.head_softmax_gradient_(scores, targets.contiguous(), scale.contiguous())
+    if scores.dtype != scale.dtype:  # bfloat16 scores without the native kernel
+        wide = scores.to(scale.dtype)
+        lse = softmax_gradient_(wide, targets, scale)
+        scores.copy_(wide)
+        return lse
     top = scores.amax(0, keepdim=True)
     probs = scores.sub_(top).exp_()
     total = probs.sum(0)

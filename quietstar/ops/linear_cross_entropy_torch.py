@@ -42,6 +42,7 @@ from quietstar.ops.linear_cross_entropy_common import (
     safe_targets,
     weighted_gradients_needed,
 )
+from quietstar.ops.native import native_available
 
 # Bytes of scores one chunk of rows may take; the forward and the backward each hold one
 # such buffer, reused from chunk to chunk.
@@ -110,6 +111,7 @@ class _Scores:
         self.inv_temperature = 1.0 / temperature
         offset = column_offset(lm_bias, masked_ids, lm_weight.shape[0], temperature, self.dtype, hidden.device)
         self.offset = None if offset is None else offset[:, None]
+        self.masked_ids, self.has_bias = masked_ids, lm_bias is not None
         # Scratch reused from chunk to chunk and, on CPU inside ``reusing_scratch``, from call to
         # call (the module's docstring says why); handed back when the ``with`` block ends.
         self._owner = lm_weight
@@ -136,8 +138,26 @@ class _Scores:
             flat = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.hidden.device)
         return flat[:numel]
 
-    def chunks(self) -> Iterator[slice]:
-        return _chunks(self.hidden.shape[0], self.weight.shape[0], self.dtype.itemsize)
+    def chunks(self, in_product_dtype: bool = False) -> Iterator[slice]:
+        """Row chunks whose scores (in ``dtype``, or ``product_dtype`` with ``in_product_dtype``)
+        take at most ``CHUNK_BYTES``."""
+        dtype = self.product_dtype if in_product_dtype else self.dtype
+        return _chunks(self.hidden.shape[0], self.weight.shape[0], dtype.itemsize)
+
+    def keeps_product_scores(self) -> bool:
+        """Whether the scores stay in the half ``product_dtype`` as the product gives them
+        (``product_scores``): bfloat16 products on the CPU, no bias (masked ids are exact in
+        bfloat16: -inf), and the native softmax gradient, which reads and writes them in place,
+        computing in float32 (``softmax_gradient_``). The gradients are then those of a float32
+        copy of the scores rounded to bfloat16, as otherwise, without the copy; and chunks of
+        twice the rows fit the same bytes."""
+        return (
+            self.product_dtype == torch.bfloat16
+            and self.dtype == torch.float32
+            and not self.has_bias
+            and self.hidden.device.type == "cpu"
+            and native_available()
+        )
 
     def buffer(self) -> torch.Tensor:
         """Flat scratch for the scores of the largest chunk."""
@@ -157,7 +177,7 @@ class _Scores:
 
     def as_product(self, t: torch.Tensor) -> torch.Tensor:
         """A ``[V, c]`` chunk in ``product_dtype`` (in the scores' scratch, free once they are read)."""
-        if self.product_dtype == self.dtype:
+        if t.dtype == self.product_dtype:
             return t
         return self.half("scores", t.shape).copy_(t)
 
@@ -172,6 +192,14 @@ class _Scores:
         if self.offset is None:
             return torch.mm(self.weight, scaled, out=out)
         return torch.addmm(self.offset, self.weight, scaled, out=out)
+
+    def product_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """``(h @ W.T / T).T`` with masked ids -inf: ``[V, c]`` in ``product_dtype``, the
+        product's own rounding, in the half scratch (``keeps_product_scores``)."""
+        vocab, rows = self.weight.shape[0], h.shape[0]
+        scaled = (h.T * self.inv_temperature).to(self.product_dtype)
+        out = torch.mm(self.weight, scaled, out=self.half("scores", (vocab, rows)))
+        return out if self.masked_ids is None else out.index_fill_(0, self.masked_ids, float("-inf"))
 
     def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
         """``out = a @ b`` (``out += a @ b`` with ``accumulate``), the product in ``product_dtype``
@@ -266,13 +294,17 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
             # Written by the first chunk's product, not zero-filled first ([V, d] is large).
             grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
             grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
-            buffer = scorer.buffer() if scores is None else None
-            for index, chunk in enumerate(scorer.chunks()):
+            in_product = scores is None and scorer.keeps_product_scores()
+            buffer = scorer.buffer() if scores is None and not in_product else None
+            for index, chunk in enumerate(scorer.chunks(in_product)):
                 h = scorer.mixed(chunk)
-                z = scorer.scores(h, buffer) if scores is None else scores[:, chunk]
-                picked = z.gather(0, picked_ids[None, chunk])[0]
+                if scores is not None:
+                    z = scores[:, chunk]
+                else:
+                    z = scorer.product_scores(h) if in_product else scorer.scores(h, buffer)
+                picked = z.gather(0, picked_ids[None, chunk])[0].to(dtype)
                 if not train:
-                    nll[chunk] = column_logsumexp(z) - picked
+                    nll[chunk] = column_logsumexp(z.to(dtype)) - picked
                     continue
                 # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
                 nll[chunk] = softmax_gradient_(z, picked_ids[chunk], scale[chunk]) - picked
