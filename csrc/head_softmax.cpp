@@ -9,9 +9,9 @@
 // float32 scores (head_softmax_gradient_ also bfloat16: the half-precision head's products, rounded
 // once more, to bfloat16, on the way out), unit column stride, any row stride; results float32.
 // * head_logsumexp(scores) -> lse [C]: log(sum_v exp(scores[v, c])); scores unchanged.
-// * head_softmax_gradient_(scores, targets, scale) -> lse [C], and in place
-//   scores[v, c] = scale[c] * (softmax(scores[:, c])[v] - (v == targets[c])): the gradient of
-//   sum_c scale[c] * (lse[c] - scores[targets[c], c]) with respect to the scores.
+// * head_softmax_gradient_(scores, targets, scale, multiplier) -> lse [C] of z = multiplier *
+//   scores, and in place scores[v, c] = scale[c] * (softmax(z[:, c])[v] - (v == targets[c])):
+//   the gradient of sum_c scale[c] * (lse[c] - z[targets[c], c]) with respect to z.
 // * head_exp_block_sums_(scores, block) -> sums [ceil(V / block), C], and in place
 //   scores[v, c] = exp(scores[v, c] - max_v scores[v, c]); sums[b, c] the sum of block b's
 //   entries of column c (the thought sampler's inverse CDF).
@@ -70,31 +70,32 @@ QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
 // Column maxima. A NaN score may be passed over here (torch.amax would return NaN): the exp
 // pass turns it into a NaN sum, and each op below makes such a column NaN throughout.
 template <typename T>
-QUIETSTAR_INLINE Floats column_max(const ColumnsOf<T>& c) {
+QUIETSTAR_INLINE Floats column_max(const ColumnsOf<T>& c, Floats multiplier = splat(1.0f)) {
   Floats m[kUnroll];
   for (auto& x : m) x = splat(-INFINITY);
   int64_t v = 0;
   for (; v + kUnroll <= c.vocab; v += kUnroll) {
-    for (int64_t u = 0; u < kUnroll; ++u) m[u] = max_of(m[u], load_columns(c, v + u));
+    for (int64_t u = 0; u < kUnroll; ++u) m[u] = max_of(m[u], load_columns(c, v + u) * multiplier);
   }
-  for (; v < c.vocab; ++v) m[0] = max_of(m[0], load_columns(c, v));
+  for (; v < c.vocab; ++v) m[0] = max_of(m[0], load_columns(c, v) * multiplier);
   return max_of(max_of(m[0], m[1]), max_of(m[2], m[3]));
 }
 
 // Sum over v of exp(scores[v] - top), with the exponentials written back when `store`.
 template <bool kStore, typename T>
-QUIETSTAR_INLINE Floats exp_sum(const ColumnsOf<T>& c, Floats top, int64_t begin, int64_t end) {
+QUIETSTAR_INLINE Floats exp_sum(const ColumnsOf<T>& c, Floats top, int64_t begin, int64_t end,
+                                Floats multiplier = splat(1.0f)) {
   Floats s[kUnroll] = {};
   int64_t v = begin;
   for (; v + kUnroll <= end; v += kUnroll) {
     for (int64_t u = 0; u < kUnroll; ++u) {
-      const Floats e = vexp(load_columns(c, v + u) - top);
+      const Floats e = vexp(load_columns(c, v + u) * multiplier - top);
       if constexpr (kStore) store_columns(c, v + u, e);
       s[u] += e;
     }
   }
   for (; v < end; ++v) {
-    const Floats e = vexp(load_columns(c, v) - top);
+    const Floats e = vexp(load_columns(c, v) * multiplier - top);
     if constexpr (kStore) store_columns(c, v, e);
     s[0] += e;
   }
@@ -104,11 +105,11 @@ QUIETSTAR_INLINE Floats exp_sum(const ColumnsOf<T>& c, Floats top, int64_t begin
 // exp_sum over all rows: float32 sums of kSumBlock rows, added up in float64 (one float32 sum
 // over 49,152 rows would lose about 1e-5 of it; PyTorch's sums are pairwise).
 template <bool kStore, typename T>
-QUIETSTAR_INLINE Floats exp_total(const ColumnsOf<T>& c, Floats top) {
+QUIETSTAR_INLINE Floats exp_total(const ColumnsOf<T>& c, Floats top, Floats multiplier = splat(1.0f)) {
   using Doubles = Vector<double, kLanes / 2>;
   Doubles low = {}, high = {};
   for (int64_t v = 0; v < c.vocab; v += kSumBlock) {
-    const Floats s = exp_sum<kStore>(c, top, v, std::min(c.vocab, v + kSumBlock));
+    const Floats s = exp_sum<kStore>(c, top, v, std::min(c.vocab, v + kSumBlock), multiplier);
     Vector<float, kLanes / 2> half;
     std::memcpy(&half, &s, sizeof(half));
     low += __builtin_convertvector(half, Doubles);
@@ -136,9 +137,10 @@ QUIETSTAR_CLONES void logsumexp_task(Columns c, float* lse) {
   store_first(lse + c.first, lse_c, c.count);
 }
 
-QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, const float* scale, float* lse) {
-  const Floats top = column_max(c);
-  const Floats total = exp_total<true>(c, top);
+QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, const float* scale, float multiplier,
+                                            float* lse) {
+  const Floats times = splat(multiplier), top = column_max(c, times);
+  const Floats total = exp_total<true>(c, top, times);
   store_first(lse + c.first, vlog(total) + top, c.count);
   const Floats factor = load_first(scale + c.first, c.count) / total;
   for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, load_columns(c, v) * factor);
@@ -151,16 +153,16 @@ QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, c
 // passes (that would round them) but computed again for the last one, and each target's entry
 // is formed from its score, kept before that pass overwrites it.
 QUIETSTAR_CLONES void softmax_gradient_bf16_task(ColumnsOf<c10::BFloat16> c, const int64_t* targets, const float* scale,
-                                                 float* lse) {
-  const Floats top = column_max(c);
-  const Floats total = exp_total<false>(c, top);
+                                                 float multiplier, float* lse) {
+  const Floats times = splat(multiplier), top = column_max(c, times);
+  const Floats total = exp_total<false>(c, top, times);
   store_first(lse + c.first, vlog(total) + top, c.count);
   float picked[kLanes] = {};
   for (int64_t j = 0; j < c.count; ++j) picked[j] = c.scores[targets[c.first + j] * c.stride + c.first + j];
   const Floats factor = load_first(scale + c.first, c.count) / total;
-  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, vexp(load_columns(c, v) - top) * factor);
+  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, vexp(load_columns(c, v) * times - top) * factor);
   float at_target[kLanes];
-  store(at_target, vexp(load(picked) - top) * factor);
+  store(at_target, vexp(load(picked) * times - top) * factor);
   for (int64_t j = 0; j < c.count; ++j) {
     const float gradient = at_target[j] - scale[c.first + j];
     c.scores[targets[c.first + j] * c.stride + c.first + j] = c10::BFloat16(gradient);
@@ -224,7 +226,8 @@ at::Tensor head_logsumexp(const at::Tensor& scores) {
   return lse;
 }
 
-at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale) {
+at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale,
+                                  double multiplier) {
   check_scores(scores, "head_softmax_gradient_", /*bf16=*/true);
   const int64_t columns = scores.size(1);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == columns &&
@@ -242,11 +245,12 @@ at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& ta
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* s = scale.data_ptr<float>();
   float* out = lse.data_ptr<float>();
+  const float times = static_cast<float>(multiplier);
   if (scores.scalar_type() == at::kBFloat16) {
     for_each_column_group<c10::BFloat16>(
-        scores, [&](ColumnsOf<c10::BFloat16> c) { softmax_gradient_bf16_task(c, t, s, out); });
+        scores, [&](ColumnsOf<c10::BFloat16> c) { softmax_gradient_bf16_task(c, t, s, times, out); });
   } else {
-    for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, out); });
+    for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, times, out); });
   }
   return lse;
 }
@@ -265,7 +269,7 @@ at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
 
 TORCH_LIBRARY_FRAGMENT(quietstar, m) {
   m.def("head_logsumexp(Tensor scores) -> Tensor");
-  m.def("head_softmax_gradient_(Tensor(a!) scores, Tensor targets, Tensor scale) -> Tensor");
+  m.def("head_softmax_gradient_(Tensor(a!) scores, Tensor targets, Tensor scale, float multiplier=1.0) -> Tensor");
   m.def("head_exp_block_sums_(Tensor(a!) scores, int block) -> Tensor");
 }
 

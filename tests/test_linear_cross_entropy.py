@@ -411,6 +411,62 @@ def test_weighted_form_from_given_scores_equals_the_reference(rows, monkeypatch)
         assert relative_error(grad, ref_grad) <= 1e-5, name
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "float32-products"])
+def test_weighted_form_reads_bfloat16_scores_as_their_float32_values(fast_bf16, monkeypatch, poisoned_allocations):
+    """Given scores in bfloat16 hidden states' own dtype (a bfloat16 product's), the torch form
+    reads them in place, in chunks of their bytes: the NLLs equal those from the same values in
+    float32 bit for bit, and the gradients agree at bfloat16 precision, whichever dtype the
+    products run in."""
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 64 * 101 * 4)  # 64 float32 rows, 128 bfloat16
+    kwargs = make_inputs(150, 40, 101, torch.bfloat16, mix=False, masked=True, ignored=True, seed=8)
+    kwargs["lm_weight"] = kwargs["lm_weight"].detach().float().requires_grad_()  # a float32 master weight
+    weights = torch.randn(150, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    scores = given_scores(kwargs, 1.0).bfloat16()
+
+    def run(given):
+        loss, nll = weighted_linear_cross_entropy(row_weights=weights, backend="torch", scores=given, **kwargs)
+        return nll, torch.autograd.grad(loss, list(differentiable(kwargs).values()))
+
+    float32_nll, float32_grads = run(scores.float())
+    nll, grads = run(scores)
+    torch.testing.assert_close(nll, float32_nll, rtol=0, atol=0)
+    for grad, expected in zip(grads, float32_grads):
+        assert relative_error(grad, expected) <= 1e-2
+    with pytest.raises(ValueError, match="scores must have dtype"):
+        weighted_linear_cross_entropy(row_weights=weights, scores=scores.half(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_weighted_form_reads_scores_given_at_another_temperature_rescaled(dtype, monkeypatch, poisoned_allocations):
+    """Scores divided by ``scores_temperature`` (the sampling pass's) give the loss, NLLs and
+    gradients at ``temperature``, as the same scores rescaled first do; without scores, or at a
+    temperature that is not positive, the argument is refused."""
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 64 * 101 * 4)
+    kwargs = make_inputs(150, 40, 101, torch.float32, mix=False, masked=True, ignored=True, seed=8)
+    weights = torch.randn(150, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    if dtype == torch.bfloat16:
+        kwargs["hidden"] = kwargs["hidden"].detach().bfloat16().requires_grad_()
+
+    def run(given, **options):
+        loss, nll = weighted_linear_cross_entropy(
+            row_weights=weights, backend="torch", temperature=3.0, scores=given, **options, **kwargs
+        )
+        return nll, torch.autograd.grad(loss, list(differentiable(kwargs).values()))
+
+    at_one = given_scores(kwargs, 1.0).to(dtype)
+    nll, grads = run(at_one.clone(), scores_temperature=1.0)
+    rescaled_nll, rescaled_grads = run(at_one.float() / 3.0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert relative_error(nll, rescaled_nll) <= 1e-6
+    for grad, expected in zip(grads, rescaled_grads):
+        assert relative_error(grad, expected) <= tol
+    with pytest.raises(ValueError, match="scores_temperature is the temperature of given scores"):
+        weighted_linear_cross_entropy(row_weights=weights, scores_temperature=1.0, **kwargs)
+    with pytest.raises(ValueError, match="scores_temperature"):
+        weighted_linear_cross_entropy(row_weights=weights, scores=at_one, scores_temperature=0.0, **kwargs)
+
+
 @requires_triton
 def test_the_triton_weighted_form_does_not_read_given_scores():
     """The Triton kernel scores its tiles itself: given scores (NaN here) are neither read nor

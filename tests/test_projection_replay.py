@@ -331,6 +331,47 @@ def test_the_policy_loss_from_the_draws_logits_equals_scoring_the_thoughts_again
         assert relative_error(a, b) <= 1e-10, p.shape
 
 
+def test_a_bfloat16_step_keeps_the_draws_logits_in_bfloat16_where_the_cpu_multiplies_it(monkeypatch):
+    """Under bfloat16 autocast on a CPU with bfloat16 products the draws' logits are kept as the
+    product rounds them (half the bytes, read in place); the step's losses equal those of the
+    same step keeping them in float32 bit for bit, its gradients at bfloat16 precision."""
+    from quietstar.ops import backends
+
+    import quietstar.model.quietstar_model as quietstar_model_module
+
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: True)
+    kept = []
+    weighted = quietstar_model_module.weighted_linear_cross_entropy
+
+    def recorded(*args, scores=None, **kwargs):
+        if scores is not None:
+            kept.append(scores.dtype)
+        return weighted(*args, scores=scores, **kwargs)
+
+    monkeypatch.setattr(quietstar_model_module, "weighted_linear_cross_entropy", recorded)
+    qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
+    params = [p for p in qs.parameters() if p.requires_grad]
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = qs(ids, generator=torch.Generator().manual_seed(1))
+        return out, torch.autograd.grad(out.loss, params)
+
+    assert qs.thought_logits_dtype() == torch.float32  # autocast off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qs.thought_logits_dtype() == torch.bfloat16
+    out, grads = step()
+    monkeypatch.setattr(type(qs), "thought_logits_dtype", lambda self: torch.float32)
+    float32_out, float32_grads = step()
+    assert kept == [torch.bfloat16, torch.float32]
+    assert torch.equal(out.thoughts, float32_out.thoughts)
+    for name in ("loss", "nll_loss", "policy_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(float32_out, name), rtol=0, atol=0)
+    for p, a, b in zip(params, grads, float32_grads):
+        assert relative_error(a, b) <= 2e-2, p.shape
+
+
 def test_the_draws_logits_are_not_kept_where_memory_is_short_or_without_gradients(monkeypatch):
     import quietstar.model.quietstar_model as quietstar_model_module
 

@@ -40,6 +40,7 @@ from quietstar.model.projection_replay import (
     replaying_projections,
 )
 from quietstar.model.sampling import sample_tokens
+from quietstar.ops.backends import fast_half_matmul
 from quietstar.ops.layout import TreeLayout, base_positions, tree_position_ids
 from quietstar.ops.linear_cross_entropy import (
     IGNORE_INDEX,
@@ -270,12 +271,14 @@ class QuietStarModel(nn.Module):
         temperature: float = 1.0,
         weights: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
+        scores_temperature: float | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``linear_cross_entropy`` of ``hidden [..., d]`` (mixed with ``(base [..., d], w [...])``)
         against ``targets [...]`` with the model's lm_head and masked meta ids; returns the NLL
         ``[...]``. With ``weights [...]`` (constants), ``weighted_linear_cross_entropy``: returns
         ``(sum(weights * nll), nll detached)``, with the gradients formed in the forward, from
-        the rows' ``scores [V, rows]`` when given (consumed)."""
+        the rows' ``scores [V, rows]`` when given (consumed; divided by ``scores_temperature``
+        where it is not ``temperature``)."""
         weight, bias = self.lm_head
         width = hidden.shape[-1]
         # Under autocast the op takes half-precision hidden states next to the float32 master
@@ -291,7 +294,13 @@ class QuietStarModel(nn.Module):
             nll = linear_cross_entropy(hidden.reshape(-1, width), weight, targets.reshape(-1), **options)
             return nll.view(targets.shape)
         loss, nll = weighted_linear_cross_entropy(
-            hidden.reshape(-1, width), weight, targets.reshape(-1), weights.reshape(-1).detach(), **options, scores=scores
+            hidden.reshape(-1, width),
+            weight,
+            targets.reshape(-1),
+            weights.reshape(-1).detach(),
+            **options,
+            scores=scores,
+            scores_temperature=None if scores is None else scores_temperature,
         )
         return loss, nll.view(targets.shape)
 
@@ -503,11 +512,20 @@ class QuietStarModel(nn.Module):
         return self.losses(h_base, h_chain, targets, thoughts, thought_logits)
 
     def thought_logits_bytes(self, batch: int, length: int, dtype: torch.dtype) -> int:
-        """Bytes of the logits the thoughts of a step are drawn from: ``[V, T, B * N * L]``
-        in float32 (float64 for a float64 model)."""
+        """Bytes of the logits the thoughts of a step are drawn from, ``[V, T, B * N * L]``, kept
+        in ``dtype`` (``thought_logits_dtype``)."""
         cfg = self.config
-        itemsize = compute_dtype(dtype).itemsize
-        return self.lm_head[0].shape[0] * cfg.thought_tokens * batch * cfg.n_thoughts * length * itemsize
+        return self.lm_head[0].shape[0] * cfg.thought_tokens * batch * cfg.n_thoughts * length * dtype.itemsize
+
+    def thought_logits_dtype(self) -> torch.dtype:
+        """The dtype the sampling pass keeps the thoughts' logits in for the policy head, as
+        autocast stands now: the half dtype the head multiplies in, where the device multiplies
+        it faster than float32 (``fast_half_matmul``: the scores as the head's own product would
+        round them, read in place, at half the bytes); else float32 (float64 for a float64
+        model)."""
+        embedding = self.model.get_input_embeddings().weight
+        head_dtype = autocast_dtype(embedding.device) or embedding.dtype  # what head_nll passes on
+        return head_dtype if fast_half_matmul(head_dtype, embedding.device) else compute_dtype(head_dtype)
 
     def _keeps_thought_logits(self, batch: int, length: int) -> bool:
         """Whether the sampling pass may keep the logits it draws the thoughts from, for the
@@ -521,7 +539,7 @@ class QuietStarModel(nn.Module):
             return False
         tree_tokens = batch * length * self.config.tree_slots
         needed = self.activation_bytes(tree_tokens, embedding.dtype) + self.thought_logits_bytes(
-            batch, length, embedding.dtype
+            batch, length, self.thought_logits_dtype()
         )
         return needed <= AUTO_CHECKPOINT_SHARE * available_memory(embedding.device)
 
@@ -551,8 +569,9 @@ class QuietStarModel(nn.Module):
         # An overridden sample may draw from other logits than the lm_head's, or not write them.
         if keep_logits and type(self).sample is _SAMPLE:
             vocab, rows = self.lm_head[0].shape[0], batch * cfg.n_thoughts * length
-            dtype = compute_dtype(self.lm_head[0].dtype)  # the sampler's logits'
-            thought_logits = torch.empty(vocab, cfg.thought_tokens, rows, dtype=dtype, device=input_ids.device)
+            thought_logits = torch.empty(
+                vocab, cfg.thought_tokens, rows, dtype=self.thought_logits_dtype(), device=input_ids.device
+            )
         with recording_projections(layers, cfg.tree_slots * length) as record:
             thoughts = self._chain_through_cache(
                 input_ids, attention_mask, generator, cfg.thought_tokens, thought_logits
@@ -641,14 +660,16 @@ class QuietStarModel(nn.Module):
         policy_targets = thoughts.permute(3, 0, 1, 2).masked_fill(~acting[None, :, None], IGNORE_INDEX)
         n_actions = acting.sum() * n * t_len
         policy_weights = (rewards / n_actions.clamp(min=1))[None].expand_as(policy_targets)
-        scores = None
-        if thought_logits is not None:  # at the sampling temperature: rescaled to the policy's
-            scores = thought_logits.view(thought_logits.shape[0], -1)
-            if cfg.sampling_temperature != cfg.policy_temperature:
-                scores.mul_(cfg.sampling_temperature / cfg.policy_temperature)
+        # The draws' logits, at the sampling temperature (read rescaled to the policy's).
+        scores = None if thought_logits is None else thought_logits.view(thought_logits.shape[0], -1)
         # -mean r * log p_tau(thought token) = sum (r / n_actions) * nll_tau
         policy_loss, _ = self.head_nll(
-            h_policy, policy_targets, temperature=cfg.policy_temperature, weights=policy_weights, scores=scores
+            h_policy,
+            policy_targets,
+            temperature=cfg.policy_temperature,
+            weights=policy_weights,
+            scores=scores,
+            scores_temperature=cfg.sampling_temperature,
         )
         return QuietStarOutput(
             loss=nll_loss + cfg.policy_weight * policy_loss,

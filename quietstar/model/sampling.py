@@ -30,10 +30,11 @@ def head_logits(
     """Float32 logits ``[N, V]`` (float64 for float64 inputs) of ``hidden [N, d]`` divided by
     ``temperature``, masked ids -inf; with ``vocab_major``, transposed: ``[V, N]`` from the
     product ``W h^T``, which with the vocabulary as its long side runs about 1.3x faster on CPU
-    than ``h W^T`` for a few hundred rows. With ``out`` (the result's shape and dtype, any
-    strides), the logits are also written there; the result is then ``out`` itself where a
-    half-precision product was converted straight into it, else a fresh tensor. The bias,
-    temperature and mask are applied in place: one pass fewer over the ``N x V`` logits each."""
+    than ``h W^T`` for a few hundred rows. With ``out`` (the result's shape, any strides, the
+    result's dtype or a half one, which then holds the logits rounded to it), the logits are
+    also written there; the result is then ``out`` itself where a half-precision product was
+    converted straight into it, else a fresh tensor. The bias, temperature and mask are applied
+    in place: one pass fewer over the ``N x V`` logits each."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     # ``linear`` hands autocast the weight itself (a leaf), whose cast autocast then caches for
     # the rest of its region; a transposed view would be cast again at every call.
@@ -42,9 +43,9 @@ def head_logits(
     else:
         product, vocab_axis = torch.nn.functional.linear(hidden, lm_weight), -1
     # The product is a fresh tensor, ours to change in place. A half-precision one is converted
-    # straight into out; a float32 one is finished first, then copied into out (the product,
-    # contiguous, is the result).
-    convert_into_out = out is not None and product.dtype != dtype
+    # straight into a float32 out; else the logits are finished first, then copied into out
+    # (the product, contiguous, is the result).
+    convert_into_out = out is not None and product.dtype != dtype and out.dtype == dtype
     logits = out.copy_(product) if convert_into_out else product.to(dtype)
     if lm_bias is not None:
         logits += lm_bias.to(dtype)[:, None] if vocab_major else lm_bias.to(dtype)

@@ -48,10 +48,13 @@ def column_logsumexp(scores: torch.Tensor) -> torch.Tensor:
     return scores.sub_(top).exp_().sum(0).log_().add_(top[0])
 
 
-def softmax_gradient_(scores: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """In place, ``scores [V, C] = scale[c] * (softmax over V - onehot(targets[c]))``, the
-    gradient of ``sum_c scale[c] * nll[c]`` with respect to the scores; returns the columns'
-    log-sum-exps ``[C]`` (of the scores as given).
+def softmax_gradient_(
+    scores: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, multiplier: float = 1.0
+) -> torch.Tensor:
+    """In place, ``scores [V, C] = scale[c] * (softmax over V of z - onehot(targets[c]))`` for
+    ``z = multiplier * scores``, the gradient of ``sum_c scale[c] * nll[c]`` with respect to
+    ``z``; returns the columns' log-sum-exps of ``z`` ``[C]``. The multiplier (scores kept at
+    another temperature) is applied as the scores are read, not in a pass of its own.
 
     Args:
         scores: ``[V, C]`` in the head's compute dtype (float32, or float64), or bfloat16: the
@@ -65,12 +68,14 @@ def softmax_gradient_(scores: torch.Tensor, targets: torch.Tensor, scale: torch.
         ``[C]`` in ``scale``'s dtype.
     """
     if _native_takes(scores, (torch.float32, torch.bfloat16)):
-        return torch.ops.quietstar.head_softmax_gradient_(scores, targets.contiguous(), scale.contiguous())
+        return torch.ops.quietstar.head_softmax_gradient_(scores, targets.contiguous(), scale.contiguous(), multiplier)
     if scores.dtype != scale.dtype:  # bfloat16 scores without the native kernel
         wide = scores.to(scale.dtype)
-        lse = softmax_gradient_(wide, targets, scale)
+        lse = softmax_gradient_(wide, targets, scale, multiplier)
         scores.copy_(wide)
         return lse
+    if multiplier != 1.0:
+        scores.mul_(multiplier)
     top = scores.amax(0, keepdim=True)
     probs = scores.sub_(top).exp_()
     total = probs.sum(0)

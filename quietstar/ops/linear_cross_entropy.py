@@ -89,6 +89,7 @@ def weighted_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     backend: str | None = None,
     scores: torch.Tensor | None = None,
+    scores_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear_cross_entropy`` summed with known per-row weights, for a loss that is a weighted
     sum of NLLs: returns ``(loss, nll)`` with ``loss = sum_i row_weights[i] * nll[i]`` (scalar,
@@ -105,13 +106,17 @@ def weighted_linear_cross_entropy(
     Args:
         row_weights: ``[N]`` floating, the rows' weights in the loss (constants: no gradient
             flows into them; 0 for ignored rows is implied).
-        scores: optional ``[V, N]`` float32 (float64 for float64 inputs), vocabulary-major: the
-            scores the head would compute, ``(hidden @ lm_weight.T + lm_bias) / temperature``
-            with masked ids ``-inf``, already at hand (the thought-sampling pass computed them
-            to draw the tokens). With gradients to form, the ``torch`` form then skips its
-            first product (two per chunk instead of three) and overwrites ``scores``; the
-            Triton kernel and calls without gradients do not read them
-            (``weighted_form_reads_scores``). Not with ``mix``; no gradient flows into them.
+        scores: optional ``[V, N]`` float32 (float64 for float64 inputs; or ``hidden``'s half
+            dtype, the scores as a product in it rounds them), vocabulary-major: the scores the
+            head would compute, ``(hidden @ lm_weight.T + lm_bias) / temperature`` with masked
+            ids ``-inf``, already at hand (the thought-sampling pass computed them to draw the
+            tokens). With gradients to form, the ``torch`` form then skips its first product
+            (two per chunk instead of three) and overwrites ``scores``; the Triton kernel and
+            calls without gradients do not read them (``weighted_form_reads_scores``). Not
+            with ``mix``; no gradient flows into them.
+        scores_temperature: the temperature ``scores`` were divided by, where it is not
+            ``temperature`` (the sampling pass's): they are read times ``scores_temperature /
+            temperature``, as they are read, with no pass of their own. None: ``temperature``.
         Other arguments: as ``linear_cross_entropy``.
 
     Raises:
@@ -127,6 +132,10 @@ def weighted_linear_cross_entropy(
         raise ValueError("row_weights must not require grad: they are constants of the loss (detach them)")
     if scores is not None:
         _check_scores(scores, hidden, lm_weight, mix)
+    if scores_temperature is not None:
+        check_positive_float("scores_temperature", scores_temperature)
+        if scores is None:
+            raise ValueError("scores_temperature is the temperature of given scores: pass scores with it")
     backend = _resolve(backend, hidden.device, hidden.dtype)
     differentiable = (hidden, lm_weight, lm_bias, *(mix or ()))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
@@ -136,7 +145,8 @@ def weighted_linear_cross_entropy(
             from quietstar.ops.linear_cross_entropy_torch import weighted_linear_cross_entropy_torch
 
             return weighted_linear_cross_entropy_torch(
-                hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest, scores=scores
+                hidden_, weight_, targets_, row_weights, bias_, base_, w_, *rest, scores=scores,
+                scores_multiplier=1.0 if scores_temperature is None else scores_temperature / temperature,
             )
         from quietstar.ops.linear_cross_entropy_triton import weighted_linear_cross_entropy_triton
 
@@ -149,8 +159,10 @@ def weighted_linear_cross_entropy(
 
 
 def _check_scores(scores: torch.Tensor, hidden: torch.Tensor, lm_weight: torch.Tensor, mix: object) -> None:
-    """``weighted_linear_cross_entropy``'s given ``scores``: ``[V, N]`` in the head's compute dtype."""
-    check_tensor("scores", scores, ndim=2, dtypes=(compute_dtype(hidden.dtype),), device=hidden.device)
+    """``weighted_linear_cross_entropy``'s given ``scores``: ``[V, N]`` in the head's compute dtype
+    or ``hidden``'s half dtype."""
+    dtypes = (compute_dtype(hidden.dtype), *((hidden.dtype,) if hidden.dtype in HALF_DTYPES else ()))
+    check_tensor("scores", scores, ndim=2, dtypes=dtypes, device=hidden.device)
     want = (lm_weight.shape[0], hidden.shape[0])
     if tuple(scores.shape) != want:
         raise ValueError(f"scores must be [V, N] = {list(want)} (vocabulary-major), got {tuple(scores.shape)}")

@@ -138,11 +138,10 @@ class _Scores:
             flat = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.hidden.device)
         return flat[:numel]
 
-    def chunks(self, in_product_dtype: bool = False) -> Iterator[slice]:
-        """Row chunks whose scores (in ``dtype``, or ``product_dtype`` with ``in_product_dtype``)
-        take at most ``CHUNK_BYTES``."""
-        dtype = self.product_dtype if in_product_dtype else self.dtype
-        return _chunks(self.hidden.shape[0], self.weight.shape[0], dtype.itemsize)
+    def chunks(self, scores_dtype: torch.dtype | None = None) -> Iterator[slice]:
+        """Row chunks whose scores (in ``scores_dtype``, ``dtype`` by default) take at most
+        ``CHUNK_BYTES``."""
+        return _chunks(self.hidden.shape[0], self.weight.shape[0], (scores_dtype or self.dtype).itemsize)
 
     def keeps_product_scores(self) -> bool:
         """Whether the scores stay in the half ``product_dtype`` as the product gives them
@@ -274,12 +273,25 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
     """``sum(row_weights * nll)`` with every gradient formed in the forward (three products
     per chunk: the scores, ``dh`` and ``dW``; the backward only scales them), for losses whose
     per-row weights are known before the head runs. Given ``scores`` (``[V, N]``, what the
-    first product would give), two products per chunk; the scores are overwritten."""
+    first product would give, read times ``scores_multiplier``), two products per chunk; the
+    scores are overwritten."""
 
     @staticmethod
     @autocast_off
     def forward(
-        ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index, scores
+        ctx,
+        hidden,
+        lm_weight,
+        targets,
+        row_weights,
+        lm_bias,
+        base_hidden,
+        w,
+        temperature,
+        masked_ids,
+        ignore_index,
+        scores,
+        scores_multiplier,
     ):
         with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
             dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
@@ -294,27 +306,30 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
             # Written by the first chunk's product, not zero-filled first ([V, d] is large).
             grad_weight = torch.empty(lm_weight.shape, dtype=dtype, device=device) if train and need_weight else None
             grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
+            # The scores' dtype: the given ones', the half product's kept as it is, or dtype.
             in_product = scores is None and scorer.keeps_product_scores()
             buffer = scorer.buffer() if scores is None and not in_product else None
-            for index, chunk in enumerate(scorer.chunks(in_product)):
+            scores_dtype = scores.dtype if scores is not None else scorer.product_dtype if in_product else dtype
+            for index, chunk in enumerate(scorer.chunks(scores_dtype)):
                 h = scorer.mixed(chunk)
                 if scores is not None:
                     z = scores[:, chunk]
                 else:
                     z = scorer.product_scores(h) if in_product else scorer.scores(h, buffer)
-                picked = z.gather(0, picked_ids[None, chunk])[0].to(dtype)
+                multiplier = 1.0 if scores is None else scores_multiplier
+                picked = z.gather(0, picked_ids[None, chunk])[0].to(dtype) * multiplier
                 if not train:
-                    nll[chunk] = column_logsumexp(z.to(dtype)) - picked
+                    nll[chunk] = column_logsumexp(z.to(dtype) * multiplier) - picked
                     continue
                 # d(raw logits) = scale * (softmax - onehot(target)), in place of the scores.
-                nll[chunk] = softmax_gradient_(z, picked_ids[chunk], scale[chunk]) - picked
+                nll[chunk] = softmax_gradient_(z, picked_ids[chunk], scale[chunk], multiplier) - picked
                 d_probs = scorer.as_product(z)
                 if grad_h is not None:
                     scorer.product(d_probs.T, scorer.weight, grad_h[chunk])
                 if grad_weight is not None:
                     scorer.product(d_probs, h.to(scorer.product_dtype), grad_weight, accumulate=index > 0)
                 if grad_bias is not None:
-                    grad_bias += z.sum(1)
+                    grad_bias += z.sum(1, dtype=dtype)
             nll.masked_fill_(ignored, 0.0)
             keep_formed_gradients(ctx, nll, (grad_h, grad_weight, grad_bias), hidden, lm_weight, lm_bias, base_hidden, w)
             return (row_weights.to(dtype) * nll).sum(), nll
@@ -337,11 +352,24 @@ def weighted_linear_cross_entropy_torch(
     masked_ids: torch.Tensor | None,
     ignore_index: int,
     scores: torch.Tensor | None = None,
+    scores_multiplier: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum(row_weights * nll), nll)`` with the gradients formed in the forward; arguments as
-    ``quietstar.weighted_linear_cross_entropy`` (already checked)."""
+    ``quietstar.weighted_linear_cross_entropy`` (already checked), ``scores_multiplier`` its
+    ``scores_temperature / temperature``."""
     return WeightedLinearCrossEntropyTorch.apply(
-        hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index, scores
+        hidden,
+        lm_weight,
+        targets,
+        row_weights,
+        lm_bias,
+        base_hidden,
+        w,
+        temperature,
+        masked_ids,
+        ignore_index,
+        scores,
+        scores_multiplier,
     )
 
 

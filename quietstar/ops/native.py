@@ -85,8 +85,9 @@ def _register_fakes() -> None:
         return scores.new_empty(scores.shape[1])
 
     @torch.library.register_fake("quietstar::head_softmax_gradient_")
-    def _head_softmax_gradient(scores, targets, scale):
-        return scores.new_empty(scores.shape[1])  # the log-sum-exps; the scores change in place
+    def _head_softmax_gradient(scores, targets, scale, multiplier=1.0):
+        # the float32 log-sum-exps; the scores change in place
+        return scores.new_empty(scores.shape[1], dtype=torch.float32)
 
     @torch.library.register_fake("quietstar::head_exp_block_sums_")
     def _head_exp_block_sums(scores, block):
