@@ -166,6 +166,24 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
     assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="oneDNN's product serves CPU chunks")
+@pytest.mark.parametrize("widest", [0, 256], ids=["mkl-into-scratch", "onednn"])
+def test_torch_backend_scores_narrow_float32_chunks_through_onednn(widest, monkeypatch, poisoned_allocations):
+    """Float32 CPU chunks of at most ``ONEDNN_SCORES_MAX_ROWS`` rows are scored by oneDNN's
+    product (a fresh tensor), wider ones into the scratch; both give the reference's NLLs and
+    gradients, unweighted and weighted."""
+    monkeypatch.setattr(torch_backend, "ONEDNN_SCORES_MAX_ROWS", widest)
+    calls = []
+    product = torch_backend.onednn_linear
+    monkeypatch.setattr(torch_backend, "onednn_linear", lambda *args: calls.append(args[1].shape[0]) or product(*args))
+    kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.float32)
+    assert_matches_reference("torch", kwargs, temperature=temperature)
+    weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2))
+    assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+    rows = kwargs["hidden"].shape[0]
+    assert calls == ([] if widest == 0 else [rows] * 3)  # forward, backward, weighted forward
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu" or not native_available(), reason="the native CPU softmax keeps bfloat16 scores")
 def test_torch_weighted_form_keeps_bfloat16_scores_as_the_product_gives_them(monkeypatch, poisoned_allocations):
     """With bfloat16 products and no bias, the scores stay as the product rounds them (masked ids
