@@ -167,12 +167,18 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="oneDNN's product serves CPU chunks")
-@pytest.mark.parametrize("widest", [0, 256], ids=["mkl-into-scratch", "onednn"])
-def test_torch_backend_scores_narrow_float32_chunks_through_onednn(widest, monkeypatch, poisoned_allocations):
+@pytest.mark.parametrize(
+    ("widest", "scored"), [(0, []), (8, []), (16, [16, 5])], ids=["none", "scratch-first", "every-chunk"]
+)
+def test_torch_backend_scores_narrow_float32_chunks_through_onednn_before_any_scratch(
+    widest, scored, monkeypatch, poisoned_allocations
+):
     """Float32 CPU chunks of at most ``ONEDNN_SCORES_MAX_ROWS`` rows are scored by oneDNN's
-    product (a fresh tensor), wider ones into the scratch; both give the reference's NLLs and
-    gradients, unweighted and weighted."""
+    product (a fresh tensor) while the call has no scores scratch; once a wider chunk made one,
+    the rest go into it (no more memory than the scratch takes). Either way the reference's
+    NLLs and gradients, unweighted and weighted. 21 rows in chunks of 16 and 5."""
     monkeypatch.setattr(torch_backend, "ONEDNN_SCORES_MAX_ROWS", widest)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 16 * 101 * 4)
     calls = []
     product = torch_backend.onednn_linear
     monkeypatch.setattr(torch_backend, "onednn_linear", lambda *args: calls.append(args[1].shape[0]) or product(*args))
@@ -180,8 +186,7 @@ def test_torch_backend_scores_narrow_float32_chunks_through_onednn(widest, monke
     assert_matches_reference("torch", kwargs, temperature=temperature)
     weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2))
     assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
-    rows = kwargs["hidden"].shape[0]
-    assert calls == ([] if widest == 0 else [rows] * 3)  # forward, backward, weighted forward
+    assert calls == scored * 3  # forward, backward, weighted forward
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu" or not native_available(), reason="the native CPU softmax keeps bfloat16 scores")
@@ -224,6 +229,7 @@ def test_torch_backend_passes_cpu_scratch_between_calls_only_inside_reusing_scra
     see), gives the new weight's result on the next call. When the block ends the scratch is
     freed, and outside a block a call keeps none."""
     monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(torch_backend, "ONEDNN_SCORES_MAX_ROWS", 0)  # every chunk into the scratch
     kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.bfloat16)
     for name in ("lm_weight", "lm_bias"):  # float32 master weights, as under autocast
         kwargs[name] = kwargs[name].detach().float().requires_grad_()

@@ -52,7 +52,7 @@ CHUNK_BYTES = 64 * 2**20
 # measured with MKL) on odd row counts such as 341.
 CHUNK_ROW_MULTIPLE = 64
 # The widest chunk whose float32 CPU scores come from oneDNN's product (``onednn_linear``), not
-# MKL's into the scratch: [49152, 576] x [576, c] took 19 / 35 / 52 / 86 ms through oneDNN
+# MKL's into the scratch, where no scratch is allocated yet: [49152, 576] x [576, c] took 19 / 35 / 52 / 86 ms through oneDNN
 # against 29 / 48 / 65 / 90 ms at c = 64 / 128 / 192 / 256, and the same at 320 (101-105 ms),
 # on the 2-core AMD EPYC with AVX-512 BF16 (best of five, three rounds).
 ONEDNN_SCORES_MAX_ROWS = 256
@@ -164,11 +164,6 @@ class _Scores:
             and native_available()
         )
 
-    def buffer(self) -> torch.Tensor:
-        """Flat scratch for the scores of the largest chunk."""
-        first = next(self.chunks())
-        return self._flat("scores", self.weight.shape[0] * first.stop, self.dtype)
-
     def mixed(self, rows: slice) -> torch.Tensor:
         """``h = (1 - w) * base_hidden + w * hidden`` of ``rows``: ``[c, d]`` in ``dtype``."""
         h = self.hidden[rows].to(self.dtype)
@@ -186,19 +181,22 @@ class _Scores:
             return t
         return self.half("scores", t.shape).copy_(t)
 
-    def scores(self, h: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """``(h @ W.T / T + offset).T``: ``[V, c]`` in ``dtype``, written into the front of
-        ``buffer``; a float32 CPU chunk of at most ``ONEDNN_SCORES_MAX_ROWS`` rows in a fresh
-        tensor from oneDNN's product instead."""
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """``(h @ W.T / T + offset).T``: ``[V, c]`` in ``dtype``, in the scores' scratch (sized
+        by the first chunk, the largest). A float32 CPU chunk of at most
+        ``ONEDNN_SCORES_MAX_ROWS`` rows while there is no such scratch yet (a call of one
+        narrow chunk) comes from oneDNN's product instead, in a fresh tensor of the size the
+        scratch would have had."""
         vocab, rows = self.weight.shape[0], h.shape[0]
-        out = buffer[: vocab * rows].view(vocab, rows)
         scaled = (h.T * self.inv_temperature).to(self.product_dtype)
+        narrow = rows <= ONEDNN_SCORES_MAX_ROWS and "scores" not in self._scratch
+        if narrow and h.device.type == "cpu" and self.product_dtype == self.dtype == torch.float32:
+            z = onednn_linear(self.weight, scaled.T)
+            return z if self.offset is None else z.add_(self.offset)
+        out = self._flat("scores", vocab * rows, self.dtype).view(vocab, rows)
         if self.product_dtype != self.dtype:
             out.copy_(torch.mm(self.weight, scaled, out=self.half("scores", (vocab, rows))))
             return out if self.offset is None else out.add_(self.offset)
-        if h.device.type == "cpu" and self.dtype == torch.float32 and rows <= ONEDNN_SCORES_MAX_ROWS:
-            z = onednn_linear(self.weight, scaled.T)
-            return z if self.offset is None else z.add_(self.offset)
         if self.offset is None:
             return torch.mm(self.weight, scaled, out=out)
         return torch.addmm(self.offset, self.weight, scaled, out=out)
@@ -235,9 +233,8 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
             lse = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
             nll = torch.empty(rows, dtype=scorer.dtype, device=hidden.device)
             picked_ids = safe_targets(targets, ignore_index)
-            buffer = scorer.buffer()
             for chunk in scorer.chunks():
-                z = scorer.scores(scorer.mixed(chunk), buffer)
+                z = scorer.scores(scorer.mixed(chunk))
                 picked = z.gather(0, picked_ids[None, chunk])[0]
                 chunk_lse = column_logsumexp(z)
                 lse[chunk] = chunk_lse
@@ -260,10 +257,9 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
             grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
             grad_weight = torch.zeros(lm_weight.shape, dtype=dtype, device=device) if need_weight else None
             grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if need_bias else None
-            buffer = scorer.buffer()
             for chunk in scorer.chunks():
                 h = scorer.mixed(chunk)
-                z = scorer.scores(h, buffer)
+                z = scorer.scores(h)
                 chunk_scale = scale[None, chunk]
                 # d(raw logits) = scale * (softmax - onehot(target)), formed in place.
                 z.sub_(lse[None, chunk]).exp_().mul_(chunk_scale)
@@ -319,14 +315,13 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
             grad_bias = torch.zeros(lm_weight.shape[0], dtype=dtype, device=device) if train and need_bias else None
             # The scores' dtype: the given ones', the half product's kept as it is, or dtype.
             in_product = scores is None and scorer.keeps_product_scores()
-            buffer = scorer.buffer() if scores is None and not in_product else None
             scores_dtype = scores.dtype if scores is not None else scorer.product_dtype if in_product else dtype
             for index, chunk in enumerate(scorer.chunks(scores_dtype)):
                 h = scorer.mixed(chunk)
                 if scores is not None:
                     z = scores[:, chunk]
                 else:
-                    z = scorer.product_scores(h) if in_product else scorer.scores(h, buffer)
+                    z = scorer.product_scores(h) if in_product else scorer.scores(h)
                 multiplier = 1.0 if scores is None else scores_multiplier
                 picked = z.gather(0, picked_ids[None, chunk])[0].to(dtype) * multiplier
                 if not train:
