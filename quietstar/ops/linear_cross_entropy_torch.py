@@ -285,21 +285,8 @@ class WeightedLinearCrossEntropyTorch(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(
-        ctx,
-        hidden,
-        lm_weight,
-        targets,
-        row_weights,
-        lm_bias,
-        base_hidden,
-        w,
-        temperature,
-        masked_ids,
-        ignore_index,
-        scores,
-        scores_multiplier,
-    ):
+    def forward(ctx, hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids,
+                ignore_index, scores, scores_multiplier):
         with _Scores(hidden, lm_weight, lm_bias, base_hidden, w, temperature, masked_ids) as scorer:
             dtype, device, rows = scorer.dtype, hidden.device, hidden.shape[0]
             # (grad mode is off inside forward; needs_input_grad says what the caller wants)
@@ -363,20 +350,8 @@ def weighted_linear_cross_entropy_torch(
     """``(sum(row_weights * nll), nll)`` with the gradients formed in the forward; arguments as
     ``quietstar.weighted_linear_cross_entropy`` (already checked), ``scores_multiplier`` its
     ``scores_temperature / temperature``."""
-    return WeightedLinearCrossEntropyTorch.apply(
-        hidden,
-        lm_weight,
-        targets,
-        row_weights,
-        lm_bias,
-        base_hidden,
-        w,
-        temperature,
-        masked_ids,
-        ignore_index,
-        scores,
-        scores_multiplier,
-    )
+    arguments = (hidden, lm_weight, targets, row_weights, lm_bias, base_hidden, w, temperature, masked_ids, ignore_index)
+    return WeightedLinearCrossEntropyTorch.apply(*arguments, scores, scores_multiplier)
 
 
 def linear_cross_entropy_torch(
