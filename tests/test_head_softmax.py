@@ -52,17 +52,23 @@ def test_softmax_gradient_matches_float64(path, vocab, columns, strided):
     torch.testing.assert_close(scores.double(), expected, atol=1e-7, rtol=2e-6)
 
 
+@pytest.mark.parametrize("multiplier", [1.0, 1 / 3], ids=["as-given", "rescaled"])
 @pytest.mark.parametrize("vocab,columns,strided", SHAPES)
-def test_softmax_gradient_of_bfloat16_scores_is_that_of_their_float32_copy_rounded_once(path, vocab, columns, strided):
-    scores = scores_of(vocab, columns, strided).bfloat16()
+def test_softmax_gradient_of_bfloat16_scores_is_that_of_their_float32_copy_rounded_once(
+    path, vocab, columns, strided, multiplier
+):
+    source = scores_of(vocab, columns, strided)
+    width = 2 * columns + 1 if strided else columns  # strided: the first C columns of a wider buffer
+    scores = torch.empty(vocab, width, dtype=torch.bfloat16)[:, :columns].copy_(source)
+    assert scores.is_contiguous() != strided
     gen = torch.Generator().manual_seed(1)
     targets = torch.randint(0, vocab, (columns,), generator=gen)
     targets[0] = vocab // 2  # a target at the masked (-inf) entry
     scale = torch.rand(columns, generator=gen)
     scale[-1] = 0.0  # an ignored row
     wide = scores.float()
-    expected_lse = softmax_gradient_(wide, targets, scale)
-    lse = softmax_gradient_(scores, targets, scale)
+    expected_lse = softmax_gradient_(wide, targets, scale, multiplier)
+    lse = softmax_gradient_(scores, targets, scale, multiplier)
     assert lse.dtype == torch.float32 and scores.dtype == torch.bfloat16
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
     torch.testing.assert_close(scores, wide.bfloat16(), rtol=0, atol=0)

@@ -167,16 +167,14 @@ def test_torch_backend_multiplies_in_bfloat16_only_where_the_cpu_does_it_fast(fa
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="oneDNN's product serves CPU chunks")
-@pytest.mark.parametrize(
-    ("widest", "scored"), [(0, []), (8, []), (16, [16, 5])], ids=["none", "scratch-first", "every-chunk"]
-)
-def test_torch_backend_scores_narrow_float32_chunks_through_onednn_before_any_scratch(
+@pytest.mark.parametrize(("widest", "scored"), [(0, []), (16, []), (21, [16, 5])], ids=["none", "wider-call", "every-chunk"])
+def test_torch_backend_scores_the_chunks_of_a_narrow_float32_call_through_onednn(
     widest, scored, monkeypatch, poisoned_allocations
 ):
-    """Float32 CPU chunks of at most ``ONEDNN_SCORES_MAX_ROWS`` rows are scored by oneDNN's
-    product (a fresh tensor) while the call has no scores scratch; once a wider chunk made one,
-    the rest go into it (no more memory than the scratch takes). Either way the reference's
-    NLLs and gradients, unweighted and weighted. 21 rows in chunks of 16 and 5."""
+    """Every chunk of a float32 CPU call of at most ``ONEDNN_SCORES_MAX_ROWS`` rows is scored by
+    oneDNN's product (a fresh tensor of a chunk's size), a wider call's chunks into the scratch,
+    the same on a second call that gets the first one's scratch (``reusing_scratch``). Either
+    way the reference's NLLs and gradients, unweighted and weighted. 21 rows in chunks of 16 and 5."""
     monkeypatch.setattr(torch_backend, "ONEDNN_SCORES_MAX_ROWS", widest)
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 16 * 101 * 4)
     calls = []
@@ -185,8 +183,10 @@ def test_torch_backend_scores_narrow_float32_chunks_through_onednn_before_any_sc
     kwargs, temperature = case_inputs("mix-bias-T3-masked-ignored", torch.float32)
     assert_matches_reference("torch", kwargs, temperature=temperature)
     weights = torch.rand(kwargs["hidden"].shape[0], generator=torch.Generator().manual_seed(2))
-    assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
-    assert calls == scored * 3  # forward, backward, weighted forward
+    with torch_backend.reusing_scratch():
+        assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+        assert_weighted_form_matches_reference("torch", kwargs, weights, temperature)
+    assert calls == scored * 4  # forward, backward, two weighted forwards
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu" or not native_available(), reason="the native CPU softmax keeps bfloat16 scores")

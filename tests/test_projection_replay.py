@@ -331,10 +331,13 @@ def test_the_policy_loss_from_the_draws_logits_equals_scoring_the_thoughts_again
         assert relative_error(a, b) <= 1e-10, p.shape
 
 
-def test_a_bfloat16_step_keeps_the_draws_logits_in_bfloat16_where_the_cpu_multiplies_it(monkeypatch):
-    """Under bfloat16 autocast on a CPU with bfloat16 products the draws' logits are kept as the
-    product rounds them (half the bytes, read in place); the step's losses equal those of the
-    same step keeping them in float32 bit for bit, its gradients at bfloat16 precision."""
+@pytest.mark.parametrize("sampling_temperature", [1.0, 3.0], ids=["as-the-product", "rounded-after-dividing"])
+def test_a_bfloat16_step_keeps_the_draws_logits_in_bfloat16_where_the_cpu_multiplies_it(monkeypatch, sampling_temperature):
+    """Under bfloat16 autocast on a CPU with bfloat16 products the draws' logits are kept in
+    bfloat16 (half the bytes, read in place). At sampling temperature 1 they are the product's
+    own values: the step's losses equal those of the same step keeping them in float32 bit for
+    bit; divided by 3 they are rounded once more, and the losses agree at bfloat16 precision.
+    The gradients agree at bfloat16 precision either way."""
     from quietstar.ops import backends
 
     import quietstar.model.quietstar_model as quietstar_model_module
@@ -350,6 +353,7 @@ def test_a_bfloat16_step_keeps_the_draws_logits_in_bfloat16_where_the_cpu_multip
 
     monkeypatch.setattr(quietstar_model_module, "weighted_linear_cross_entropy", recorded)
     qs = quietstar_model("llama", thought_tokens=3, talk_tokens=2, n_thoughts=2)
+    qs.config.sampling_temperature = sampling_temperature
     params = [p for p in qs.parameters() if p.requires_grad]
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -367,9 +371,11 @@ def test_a_bfloat16_step_keeps_the_draws_logits_in_bfloat16_where_the_cpu_multip
     assert kept == [torch.bfloat16, torch.float32]
     assert torch.equal(out.thoughts, float32_out.thoughts)
     for name in ("loss", "nll_loss", "policy_loss"):
-        torch.testing.assert_close(getattr(out, name), getattr(float32_out, name), rtol=0, atol=0)
+        exact = sampling_temperature == 1.0
+        tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-2, atol=0)
+        torch.testing.assert_close(getattr(out, name), getattr(float32_out, name), **tolerance)
     for p, a, b in zip(params, grads, float32_grads):
-        assert relative_error(a, b) <= 2e-2, p.shape
+        assert relative_error(a, b) <= 1e-2, p.shape  # 2e-3 to 4e-3 measured: bfloat16 dW chunked otherwise
 
 
 def test_the_draws_logits_are_not_kept_where_memory_is_short_or_without_gradients(monkeypatch):

@@ -8,8 +8,10 @@ the native kernels are built (``quietstar.ops.native``), float32 CPU scores go t
 kernel per function instead (``csrc/head_softmax.cpp``): 16 columns at a time down the whole
 vocabulary, so that only the first pass reads memory, and a vector exp. A ``[49152, 320]``
 chunk's softmax gradient took 9.5-12.7 ms against 15-31.5 ms for PyTorch's ops on the 2-core
-AMD EPYC of docs/benchmarks.md. Everything else (other dtypes and devices, ``QUIETSTAR_NO_NATIVE=1``)
-runs the PyTorch ops. Both agree to float32 rounding: the native sums are float32 within
+AMD EPYC of docs/benchmarks.md. ``softmax_gradient_`` also takes bfloat16 CPU scores natively
+(computed in float32, the gradient rounded once). Everything else (other dtypes and devices,
+``QUIETSTAR_NO_NATIVE=1``) runs the PyTorch ops (half-precision scores through a float32
+copy). Both agree to float32 rounding: the native sums are float32 within
 blocks of 64 rows and float64 across them, and its exp gives 0 below float32's normal range
 (about ``e^-87.3``) where PyTorch's keeps subnormal values.
 

@@ -1,9 +1,11 @@
 """``linear_cross_entropy`` composed from PyTorch ops: the CPU fast path (and, on CUDA, the
 choice for what the kernels do not cover). Each chunk's softmax over the vocabulary runs
-through ``quietstar.ops.head_softmax`` (one native kernel on float32 CPU scores).
+through ``quietstar.ops.head_softmax`` (one native kernel on float32 CPU scores, and on the
+weighted form's bfloat16 ones).
 
-Rows are processed in chunks whose float32 scores fit a fixed memory budget, so the ``N x V``
-logits never exist. The forward keeps one log-sum-exp per row; the backward recomputes each
+Rows are processed in chunks whose scores fit a fixed memory budget (float32 scores; the
+weighted form's kept bfloat16 or given scores by their own bytes), so the ``N x V`` logits
+never exist. The forward keeps one log-sum-exp per row; the backward recomputes each
 chunk's scores into the same buffer, turns them into ``scale * (softmax - onehot)`` in place
 (reusing the saved log-sum-exp, no second reduction) and accumulates ``dh``, ``dW`` and ``db``
 by matrix products. Peak extra memory is one chunk of scores plus the float32 gradients of the
@@ -11,9 +13,10 @@ weights and of ``hidden``: no ``N x V`` term.
 
 On CPU, inside a ``reusing_scratch()`` block, a call's scratch (one chunk's scores, their
 copies in the product dtype and the weight cast to it) passes to the same weight's next call:
-at most ``CHUNK_BYTES`` of scores; with half-precision products, half that again and two
-``[V, d]`` arrays in the product dtype (the weight and one ``dW`` product); with products in
-another dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page
+at most ``CHUNK_BYTES`` of scores; with half-precision products, up to that again (the scores in
+the product dtype: half of it for a copy of float32 scores, all of it for the weighted form's
+kept scores) and two ``[V, d]`` arrays in the product dtype (the weight and one ``dW``
+product); with products in another dtype than the weight's, that cast of the weight. Fresh buffers of that size cost a page
 fault per 4 KiB there (glibc maps them anew for each allocation and unmaps them when freed).
 When the outermost block ends the scratch is freed, so nothing is held between a model's
 calls; across them the CPU caching allocator (``quietstar.ops.cpu_caching_allocator``), where
@@ -51,8 +54,8 @@ CHUNK_BYTES = 64 * 2**20
 # Chunks of a multiple of this many rows: CPU matrix products slow down markedly (about 1.5x
 # measured with MKL) on odd row counts such as 341.
 CHUNK_ROW_MULTIPLE = 64
-# The widest chunk whose float32 CPU scores come from oneDNN's product (``onednn_linear``), not
-# MKL's into the scratch, where no scratch is allocated yet: [49152, 576] x [576, c] took 19 / 35 / 52 / 86 ms through oneDNN
+# The most rows of a call whose float32 CPU scores come from oneDNN's product (``onednn_linear``),
+# not MKL's into the scratch: [49152, 576] x [576, c] took 19 / 35 / 52 / 86 ms through oneDNN
 # against 29 / 48 / 65 / 90 ms at c = 64 / 128 / 192 / 256, and the same at 320 (101-105 ms),
 # on the 2-core AMD EPYC with AVX-512 BF16 (best of five, three rounds).
 ONEDNN_SCORES_MAX_ROWS = 256
@@ -183,13 +186,13 @@ class _Scores:
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """``(h @ W.T / T + offset).T``: ``[V, c]`` in ``dtype``, in the scores' scratch (sized
-        by the first chunk, the largest). A float32 CPU chunk of at most
-        ``ONEDNN_SCORES_MAX_ROWS`` rows while there is no such scratch yet (a call of one
-        narrow chunk) comes from oneDNN's product instead, in a fresh tensor of the size the
-        scratch would have had."""
+        by the first chunk, the largest). In a call of at most ``ONEDNN_SCORES_MAX_ROWS`` float32
+        CPU rows, each chunk comes from oneDNN's product instead, in a fresh tensor of the size
+        the scratch would have had (the same product for every chunk and call of that call's
+        rows, whatever ran before)."""
         vocab, rows = self.weight.shape[0], h.shape[0]
         scaled = (h.T * self.inv_temperature).to(self.product_dtype)
-        narrow = rows <= ONEDNN_SCORES_MAX_ROWS and "scores" not in self._scratch
+        narrow = self.hidden.shape[0] <= ONEDNN_SCORES_MAX_ROWS
         if narrow and h.device.type == "cpu" and self.product_dtype == self.dtype == torch.float32:
             z = onednn_linear(self.weight, scaled.T)
             return z if self.offset is None else z.add_(self.offset)
