@@ -83,9 +83,15 @@ def resolve_backend(
     Raises:
         ValueError: unknown name, or ``triton`` or ``native`` where it cannot run.
     """
+    return _resolve(*_named(backend), device, triton_unsupported, has_native)
+
+
+def _named(backend: str | None) -> tuple[str | None, str]:
+    """The backend named by the argument, else by ``QUIETSTAR_BACKEND`` (None: neither), and
+    which of the two named it (for errors)."""
     if backend is None:
-        return _resolve(os.environ.get(BACKEND_ENV_VAR) or None, BACKEND_ENV_VAR, device, triton_unsupported, has_native)
-    return _resolve(backend, "backend", device, triton_unsupported, has_native)
+        return os.environ.get(BACKEND_ENV_VAR) or None, BACKEND_ENV_VAR
+    return backend, "backend"
 
 
 def _resolve(
@@ -188,10 +194,7 @@ def elementwise_backend(backend: str | None, device: torch.device) -> str:
     """For the decoder's elementwise ops: ``"triton"``, ``"native"`` or ``"torch"``, as
     ``backend`` (else ``QUIETSTAR_BACKEND``) on ``device`` resolves (``resolve_backend``);
     ``"reference"`` is the ``torch`` composition, by argument or environment alike."""
-    if backend is None:
-        name, source = os.environ.get(BACKEND_ENV_VAR) or None, BACKEND_ENV_VAR
-    else:
-        name, source = backend, "backend"
+    name, source = _named(backend)
     if name == "reference":
         return "torch"
     return _resolve(name, source, device, None, has_native=True)
