@@ -34,6 +34,10 @@ namespace {
 // with kKeyBlock keys, a tile's scores (384 x 128 floats) and its rows stay in a core's L2.
 constexpr int64_t kTileRows = 384;
 constexpr int64_t kKeyBlock = 128;
+// Tiles per thread at least, where the positions allow (TrunkGeometry::tile_positions): with
+// four, the one-slot calls of the thought sampling (128 positions, three KV heads, two threads)
+// ran 7-8% faster than with two (2-core AMD EPYC, float32).
+constexpr int64_t kTilesPerThread = 4;
 
 // The tiles of one call: positions [begin, end) of batch row b, KV head hk.
 struct TrunkTile {
@@ -46,12 +50,14 @@ struct TrunkGeometry {
 
   explicit TrunkGeometry(const Tree& tree) : t(tree), positions(tile_positions(tree)) {}
 
-  // kTileRows query rows per tile, but at least two tiles per thread where the positions allow:
-  // one slot of queries (a sampling step through the cache) over three KV heads would otherwise
-  // be three tiles, leaving one of two threads idle for a third of the call.
+  // kTileRows query rows per tile, but at least kTilesPerThread tiles per thread where the
+  // positions allow: one slot of queries (a sampling step through the cache) over three KV heads
+  // would otherwise be three tiles, leaving one of two threads idle for a third of the call, and
+  // a few causal tiles of unequal cost cannot be shared evenly (for_each_task).
   static int64_t tile_positions(const Tree& t) {
     const int64_t by_rows = std::max<int64_t>(1, kTileRows / (t.group() * t.q_slots));
-    const int64_t heads = t.batch * t.kv_heads, per_head = (2 * at::get_num_threads() + heads - 1) / heads;
+    const int64_t heads = t.batch * t.kv_heads;
+    const int64_t per_head = (kTilesPerThread * at::get_num_threads() + heads - 1) / heads;
     return std::min(by_rows, std::max<int64_t>(1, (t.slot_len + per_head - 1) / per_head));
   }
 
@@ -59,8 +65,7 @@ struct TrunkGeometry {
   int64_t tiles_per_head() const { return (t.slot_len + positions - 1) / positions; }
   int64_t max_rows() const { return stacked() * positions; }
 
-  // The task'th tile of KV head `head` (b * Hkv + hk), the latest positions first (they see the
-  // most keys, so the dynamic schedule ends on short tiles).
+  // The task'th tile of KV head `head` (b * Hkv + hk), the latest positions first.
   TrunkTile tile(int64_t head, int64_t task) const {
     const int64_t first = (tiles_per_head() - 1 - task) * positions;
     return {head / t.kv_heads, head % t.kv_heads, first, std::min(first + positions, t.slot_len)};
@@ -69,6 +74,12 @@ struct TrunkGeometry {
   // Row of q (and out, grad_out, lse) of stacked row `s` (g * Sq + j) at position `i`.
   int64_t q_row(const TrunkTile& p, int64_t s, int64_t i) const {
     return ((p.b * t.q_heads + p.hk * t.group()) * t.q_slots + s) * t.slot_len + i;
+  }
+
+  // A tile's work for for_each_task: its rows times the keys its products cover, plus its rows
+  // once (the gathers, the softmax's per-row work).
+  int64_t cost(const TrunkTile& p, int64_t first_key) const {
+    return stacked() * (p.end - p.begin) * (p.end - first_key + 1);
   }
 
   const float* text_rows(const float* keys, const TrunkTile& p) const {
@@ -343,16 +354,31 @@ QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBac
   scatter(g, p, grad_q, a.grad_q);
 }
 
-// Runs body(task, worker) for tasks [0, n) on the intra-op threads, each task once: worker w
-// takes tasks w, w + W, w + 2W, ... (W workers). Tasks come costliest first, so the workers'
-// shares stay even; and which worker sums which tile's dK/dV is fixed, so the backward repeats
-// bit for bit (for a given thread count).
-template <typename F>
-void for_each_task(int64_t n, F&& body) {
+// Runs body(task, worker) for tasks [0, n) on the intra-op threads, each task once. Tasks are
+// dealt costliest first (cost(task): an estimate of its work), each to the worker with the least
+// work so far (the lowest such index on a tie): the workers' shares stay even where the tiles of
+// a call differ in cost (a causal tile of late positions sees more keys than an early one; round
+// robin over a few such tiles left one of two cores idle for up to a sixth of a sampling step's
+// call). The plan depends only on the costs and the thread count, so which worker sums which
+// tile's dK/dV is fixed and the backward repeats bit for bit (for a given thread count).
+template <typename Cost, typename F>
+void for_each_task(int64_t n, Cost&& cost, F&& body) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> order(n), costs(n), load(workers, 0);
+  for (int64_t task = 0; task < n; ++task) {
+    order[task] = task;
+    costs[task] = cost(task);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return costs[x] > costs[y]; });
+  std::vector<std::vector<int64_t>> plan(workers);
+  for (const int64_t task : order) {
+    const int64_t worker = std::min_element(load.begin(), load.end()) - load.begin();
+    plan[worker].push_back(task);
+    load[worker] += costs[task];
+  }
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker)
-      for (int64_t task = worker; task < n; task += workers) body(task, worker);
+      for (const int64_t task : plan[worker]) body(task, worker);
   });
 }
 
@@ -415,13 +441,18 @@ void tree_attention_trunk_forward_(const at::Tensor& q, const at::Tensor& k, con
   const int64_t per_head = g.tiles_per_head(), heads = t.batch * t.kv_heads;
   std::vector<std::vector<float>> scratch(at::get_num_threads(), std::vector<float>());
   std::vector<std::vector<bf16>> half_scratch(at::get_num_threads(), std::vector<bf16>());
-  for_each_task(heads * per_head, [&](int64_t task, int64_t worker) {
+  // Heads interleaved: task % heads is the head, task / heads its tile.
+  const auto tile = [&](int64_t task) { return g.tile(task % heads, task / heads); };
+  const auto cost = [&](int64_t task) {
+    const TrunkTile p = tile(task);
+    return g.cost(p, a.text.first_key(p.begin));
+  };
+  for_each_task(heads * per_head, cost, [&](int64_t task, int64_t worker) {
     std::vector<float>& own = scratch[worker];
     if (own.empty()) own.resize(forward_scratch(g));
     std::vector<bf16>& own_half = half_scratch[worker];
     if (bf16_products && own_half.empty()) own_half.resize(forward_half_scratch(g));
-    // Heads interleaved: the costliest tile of every head comes first.
-    trunk_forward_tile(g, a, g.tile(task % heads, task / heads), own.data(), own_half.data());
+    trunk_forward_tile(g, a, tile(task), own.data(), own_half.data());
   });
 }
 
@@ -453,7 +484,11 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
   std::vector<std::vector<bf16>> half_scratch(workers, std::vector<bf16>());
   for (int64_t head = 0; head < t.batch * t.kv_heads; ++head) {
     std::vector<char> used(workers, 0);
-    for_each_task(g.tiles_per_head(), [&](int64_t task, int64_t worker) {
+    const auto cost = [&](int64_t task) {
+      const TrunkTile p = g.tile(head, task);
+      return g.cost(p, a.text.first_key(p.begin));
+    };
+    for_each_task(g.tiles_per_head(), cost, [&](int64_t task, int64_t worker) {
       std::vector<float>& own = scratch[worker];
       if (own.empty()) own.resize(backward_scratch(g) + 2 * text);
       std::vector<bf16>& own_half = half_scratch[worker];
