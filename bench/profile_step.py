@@ -2,18 +2,28 @@
 timed in three parts (``sample_thoughts`` alone, the step given thoughts, the step with its own
 sampling), then the step with its own sampling under ``torch.profiler``.
 
-    python bench/profile_step.py --size "B=1 L=128" [--device cuda] [--steps 5] [--top 30]
+    python bench/profile_step.py --size "B=1 L=128" [--device cuda] [--bf16] [--steps 5] [--top 30]
 
 Prints the medians, the profiler's table of the most expensive operators (by their own time on
 the device: CUDA kernels on a GPU, CPU time on a CPU), and one summary line: wall time of the
 profiled step against the sum of its device kernels' time, and the number of kernel launches
 (a GPU step whose kernels add up to far less than its wall time is waiting on launches or
-host synchronisations). ``--trace FILE`` also writes a Chrome trace.
+host synchronisations). ``--trace FILE`` also writes a Chrome trace. ``--bf16`` runs everything
+under bfloat16 autocast (float32 master weights), as the bench's ``quietstar+sampling-bf16``.
+
+On a CPU it then accounts for the profiled step's wall time: its matrix products (each shape
+and dtype against that product's rate, measured right after the step as the bench measures the
+step's floor, so ``lost`` is the time the products took beyond their rate), the tree attention
+kernels, quietstar's other kernels, copies and casts, the other operators, and the time outside
+any operator (Python, dispatch).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import math
 import statistics
 import sys
 import time
@@ -24,11 +34,80 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import training_step  # noqa: E402
+from measure import matmul_tflops  # noqa: E402
+
+# The operators that multiply matrices in a step (PyTorch's and oneDNN's linear).
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise")
+# Shapes listed under the products, the most time lost first.
+PRODUCT_ROWS = 8
+# The profiler's names of the products' input dtypes.
+PROFILER_DTYPES = {"float": torch.float32, "double": torch.float64, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def product_call(name: str, shapes: list[list[int]], dtypes: list[str]) -> tuple[tuple[int, int, int, int], torch.dtype]:
+    """``(batch, m, k, n)`` and the dtype of a call of the matrix-product operator ``name``
+    (``PRODUCT_OPS``) from the profiler's input shapes and dtypes. oneDNN's linear takes
+    ``x [..., k]`` and ``weight [n, k]``; ``addmm`` and ``addmm_`` multiply their second and
+    third inputs."""
+    if name == "mkldnn::_linear_pointwise":
+        x, weight = shapes[0], shapes[1]
+        return (1, math.prod(x[:-1]), x[-1], weight[0]), PROFILER_DTYPES.get(dtypes[0], torch.float32)
+    first = 1 if name.startswith("aten::addmm") else 0
+    a, b = shapes[first], shapes[first + 1]
+    dtype = PROFILER_DTYPES.get(dtypes[first], torch.float32)
+    if name == "aten::bmm":
+        return (a[0], a[1], a[2], b[2]), dtype
+    return (1, a[0], a[1], b[1]), dtype
+
+
+def category(name: str) -> str:
+    """What an operator other than a matrix product is, for the step's accounting."""
+    if "tree_attention" in name:
+        return "tree attention kernels"
+    if name.startswith("quietstar::"):
+        return "quietstar's other kernels"
+    if name in ("aten::copy_", "aten::_to_copy", "aten::clone", "mkldnn::_reorder_linear_weight"):
+        return "copies, casts, weight packing"
+    return "other operators"
+
+
+def print_accounting(prof: torch.profiler.profile, wall_ms: float, device: torch.device) -> None:
+    """The profiled CPU step's wall time by kind of work, its products against their rates."""
+    products = collections.defaultdict(lambda: [0, 0.0])  # (shape, dtype) -> [calls, ms]
+    kinds: collections.Counter[str] = collections.Counter()
+    for event in prof.events():
+        ms = event.self_cpu_time_total / 1e3
+        if event.name in PRODUCT_OPS and event.input_shapes:
+            key = product_call(event.name, event.input_shapes, event.input_dtypes)
+            products[key][0] += 1
+            products[key][1] += ms
+        else:
+            kinds[category(event.name)] += ms
+    rows = []
+    for (shape, dtype), (calls, ms) in products.items():
+        flops = 2.0 * math.prod(shape) * calls
+        floor_ms = flops / (matmul_tflops(device, dtype, [shape], repeats=1) * 1e12) * 1e3
+        rows.append((ms - floor_ms, shape, str(dtype).removeprefix("torch."), calls, ms, flops / ms / 1e6, floor_ms))
+    product_ms, floor_ms = sum(r[4] for r in rows), sum(r[6] for r in rows)
+    print(f"where the profiled step's {wall_ms:.0f} ms went (CPU time of operators, their own):")
+    print(
+        f"  {'matrix products':<30} {product_ms:9.1f} ms; at each shape's rate {floor_ms:.1f} ms "
+        f"(lost {product_ms - floor_ms:+.1f} ms)"
+    )
+    for lost, (batch, m, k, n), dtype_name, calls, ms, gflops, floor in sorted(rows, reverse=True)[:PRODUCT_ROWS]:
+        shape = f"{batch} x [{m} x {k}] x [{k} x {n}]"
+        print(
+            f"    {shape:<32} {dtype_name:<8} {calls:5d} calls {ms:8.1f} ms {gflops:5.0f} GFLOP/s, "
+            f"at its rate {floor:7.1f} ms (lost {lost:+.1f})"
+        )
+    for kind, ms in kinds.most_common():
+        print(f"  {kind:<30} {ms:9.1f} ms")
+    print(f"  {'outside operators':<30} {wall_ms - product_ms - sum(kinds.values()):9.1f} ms (Python, dispatch)")
 
 
 def median_ms(fn, device: torch.device, steps: int) -> float:
@@ -51,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per part (median)")
     parser.add_argument("--top", type=int, default=30, help="rows of the profiler's table")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace of the profiled step here")
+    parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast (float32 master weights)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sizes = training_step.sizes(device, args.scale)
@@ -65,18 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     thoughts = qs.sample_thoughts(ids, generator=gen)
     params = [p for p in qs.parameters() if p.requires_grad]
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
     def sampling_only():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             qs.sample_thoughts(ids, generator=gen)
 
     def given_thoughts():
-        torch.autograd.grad(qs(ids, thoughts=thoughts).loss, params)
+        with autocast():
+            loss = qs(ids, thoughts=thoughts).loss
+        torch.autograd.grad(loss, params)
 
     def own_sampling():
-        torch.autograd.grad(qs(ids, generator=gen).loss, params)
+        with autocast():
+            loss = qs(ids, generator=gen).loss
+        torch.autograd.grad(loss, params)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{training_step.label(size)} on {device} ({name}), torch {torch.__version__}, median of {args.steps}:")
+    mode = ", bfloat16 autocast" if args.bf16 else ""
+    print(f"{training_step.label(size)} on {device} ({name}{mode}), torch {torch.__version__}, median of {args.steps}:")
     parts = [("sample_thoughts", sampling_only), ("step, thoughts given", given_thoughts), ("step, own sampling", own_sampling)]
     for name, fn in parts:
         print(f"  {name:<22} {median_ms(fn, device, args.steps):9.1f} ms")
@@ -85,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=device.type == "cpu") as prof:
         start = time.perf_counter()
         own_sampling()
         synchronize(device)
@@ -98,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profiled step: wall {wall_ms:.1f} ms, device kernels {kernel_ms:.1f} ms in {len(kernels)} launches")
     else:
         print(f"profiled step: wall {wall_ms:.1f} ms")
+        print_accounting(prof, wall_ms, device)
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
     return 0

@@ -291,6 +291,31 @@ def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
     assert [m for _, m, _, _, _ in shapes[:-2:per_pass]] == rows
 
 
+@pytest.mark.parametrize(
+    "name,call,shape",
+    [
+        ("aten::mm", lambda a, b: torch.mm(a, b), (1, 3, 4, 5)),
+        ("aten::addmm", lambda a, b: torch.addmm(torch.zeros(5, dtype=a.dtype), a, b), (1, 3, 4, 5)),
+        ("aten::bmm", lambda a, b: torch.bmm(a.expand(2, 3, 4), b.expand(2, 4, 5)), (2, 3, 4, 5)),
+        ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous(), None, "none", [], ""), (1, 3, 4, 5)),
+    ],
+    ids=["mm", "addmm", "bmm", "onednn-linear"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name, call, shape, dtype):
+    import profile_step
+
+    if name.startswith("mkldnn") and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch has no oneDNN linear op")
+    if name.startswith("mkldnn") and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU's oneDNN has no bfloat16 linear")
+    a, b = torch.randn(3, 4, dtype=dtype), torch.randn(4, 5, dtype=dtype)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        call(a, b)
+    events = [e for e in prof.events() if e.name == name]
+    assert events and profile_step.product_call(name, events[0].input_shapes, events[0].input_dtypes) == (shape, dtype)
+
+
 def test_profile_step_times_the_step_s_parts_and_lists_its_operators(capsys):
     import profile_step
 
@@ -299,6 +324,14 @@ def test_profile_step_times_the_step_s_parts_and_lists_its_operators(capsys):
     for part in ("sample_thoughts", "step, thoughts given", "step, own sampling"):
         assert re.search(rf"{part} +\d+\.\d ms", out), part
     assert "Self CPU time total" in out and re.search(r"profiled step: wall \d+\.\d ms", out)
+    # The accounting: the products against their rates, then the rest by kind; the parts add up
+    # to the wall time (the outside share is what is left).
+    wall = float(re.search(r"where the profiled step's (\d+) ms went", out).group(1))
+    products = re.search(r"matrix products +(\d+\.\d) ms; at each shape's rate (\d+\.\d) ms \(lost ([+-]\d+\.\d) ms\)", out)
+    assert products and abs(float(products.group(1)) - float(products.group(2)) - float(products.group(3))) < 0.2
+    assert re.search(r"1 x \[\d+ x 576\] x \[576 x \d+\] +float32 +\d+ calls", out)
+    parts = [float(x) for x in re.findall(r"^  (?:tree attention kernels|quietstar's other kernels|copies, casts, weight packing|other operators|outside operators) +(-?\d+\.\d) ms", out, re.M)]
+    assert len(parts) >= 3 and abs(float(products.group(1)) + sum(parts) - wall) < 2
     with pytest.raises(SystemExit):
         profile_step.main(["--device", "cpu", "--scale", "quick", "--size", "B=3 L=7"])
     assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
