@@ -11,11 +11,15 @@ profiled step against the sum of its device kernels' time, and the number of ker
 host synchronisations). ``--trace FILE`` also writes a Chrome trace. ``--bf16`` runs everything
 under bfloat16 autocast (float32 master weights), as the bench's ``quietstar+sampling-bf16``.
 
-On a CPU it then accounts for the profiled step's wall time: its matrix products (each shape
-and dtype against that product's rate, measured right after the step as the bench measures the
-step's floor, so ``lost`` is the time the products took beyond their rate), the tree attention
-kernels, quietstar's other kernels, copies and casts, the other operators, and the time outside
-any operator (Python, dispatch).
+On a CPU the step runs with the CPU caching allocator, as the bench's training-step workers and
+``quietstar train`` run it (``--no-cpu-caching-allocator``: without), and the profiled step's
+wall time is then accounted for: its matrix products (each shape and dtype against that
+product's own rate, measured right after the step with ``measure.matmul_tflops``, the bench's
+floor: the faster of ``torch.bmm`` and oneDNN's linear in float32, ``torch.bmm`` otherwise; so
+``lost`` is the time a product took beyond its rate, negative where the step's product beat
+it), the tree attention kernels, quietstar's other kernels, copies and casts, the other
+operators (autograd's nodes among them), and the time outside any operator (Python, dispatch,
+the profiler's own bookkeeping).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import training_step  # noqa: E402
 from measure import matmul_tflops  # noqa: E402
 
+from quietstar.ops.cpu_caching_allocator import enable_cpu_caching_allocator  # noqa: E402
+
 # The operators that multiply matrices in a step (PyTorch's and oneDNN's linear).
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise")
-# Shapes listed under the products, the most time lost first.
+# Shapes listed under the products, those furthest from their rates (either way) first.
 PRODUCT_ROWS = 8
 # The profiler's names of the products' input dtypes.
 PROFILER_DTYPES = {"float": torch.float32, "double": torch.float64, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
@@ -53,13 +60,19 @@ def product_call(name: str, shapes: list[list[int]], dtypes: list[str]) -> tuple
     """``(batch, m, k, n)`` and the dtype of a call of the matrix-product operator ``name``
     (``PRODUCT_OPS``) from the profiler's input shapes and dtypes. oneDNN's linear takes
     ``x [..., k]`` and ``weight [n, k]``; ``addmm`` and ``addmm_`` multiply their second and
-    third inputs."""
+    third inputs.
+
+    Raises:
+        ValueError: a dtype the profiler names that ``PROFILER_DTYPES`` does not know.
+    """
+    first = 0 if name in ("mkldnn::_linear_pointwise", "aten::mm", "aten::bmm") else 1
+    if dtypes[first] not in PROFILER_DTYPES:
+        raise ValueError(f"{name}: the profiler's dtype {dtypes[first]!r} is not one of {sorted(PROFILER_DTYPES)}")
+    dtype = PROFILER_DTYPES[dtypes[first]]
     if name == "mkldnn::_linear_pointwise":
         x, weight = shapes[0], shapes[1]
-        return (1, math.prod(x[:-1]), x[-1], weight[0]), PROFILER_DTYPES.get(dtypes[0], torch.float32)
-    first = 1 if name.startswith("aten::addmm") else 0
+        return (1, math.prod(x[:-1]), x[-1], weight[0]), dtype
     a, b = shapes[first], shapes[first + 1]
-    dtype = PROFILER_DTYPES.get(dtypes[first], torch.float32)
     if name == "aten::bmm":
         return (a[0], a[1], a[2], b[2]), dtype
     return (1, a[0], a[1], b[1]), dtype
@@ -76,9 +89,23 @@ def category(name: str) -> str:
     return "other operators"
 
 
+class ProductRow(NamedTuple):
+    """One product shape and dtype of the profiled step, against its own rate."""
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    calls: int
+    ms: float  # the calls' own CPU time
+    floor_ms: float  # the same FLOPs at the shape's rate
+
+    @property
+    def lost_ms(self) -> float:
+        return self.ms - self.floor_ms
+
+
 def print_accounting(prof: torch.profiler.profile, wall_ms: float, device: torch.device) -> None:
     """The profiled CPU step's wall time by kind of work, its products against their rates."""
-    products = collections.defaultdict(lambda: [0, 0.0])  # (shape, dtype) -> [calls, ms]
+    products: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])  # (shape, dtype) -> [calls, ms]
     kinds: collections.Counter[str] = collections.Counter()
     for event in prof.events():
         ms = event.self_cpu_time_total / 1e3
@@ -88,22 +115,23 @@ def print_accounting(prof: torch.profiler.profile, wall_ms: float, device: torch
             products[key][1] += ms
         else:
             kinds[category(event.name)] += ms
-    rows = []
-    for (shape, dtype), (calls, ms) in products.items():
-        flops = 2.0 * math.prod(shape) * calls
-        floor_ms = flops / (matmul_tflops(device, dtype, [shape], repeats=1) * 1e12) * 1e3
-        rows.append((ms - floor_ms, shape, str(dtype).removeprefix("torch."), calls, ms, flops / ms / 1e6, floor_ms))
-    product_ms, floor_ms = sum(r[4] for r in rows), sum(r[6] for r in rows)
+    rows = [
+        ProductRow(shape, dtype, calls, ms, 2.0 * math.prod(shape) * calls / (matmul_tflops(device, dtype, [shape]) * 1e9))
+        for (shape, dtype), (calls, ms) in products.items()
+    ]
+    product_ms, floor_ms = sum(r.ms for r in rows), sum(r.floor_ms for r in rows)
     print(f"where the profiled step's {wall_ms:.0f} ms went (CPU time of operators, their own):")
     print(
         f"  {'matrix products':<30} {product_ms:9.1f} ms; at each shape's rate {floor_ms:.1f} ms "
         f"(lost {product_ms - floor_ms:+.1f} ms)"
     )
-    for lost, (batch, m, k, n), dtype_name, calls, ms, gflops, floor in sorted(rows, reverse=True)[:PRODUCT_ROWS]:
+    for row in sorted(rows, key=lambda r: -abs(r.lost_ms))[:PRODUCT_ROWS]:
+        batch, m, k, n = row.shape
         shape = f"{batch} x [{m} x {k}] x [{k} x {n}]"
+        rate = 2.0 * math.prod(row.shape) * row.calls / row.ms / 1e6 if row.ms > 0 else math.inf
         print(
-            f"    {shape:<32} {dtype_name:<8} {calls:5d} calls {ms:8.1f} ms {gflops:5.0f} GFLOP/s, "
-            f"at its rate {floor:7.1f} ms (lost {lost:+.1f})"
+            f"    {shape:<32} {str(row.dtype).removeprefix('torch.'):<8} {row.calls:5d} calls {row.ms:8.1f} ms "
+            f"{rate:5.0f} GFLOP/s, at its rate {row.floor_ms:7.1f} ms (lost {row.lost_ms:+.1f})"
         )
     for kind, ms in kinds.most_common():
         print(f"  {kind:<30} {ms:9.1f} ms")
@@ -131,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30, help="rows of the profiler's table")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace of the profiled step here")
     parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast (float32 master weights)")
+    parser.add_argument(
+        "--no-cpu-caching-allocator",
+        dest="cpu_caching_allocator",
+        action="store_false",
+        help="on a CPU, run without the caching allocator the bench's training-step workers use",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sizes = training_step.sizes(device, args.scale)
@@ -138,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is not None and args.size not in labels:
         parser.error(f"--size: expected one of {labels}, got {args.size!r}")
     size = sizes[labels.index(args.size)] if args.size else sizes[0]
+    if device.type == "cpu" and args.cpu_caching_allocator:
+        enable_cpu_caching_allocator()
 
     qs = training_step.make_model(size, device)
     gen = torch.Generator(device=device).manual_seed(0)
