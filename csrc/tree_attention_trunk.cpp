@@ -78,12 +78,6 @@ struct TrunkGeometry {
     return ((p.b * t.q_heads + p.hk * t.group()) * t.q_slots + s) * t.slot_len + i;
   }
 
-  // A tile's work for for_each_task: its rows times the keys its products cover, plus its rows
-  // once (the gathers, the softmax's per-row work).
-  int64_t cost(const TrunkTile& p, int64_t first_key) const {
-    return stacked() * (p.end - p.begin) * (p.end - first_key + 1);
-  }
-
   const float* text_rows(const float* keys, const TrunkTile& p) const {
     return keys + p.b * t.kv_batch_stride + p.hk * t.kv_head_stride;
   }
@@ -172,6 +166,12 @@ struct TextKeys {
         for (int64_t m = 0; m < rows; ++m) scores[m * ld + c] = -std::numeric_limits<float>::infinity();
   }
 };
+
+// A tile's work for for_each_task: its rows times the keys its products cover (from the first
+// key block it reads), plus its rows once (the gathers, the softmax's per-row work).
+int64_t tile_cost(const TrunkGeometry& g, const TextKeys& text, const TrunkTile& p) {
+  return g.stacked() * (p.end - p.begin) * (p.end - text.first_key(p.begin) + 1);
+}
 
 // Copies the stacked rows of a tile out of x (a [B, Hq, Sq*L, D] tensor) into rows [M, D].
 QUIETSTAR_INLINE void gather(const TrunkGeometry& g, const TrunkTile& p, const float* x, float* rows) {
@@ -360,7 +360,7 @@ QUIETSTAR_CLONES void trunk_backward_tile(const TrunkGeometry& g, const TrunkBac
 // dealt costliest first (cost(task): an estimate of its work), each to the worker with the least
 // work so far (the lowest such index on a tie): the workers' shares stay even where the tiles of
 // a call differ in cost (a causal tile of late positions sees more keys than an early one; round
-// robin over a few such tiles left one of two cores idle for up to a sixth of a sampling step's
+// robin over a few such tiles left one of two cores idle for a fifth of a sampling step's
 // call). The plan depends only on the costs and the thread count, so which worker sums which
 // tile's dK/dV is fixed and the backward repeats bit for bit (for a given thread count).
 template <typename Cost, typename F>
@@ -445,10 +445,7 @@ void tree_attention_trunk_forward_(const at::Tensor& q, const at::Tensor& k, con
   std::vector<std::vector<bf16>> half_scratch(at::get_num_threads(), std::vector<bf16>());
   // Heads interleaved: task % heads is the head, task / heads its tile.
   const auto tile = [&](int64_t task) { return g.tile(task % heads, task / heads); };
-  const auto cost = [&](int64_t task) {
-    const TrunkTile p = tile(task);
-    return g.cost(p, a.text.first_key(p.begin));
-  };
+  const auto cost = [&](int64_t task) { return tile_cost(g, a.text, tile(task)); };
   for_each_task(heads * per_head, cost, [&](int64_t task, int64_t worker) {
     std::vector<float>& own = scratch[worker];
     if (own.empty()) own.resize(forward_scratch(g));
@@ -486,10 +483,7 @@ void tree_attention_trunk_backward_(const at::Tensor& grad_out, const at::Tensor
   std::vector<std::vector<bf16>> half_scratch(workers, std::vector<bf16>());
   for (int64_t head = 0; head < t.batch * t.kv_heads; ++head) {
     std::vector<char> used(workers, 0);
-    const auto cost = [&](int64_t task) {
-      const TrunkTile p = g.tile(head, task);
-      return g.cost(p, a.text.first_key(p.begin));
-    };
+    const auto cost = [&](int64_t task) { return tile_cost(g, a.text, g.tile(head, task)); };
     for_each_task(g.tiles_per_head(), cost, [&](int64_t task, int64_t worker) {
       std::vector<float>& own = scratch[worker];
       if (own.empty()) own.resize(backward_scratch(g) + 2 * text);

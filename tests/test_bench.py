@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from cases import CASES  # noqa: E402
 from helpers import requires_native  # noqa: E402
+
+from quietstar.ops.backends import fast_half_matmul  # noqa: E402
 from measure import measure  # noqa: E402
 from run import add_ratios, format_report, matmul_dtype, max_length_size, measures_matmul_rate, spawn_worker  # noqa: E402
 
@@ -332,16 +334,15 @@ def test_profile_step_times_the_step_s_parts_and_accounts_for_its_wall_time(bf16
     # The products against their rates, then the rest by kind. Operators' own times count
     # nothing twice: with the products and the kinds taken from the wall time, some is left
     # outside them (Python, dispatch).
-    wall = float(re.search(r"where the profiled step's (\d+) ms went", out).group(1))
     products = re.search(r"matrix products +(\d+\.\d) ms; at each shape's rate (\d+\.\d) ms", out)
     assert products and float(products.group(1)) > 0 and float(products.group(2)) > 0
-    dtype = "bfloat16" if bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    # Under bfloat16 autocast the step multiplies in bfloat16 where the CPU does it natively.
+    dtype = "bfloat16" if bf16 and fast_half_matmul(torch.bfloat16, CPU) else "float32"
     assert re.search(rf"1 x \[\d+ x 576\] x \[576 x \d+\] +{dtype} +\d+ calls", out)
     kinds = "tree attention kernels|quietstar's other kernels|copies, casts, weight packing|other operators"
     parts = [float(x) for x in re.findall(rf"^  (?:{kinds}) +(\d+\.\d) ms", out, re.M)]
     outside = float(re.search(r"^  outside operators +(-?\d+\.\d) ms", out, re.M).group(1))
     assert len(parts) >= 3 and outside > 0
-    assert float(products.group(1)) + sum(parts) < wall
     with pytest.raises(SystemExit):
         profile_step.main(["--device", "cpu", "--scale", "quick", "--size", "B=3 L=7"])
     assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
