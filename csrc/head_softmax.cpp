@@ -2,9 +2,14 @@
 // column per scored row, as linear_cross_entropy's CPU path and the thought sampler keep them).
 // PyTorch runs the softmax of such a chunk as four or five ops (column maxima, subtract, exp,
 // column sums, scale), each a pass over V * C values, which at V = 49,152 do not fit any cache.
-// Here each task takes 16 columns (one vector) down the whole vocabulary: the first pass reads
-// them from memory, the later ones find them in the last-level cache (16 columns of 49,152
-// floats are 3 MB), and exp is a vector polynomial (vexp).
+// Here the chunk is cut into tiles of up to kPartRows rows by kSlabColumns columns, one task
+// each, read row by row (contiguous memory, as the prefetchers and the TLB want it; walking 16
+// columns down the whole vocabulary touched a new page every row and ran 3-6x slower on an Intel
+// Xeon). Each tile keeps, per column, a running maximum and the sum of exponentials under it,
+// updated a block of kSumBlock rows at a time (the block's maximum first, then its exponentials
+// from cache), and the tiles' results are combined in a fixed order: so the softmax gradient
+// reads the scores from memory twice and writes them once, and the results do not depend on the
+// thread count. exp is a vector polynomial (vexp).
 //
 // float32 scores (head_softmax_gradient_ also bfloat16: the half-precision head's products, rounded
 // once more, to bfloat16, on the way out), unit column stride, any row stride; results float32.
@@ -24,7 +29,9 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "vector_math.h"
 
@@ -35,160 +42,184 @@
 namespace quietstar {
 namespace {
 
-// Rows a pass handles per step with independent accumulators (the max and sum chains' latency).
+// Rows a pass handles per step with independent sums (the add chains' latency).
 constexpr int64_t kUnroll = 4;  // the reductions below combine exactly four
-// Rows whose exponentials are summed in float32 before their sum joins a float64 total.
+// Rows whose exponentials are summed in float32 before their sum joins a float64 total; also the
+// rows whose maximum is taken before their exponentials (a block of a slab stays in L2).
 constexpr int64_t kSumBlock = 64;
+// A task's tile: up to kPartRows rows (whose results are combined across tiles in a fixed order)
+// by up to kSlabColumns columns (kSlabVectors vectors of per-column state kept in registers and L1).
+constexpr int64_t kPartRows = 4096;
+constexpr int64_t kSlabColumns = 512;
+constexpr int64_t kSlabVectors = kSlabColumns / kLanes;
+
+using Doubles = Vector<double, kLanes / 2>;
 
 // Scores stored as T: float, or bfloat16 (head_softmax_gradient_ only), computed in float.
 template <typename T>
-struct ColumnsOf {
-  T* scores;
-  int64_t vocab, stride;  // rows and the row stride, in elements
-  int64_t first, count;   // this task's columns: [first, first + count), count <= kLanes
+struct ScoresOf {
+  T* data;
+  int64_t vocab, columns, stride;  // rows, columns and the row stride, in elements
 };
-using Columns = ColumnsOf<float>;
+
+// One task's share of the scores: rows [row_begin, row_end), columns [column_begin, column_end).
+struct Tile {
+  int64_t part;  // which row part: the index of its partial results
+  int64_t row_begin, row_end, column_begin, column_end;
+  QUIETSTAR_INLINE int64_t vectors() const { return (column_end - column_begin + kLanes - 1) / kLanes; }
+  // Columns in vector j of the tile (kLanes but in the last).
+  QUIETSTAR_INLINE int64_t width(int64_t j) const { return std::min(kLanes, column_end - column_begin - j * kLanes); }
+};
 
 template <typename T>
-QUIETSTAR_INLINE Floats load_columns(const ColumnsOf<T>& c, int64_t v) {
-  const T* p = c.scores + v * c.stride + c.first;
-  return c.count == kLanes ? load(p) : load_first(p, c.count);
+QUIETSTAR_INLINE Floats load_at(const ScoresOf<T>& s, const Tile& t, int64_t v, int64_t j) {
+  const T* p = s.data + v * s.stride + t.column_begin + j * kLanes;
+  return t.width(j) == kLanes ? load(p) : load_first(p, t.width(j));
 }
 
 template <typename T>
-QUIETSTAR_INLINE void store_columns(const ColumnsOf<T>& c, int64_t v, Floats x) {
-  T* p = c.scores + v * c.stride + c.first;
-  if (c.count == kLanes) {
+QUIETSTAR_INLINE void store_at(const ScoresOf<T>& s, const Tile& t, int64_t v, int64_t j, Floats x) {
+  T* p = s.data + v * s.stride + t.column_begin + j * kLanes;
+  if (t.width(j) == kLanes) {
     store(p, x);
   } else {
-    store_first(p, x, c.count);
+    store_first(p, x, t.width(j));
   }
+}
+
+template <typename T>
+QUIETSTAR_INLINE Floats load_tile(const T* p, const Tile& t, int64_t j) {
+  return t.width(j) == kLanes ? load(p + t.column_begin + j * kLanes) : load_first(p + t.column_begin + j * kLanes, t.width(j));
 }
 
 QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
 
-// Column maxima. A NaN score may be passed over here (torch.amax would return NaN): the exp
-// pass turns it into a NaN sum, and each op below makes such a column NaN throughout.
-template <typename T>
-QUIETSTAR_INLINE Floats column_max(const ColumnsOf<T>& c, Floats multiplier = splat(1.0f)) {
-  Floats m[kUnroll];
-  for (auto& x : m) x = splat(-INFINITY);
-  int64_t v = 0;
-  for (; v + kUnroll <= c.vocab; v += kUnroll) {
-    for (int64_t u = 0; u < kUnroll; ++u) m[u] = max_of(m[u], load_columns(c, v + u) * multiplier);
-  }
-  for (; v < c.vocab; ++v) m[0] = max_of(m[0], load_columns(c, v) * multiplier);
-  return max_of(max_of(m[0], m[1]), max_of(m[2], m[3]));
+QUIETSTAR_INLINE void widen(Floats x, Doubles& low, Doubles& high) {
+  Vector<float, kLanes / 2> half;
+  std::memcpy(&half, &x, sizeof(half));
+  low = __builtin_convertvector(half, Doubles);
+  std::memcpy(&half, reinterpret_cast<const char*>(&x) + sizeof(half), sizeof(half));
+  high = __builtin_convertvector(half, Doubles);
 }
 
-// Sum over v of exp(scores[v] - top), with the exponentials written back when `store`.
-template <bool kStore, typename T>
-QUIETSTAR_INLINE Floats exp_sum(const ColumnsOf<T>& c, Floats top, int64_t begin, int64_t end,
-                                Floats multiplier = splat(1.0f)) {
-  Floats s[kUnroll] = {};
-  int64_t v = begin;
-  for (; v + kUnroll <= end; v += kUnroll) {
-    for (int64_t u = 0; u < kUnroll; ++u) {
-      const Floats e = vexp(load_columns(c, v + u) * multiplier - top);
-      if constexpr (kStore) store_columns(c, v + u, e);
-      s[u] += e;
+// Per column of the tile: the maximum m of z = multiplier * scores over its rows and the sum of
+// exp(z - m) (float32 within blocks of kSumBlock rows, float64 across), into part_max and
+// part_sum at the tile's columns. A NaN score may be passed over by the maximum (torch.amax would
+// return NaN) but makes the sum NaN; a column of -inf has maximum -inf and sum 0.
+template <typename T>
+QUIETSTAR_INLINE void max_and_sum(const ScoresOf<T>& s, const Tile& t, float multiplier, float* part_max,
+                                  double* part_sum) {
+  const int64_t vectors = t.vectors();
+  const Floats times = splat(multiplier), minus_infinity = splat(-INFINITY);
+  Floats top[kSlabVectors], block_top[kSlabVectors], sums[kUnroll][kSlabVectors];
+  Doubles low[kSlabVectors] = {}, high[kSlabVectors] = {};
+  for (int64_t j = 0; j < vectors; ++j) top[j] = minus_infinity;
+  for (int64_t begin = t.row_begin; begin < t.row_end; begin += kSumBlock) {
+    const int64_t end = std::min(t.row_end, begin + kSumBlock);
+    for (int64_t j = 0; j < vectors; ++j) block_top[j] = top[j];
+    for (int64_t v = begin; v < end; ++v) {
+      for (int64_t j = 0; j < vectors; ++j) block_top[j] = max_of(block_top[j], load_at(s, t, v, j) * times);
+    }
+    for (int64_t j = 0; j < vectors; ++j) {
+      // Exponentials under a -inf maximum are taken under 0 instead (all 0, not NaN).
+      const Floats under = block_top[j] == minus_infinity ? Floats{} : block_top[j];
+      Doubles rescale_low, rescale_high;
+      widen(vexp(top[j] - under), rescale_low, rescale_high);
+      low[j] *= rescale_low;
+      high[j] *= rescale_high;
+      top[j] = block_top[j];
+      block_top[j] = under;
+      for (auto& sum : sums) sum[j] = Floats{};
+    }
+    for (int64_t v = begin; v < end; ++v) {
+      Floats* sum = sums[(v - begin) % kUnroll];
+      for (int64_t j = 0; j < vectors; ++j) sum[j] += vexp(load_at(s, t, v, j) * times - block_top[j]);
+    }
+    for (int64_t j = 0; j < vectors; ++j) {
+      Doubles add_low, add_high;
+      widen((sums[0][j] + sums[1][j]) + (sums[2][j] + sums[3][j]), add_low, add_high);
+      low[j] += add_low;
+      high[j] += add_high;
     }
   }
-  for (; v < end; ++v) {
-    const Floats e = vexp(load_columns(c, v) * multiplier - top);
-    if constexpr (kStore) store_columns(c, v, e);
-    s[0] += e;
-  }
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-// exp_sum over all rows: float32 sums of kSumBlock rows, added up in float64 (one float32 sum
-// over 49,152 rows would lose about 1e-5 of it; PyTorch's sums are pairwise).
-template <bool kStore, typename T>
-QUIETSTAR_INLINE Floats exp_total(const ColumnsOf<T>& c, Floats top, Floats multiplier = splat(1.0f)) {
-  using Doubles = Vector<double, kLanes / 2>;
-  Doubles low = {}, high = {};
-  for (int64_t v = 0; v < c.vocab; v += kSumBlock) {
-    const Floats s = exp_sum<kStore>(c, top, v, std::min(c.vocab, v + kSumBlock), multiplier);
-    Vector<float, kLanes / 2> half;
-    std::memcpy(&half, &s, sizeof(half));
-    low += __builtin_convertvector(half, Doubles);
-    std::memcpy(&half, reinterpret_cast<const char*>(&s) + sizeof(half), sizeof(half));
-    high += __builtin_convertvector(half, Doubles);
-  }
-  const Vector<float, kLanes / 2> low_f = __builtin_convertvector(low, Vector<float, kLanes / 2>),
-                                  high_f = __builtin_convertvector(high, Vector<float, kLanes / 2>);
-  Floats total;
-  std::memcpy(&total, &low_f, sizeof(low_f));
-  std::memcpy(reinterpret_cast<char*>(&total) + sizeof(low_f), &high_f, sizeof(high_f));
-  return total;
-}
-
-QUIETSTAR_INLINE Floats vlog(Floats x) {
-  float lanes[kLanes];
-  store(lanes, x);
-  for (float& l : lanes) l = std::log(l);
-  return load(lanes);
-}
-
-QUIETSTAR_CLONES void logsumexp_task(Columns c, float* lse) {
-  const Floats top = column_max(c);
-  const Floats lse_c = vlog(exp_total<false>(c, top)) + top;
-  store_first(lse + c.first, lse_c, c.count);
-}
-
-QUIETSTAR_CLONES void softmax_gradient_task(Columns c, const int64_t* targets, const float* scale, float multiplier,
-                                            float* lse) {
-  const Floats times = splat(multiplier), top = column_max(c, times);
-  const Floats total = exp_total<true>(c, top, times);
-  store_first(lse + c.first, vlog(total) + top, c.count);
-  const Floats factor = load_first(scale + c.first, c.count) / total;
-  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, load_columns(c, v) * factor);
-  for (int64_t j = 0; j < c.count; ++j) {
-    c.scores[targets[c.first + j] * c.stride + c.first + j] -= scale[c.first + j];
+  for (int64_t j = 0; j < vectors; ++j) {
+    const int64_t first = t.column_begin + j * kLanes;
+    store_first(part_max + first, top[j], t.width(j));
+    double lanes[kLanes];
+    std::memcpy(lanes, &low[j], sizeof(low[j]));
+    std::memcpy(lanes + kLanes / 2, &high[j], sizeof(high[j]));
+    std::memcpy(part_sum + first, lanes, t.width(j) * sizeof(double));
   }
 }
 
-// bfloat16 scores, the same arithmetic rounded once: the exponentials are not stored between the
-// passes (that would round them) but computed again for the last one, and each target's entry
-// is formed from its score, kept before that pass overwrites it.
-QUIETSTAR_CLONES void softmax_gradient_bf16_task(ColumnsOf<c10::BFloat16> c, const int64_t* targets, const float* scale,
-                                                 float multiplier, float* lse) {
-  const Floats times = splat(multiplier), top = column_max(c, times);
-  const Floats total = exp_total<false>(c, top, times);
-  store_first(lse + c.first, vlog(total) + top, c.count);
-  float picked[kLanes] = {};
-  for (int64_t j = 0; j < c.count; ++j) picked[j] = c.scores[targets[c.first + j] * c.stride + c.first + j];
-  const Floats factor = load_first(scale + c.first, c.count) / total;
-  for (int64_t v = 0; v < c.vocab; ++v) store_columns(c, v, vexp(load_columns(c, v) * times - top) * factor);
-  float at_target[kLanes];
-  store(at_target, vexp(load(picked) * times - top) * factor);
-  for (int64_t j = 0; j < c.count; ++j) {
-    const float gradient = at_target[j] - scale[c.first + j];
-    c.scores[targets[c.first + j] * c.stride + c.first + j] = c10::BFloat16(gradient);
+QUIETSTAR_CLONES void max_and_sum_task(ScoresOf<float> s, Tile t, float multiplier, float* part_max, double* part_sum) {
+  max_and_sum(s, t, multiplier, part_max, part_sum);
+}
+QUIETSTAR_CLONES void max_and_sum_bf16_task(ScoresOf<c10::BFloat16> s, Tile t, float multiplier, float* part_max,
+                                            double* part_sum) {
+  max_and_sum(s, t, multiplier, part_max, part_sum);
+}
+
+// scores[v, c] = exp(multiplier * scores[v, c] - lse[c]) * scale[c] over the tile.
+template <typename T>
+QUIETSTAR_INLINE void scaled_softmax(const ScoresOf<T>& s, const Tile& t, float multiplier, const float* lse,
+                                     const float* scale) {
+  const int64_t vectors = t.vectors();
+  const Floats times = splat(multiplier);
+  Floats shift[kSlabVectors], factor[kSlabVectors];
+  for (int64_t j = 0; j < vectors; ++j) {
+    shift[j] = load_tile(lse, t, j);
+    factor[j] = load_tile(scale, t, j);
+  }
+  for (int64_t v = t.row_begin; v < t.row_end; ++v) {
+    for (int64_t j = 0; j < vectors; ++j) store_at(s, t, v, j, vexp(load_at(s, t, v, j) * times - shift[j]) * factor[j]);
   }
 }
 
-QUIETSTAR_CLONES void exp_block_sums_task(Columns c, int64_t block, float* sums, int64_t sums_stride) {
-  const Floats top = column_max(c);
-  Floats nan_seen = {};  // NaN in the lanes of a column holding a NaN score
-  const int64_t blocks = (c.vocab + block - 1) / block;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const Floats s = exp_sum<true>(c, top, b * block, std::min(c.vocab, (b + 1) * block));
-    nan_seen += s * 0.0f;  // s is NaN or finite: the weights are at most 1
-    store_first(sums + b * sums_stride + c.first, s, c.count);
+QUIETSTAR_CLONES void scaled_softmax_task(ScoresOf<float> s, Tile t, float multiplier, const float* lse,
+                                          const float* scale) {
+  scaled_softmax(s, t, multiplier, lse, scale);
+}
+QUIETSTAR_CLONES void scaled_softmax_bf16_task(ScoresOf<c10::BFloat16> s, Tile t, float multiplier, const float* lse,
+                                               const float* scale) {
+  scaled_softmax(s, t, multiplier, lse, scale);
+}
+
+// Per column of the tile, the maximum of its scores (NaN may be passed over, as in max_and_sum).
+QUIETSTAR_CLONES void max_task(ScoresOf<float> s, Tile t, float* part_max) {
+  const int64_t vectors = t.vectors();
+  Floats top[kSlabVectors];
+  for (int64_t j = 0; j < vectors; ++j) top[j] = splat(-INFINITY);
+  for (int64_t v = t.row_begin; v < t.row_end; ++v) {
+    for (int64_t j = 0; j < vectors; ++j) top[j] = max_of(top[j], load_at(s, t, v, j));
   }
-  // A NaN sum comes from a NaN score, from a column of -inf, or from +inf (inf - inf: NaN at
-  // that entry only, as in PyTorch's ops). In the first two cases PyTorch's column maximum is
-  // NaN or -inf and its weights NaN throughout: so here too (rare: a scalar loop). A column
-  // with both +inf and NaN is NaN only in the blocks holding them.
-  float lanes[kLanes], tops[kLanes];
-  store(lanes, nan_seen);
-  store(tops, top);
-  for (int64_t j = 0; j < c.count; ++j) {
-    if (!std::isnan(lanes[j]) || tops[j] == INFINITY) continue;
-    for (int64_t v = 0; v < c.vocab; ++v) c.scores[v * c.stride + c.first + j] = NAN;
-    for (int64_t b = 0; b < blocks; ++b) sums[b * sums_stride + c.first + j] = NAN;
+  for (int64_t j = 0; j < vectors; ++j) store_first(part_max + t.column_begin + j * kLanes, top[j], t.width(j));
+}
+
+// scores[v, c] = exp(scores[v, c] - top[c]) over the tile (its rows whole blocks), and the sums
+// of each block's rows into sums[v / block, c].
+QUIETSTAR_CLONES void exp_block_sums_task(ScoresOf<float> s, Tile t, int64_t block, const float* top, float* sums) {
+  const int64_t vectors = t.vectors();
+  Floats under[kSlabVectors], block_sums[kUnroll][kSlabVectors];
+  for (int64_t j = 0; j < vectors; ++j) under[j] = load_tile(top, t, j);
+  for (int64_t begin = t.row_begin; begin < t.row_end; begin += block) {
+    const int64_t end = std::min(t.row_end, begin + block);
+    for (auto& sum : block_sums) {
+      for (int64_t j = 0; j < vectors; ++j) sum[j] = Floats{};
+    }
+    for (int64_t v = begin; v < end; ++v) {
+      Floats* sum = block_sums[(v - begin) % kUnroll];
+      for (int64_t j = 0; j < vectors; ++j) {
+        const Floats e = vexp(load_at(s, t, v, j) - under[j]);
+        store_at(s, t, v, j, e);
+        sum[j] += e;
+      }
+    }
+    float* row = sums + (begin / block) * s.columns;
+    for (int64_t j = 0; j < vectors; ++j) {
+      const Floats sum = (block_sums[0][j] + block_sums[1][j]) + (block_sums[2][j] + block_sums[3][j]);
+      store_first(row + t.column_begin + j * kLanes, sum, t.width(j));
+    }
   }
 }
 
@@ -203,27 +234,87 @@ void check_scores(const at::Tensor& scores, const char* op, bool bf16 = false) {
               ": scores' rows must not overlap (row stride at least C), got stride ", scores.stride(0));
 }
 
-// Runs task(columns) for each group of kLanes columns, in parallel.
-template <typename T = float, typename Task>
-void for_each_column_group(const at::Tensor& scores, const Task& task) {
-  const int64_t columns = scores.size(1), groups = (columns + kLanes - 1) / kLanes;
-  T* data = scores.data_ptr<T>();
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kLanes;
-      task(ColumnsOf<T>{data, scores.size(0), scores.stride(0), first, std::min(kLanes, columns - first)});
+template <typename T>
+ScoresOf<T> scores_of(const at::Tensor& scores) {
+  return ScoresOf<T>{scores.data_ptr<T>(), scores.size(0), scores.size(1), scores.stride(0)};
+}
+
+// Row parts of `rows_per_part` rows (the last shorter).
+int64_t parts_of(int64_t vocab, int64_t rows_per_part) { return (vocab + rows_per_part - 1) / rows_per_part; }
+
+// Runs task(tile) for every tile of row parts of `rows_per_part` rows and slabs of kSlabColumns
+// columns, in parallel.
+template <typename Task>
+void for_each_tile(int64_t vocab, int64_t columns, int64_t rows_per_part, const Task& task) {
+  const int64_t parts = parts_of(vocab, rows_per_part), slabs = (columns + kSlabColumns - 1) / kSlabColumns;
+  at::parallel_for(0, parts * slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t part = i / slabs, slab = i % slabs;
+      task(Tile{part, part * rows_per_part, std::min(vocab, (part + 1) * rows_per_part), slab * kSlabColumns,
+                std::min(columns, (slab + 1) * kSlabColumns)});
     }
   });
+}
+
+// Each column's log-sum-exp of multiplier * scores, from every row part's maximum and sum
+// combined in order (float64): NaN for a column holding a NaN or +inf, or all -inf.
+template <typename T>
+at::Tensor column_logsumexp(const at::Tensor& scores, float multiplier) {
+  const ScoresOf<T> s = scores_of<T>(scores);
+  const int64_t parts = parts_of(s.vocab, kPartRows);
+  std::vector<float> part_max(parts * s.columns);
+  std::vector<double> part_sum(parts * s.columns);
+  for_each_tile(s.vocab, s.columns, kPartRows, [&](const Tile& t) {
+    float* m = part_max.data() + t.part * s.columns;
+    double* sum = part_sum.data() + t.part * s.columns;
+    if constexpr (std::is_same_v<T, float>) {
+      max_and_sum_task(s, t, multiplier, m, sum);
+    } else {
+      max_and_sum_bf16_task(s, t, multiplier, m, sum);
+    }
+  });
+  at::Tensor lse = at::empty({s.columns}, scores.options().dtype(at::kFloat));
+  float* out = lse.data_ptr<float>();
+  for (int64_t c = 0; c < s.columns; ++c) {
+    double top = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) top = std::max<double>(top, part_max[p * s.columns + c]);
+    double total = 0.0;
+    for (int64_t p = 0; p < parts; ++p) {
+      const double m = part_max[p * s.columns + c], sum = part_sum[p * s.columns + c];
+      total += m == -INFINITY ? sum : sum * std::exp(m - top);  // a part of -inf adds 0 (NaN if it held one)
+    }
+    out[c] = top == -INFINITY ? NAN : static_cast<float>(top + std::log(total));
+  }
+  return lse;
+}
+
+template <typename T>
+void softmax_gradient(const at::Tensor& scores, const int64_t* targets, const float* scale, float multiplier,
+                      const float* lse) {
+  const ScoresOf<T> s = scores_of<T>(scores);
+  // Each target's entry, formed from its score kept before the pass below overwrites it, so that
+  // bfloat16 scores are rounded once.
+  std::vector<float> picked(s.columns);
+  for (int64_t c = 0; c < s.columns; ++c) picked[c] = static_cast<float>(s.data[targets[c] * s.stride + c]);
+  for_each_tile(s.vocab, s.columns, kPartRows, [&](const Tile& t) {
+    if constexpr (std::is_same_v<T, float>) {
+      scaled_softmax_task(s, t, multiplier, lse, scale);
+    } else {
+      scaled_softmax_bf16_task(s, t, multiplier, lse, scale);
+    }
+  });
+  for (int64_t c = 0; c < s.columns; ++c) {
+    float at_target[kLanes];
+    store(at_target, vexp(splat(picked[c]) * splat(multiplier) - splat(lse[c])) * splat(scale[c]));
+    s.data[targets[c] * s.stride + c] = T(at_target[0] - scale[c]);
+  }
 }
 
 }  // namespace
 
 at::Tensor head_logsumexp(const at::Tensor& scores) {
   check_scores(scores, "head_logsumexp");
-  at::Tensor lse = at::empty({scores.size(1)}, scores.options());
-  float* out = lse.data_ptr<float>();
-  for_each_column_group(scores, [&](Columns c) { logsumexp_task(c, out); });
-  return lse;
+  return column_logsumexp<float>(scores, 1.0f);
 }
 
 at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale,
@@ -241,27 +332,49 @@ at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& ta
     TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < scores.size(0),
                 "head_softmax_gradient_: targets must lie in [0, V)");
   }
-  at::Tensor lse = at::empty({columns}, scores.options().dtype(at::kFloat));
+  const float times = static_cast<float>(multiplier);
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* s = scale.data_ptr<float>();
-  float* out = lse.data_ptr<float>();
-  const float times = static_cast<float>(multiplier);
   if (scores.scalar_type() == at::kBFloat16) {
-    for_each_column_group<c10::BFloat16>(
-        scores, [&](ColumnsOf<c10::BFloat16> c) { softmax_gradient_bf16_task(c, t, s, times, out); });
-  } else {
-    for_each_column_group(scores, [&](Columns c) { softmax_gradient_task(c, t, s, times, out); });
+    at::Tensor lse = column_logsumexp<c10::BFloat16>(scores, times);
+    softmax_gradient<c10::BFloat16>(scores, t, s, times, lse.data_ptr<float>());
+    return lse;
   }
+  at::Tensor lse = column_logsumexp<float>(scores, times);
+  softmax_gradient<float>(scores, t, s, times, lse.data_ptr<float>());
   return lse;
 }
 
 at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
   check_scores(scores, "head_exp_block_sums_");
   TORCH_CHECK(block > 0, "head_exp_block_sums_: block must be > 0, got ", block);
-  const int64_t blocks = (scores.size(0) + block - 1) / block;
-  at::Tensor sums = at::empty({blocks, scores.size(1)}, scores.options());
+  const ScoresOf<float> s = scores_of<float>(scores);
+  const int64_t parts = parts_of(s.vocab, kPartRows);
+  std::vector<float> part_max(parts * s.columns);
+  for_each_tile(s.vocab, s.columns, kPartRows,
+                [&](const Tile& t) { max_task(s, t, part_max.data() + t.part * s.columns); });
+  std::vector<float> top(part_max.begin(), part_max.begin() + s.columns);
+  for (int64_t p = 1; p < parts; ++p) {
+    for (int64_t c = 0; c < s.columns; ++c) top[c] = std::max(top[c], part_max[p * s.columns + c]);
+  }
+  const int64_t blocks = (s.vocab + block - 1) / block;
+  at::Tensor sums = at::empty({blocks, s.columns}, scores.options());
   float* out = sums.data_ptr<float>();
-  for_each_column_group(scores, [&](Columns c) { exp_block_sums_task(c, block, out, scores.size(1)); });
+  // Parts of whole blocks, about kPartRows rows each.
+  for_each_tile(s.vocab, s.columns, std::max<int64_t>(1, kPartRows / block) * block,
+                [&](const Tile& t) { exp_block_sums_task(s, t, block, top.data(), out); });
+  // A NaN sum comes from a NaN score, from a column of -inf, or from +inf (inf - inf: NaN at that
+  // entry only, as in PyTorch's ops). In the first two cases PyTorch's column maximum is NaN or
+  // -inf and its weights NaN throughout: so here too (rare: a scalar loop). A column with both
+  // +inf and NaN is NaN only in the blocks holding them.
+  for (int64_t c = 0; c < s.columns; ++c) {
+    if (top[c] == INFINITY) continue;
+    bool nan_seen = false;
+    for (int64_t b = 0; b < blocks && !nan_seen; ++b) nan_seen = std::isnan(out[b * s.columns + c]);
+    if (!nan_seen) continue;
+    for (int64_t v = 0; v < s.vocab; ++v) s.data[v * s.stride + c] = NAN;
+    for (int64_t b = 0; b < blocks; ++b) out[b * s.columns + c] = NAN;
+  }
   return sums;
 }
 
