@@ -33,7 +33,9 @@ def scores_of(vocab: int, columns: int, strided: bool, seed: int = 0) -> torch.T
     return scores
 
 
-SHAPES = [(49152, 48, False), (1000, 37, False), (300, 16, True), (5, 3, True), (257, 1, False)]
+# The native kernels cut the scores into tiles of 4096 rows by 512 columns: 9000 x 530 spans
+# three row parts and two column slabs.
+SHAPES = [(49152, 48, False), (9000, 530, True), (1000, 37, False), (300, 16, True), (5, 3, True), (257, 1, False)]
 
 
 @pytest.mark.parametrize("vocab,columns,strided", SHAPES)
@@ -79,6 +81,46 @@ def test_column_logsumexp_matches_float64(path, vocab, columns, strided):
     scores = scores_of(vocab, columns, strided)
     expected = torch.logsumexp(scores.double(), 0)
     torch.testing.assert_close(column_logsumexp(scores).double(), expected, atol=2e-6, rtol=0)
+
+
+def test_columns_masked_over_whole_row_parts_sum_the_rest(path):
+    # -inf over the first 5000 ids (more than a tile's rows) and over blocks inside the others.
+    scores = scores_of(9000, 20, strided=False)
+    scores[:5000, :10] = float("-inf")
+    scores[6000:6100, 5:15] = float("-inf")
+    exact = scores.double()
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.randint(5000, 9000, (20,), generator=gen)
+    scale = torch.rand(20, generator=gen)
+    expected = torch.softmax(exact, 0) * scale.double()
+    expected[targets, torch.arange(20)] -= scale.double()
+    torch.testing.assert_close(column_logsumexp(scores.clone()).double(), torch.logsumexp(exact, 0), atol=2e-6, rtol=0)
+    weights = (exact - exact.amax(0)).exp()
+    sums = exp_block_sums_(scores.clone(), 256)
+    padded = torch.cat([weights, weights.new_zeros((-9000) % 256, 20)])
+    torch.testing.assert_close(sums.double(), padded.view(-1, 256, 20).sum(1), atol=0, rtol=2e-6)
+    lse = softmax_gradient_(scores, targets, scale)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(exact, 0), atol=2e-6, rtol=0)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-7, rtol=2e-6)
+
+
+def test_native_results_do_not_depend_on_the_thread_count():
+    if not native_available():
+        pytest.skip(f"native kernels: {native_unavailable()}")
+    scores = scores_of(9000, 530, strided=True)
+    targets = torch.randint(0, 9000, (530,), generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            gradient, weights = scores.clone(), scores.clone()
+            lse = softmax_gradient_(gradient, targets, torch.ones(530))
+            results.append((lse, gradient, column_logsumexp(scores.clone()), exp_block_sums_(weights, 256), weights))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
 
 
 def test_native_logsumexp_leaves_the_scores_as_they_were():

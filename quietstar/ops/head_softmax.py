@@ -5,15 +5,18 @@ keep them.
 PyTorch runs such a softmax as four or five ops (column maxima, subtract, exp, column sums,
 scale), each a pass over ``V x C`` values that at a vocabulary of 49,152 fit no cache. Where
 the native kernels are built (``quietstar.ops.native``), float32 CPU scores go through one
-kernel per function instead (``csrc/head_softmax.cpp``): 16 columns at a time down the whole
-vocabulary, so that only the first pass reads memory, and a vector exp. A ``[49152, 320]``
-chunk's softmax gradient took 9.5-12.7 ms against 15-31.5 ms for PyTorch's ops on the 2-core
-AMD EPYC of docs/benchmarks.md. ``softmax_gradient_`` also takes bfloat16 CPU scores natively
-(computed in float32, the gradient rounded once). Everything else (other dtypes and devices,
-``QUIETSTAR_NO_NATIVE=1``) runs the PyTorch ops (half-precision scores through a float32
-copy). Both agree to float32 rounding: the native sums are float32 within
-blocks of 64 rows and float64 across them, and its exp gives 0 below float32's normal range
-(about ``e^-87.3``) where PyTorch's keeps subnormal values.
+kernel per function instead (``csrc/head_softmax.cpp``): tiles of up to 4,096 rows by 512
+columns read row by row, each keeping a running maximum per column and the sum of exponentials
+under it, so that the softmax gradient reads the scores twice and writes them once, with a
+vector exp. A ``[49152, 320]`` chunk's softmax gradient took 13.6-19 ms against 21.6-24 ms for
+PyTorch's ops on a 2-core Intel Xeon (Cascade Lake; docs/benchmarks.md). The tiles' results
+combine in a fixed order: the same scores give the same bits at any thread count.
+``softmax_gradient_`` also takes bfloat16 CPU scores natively (computed in float32, the
+gradient rounded once). Everything else (other dtypes and devices, ``QUIETSTAR_NO_NATIVE=1``)
+runs the PyTorch ops (half-precision scores through a float32 copy). Both agree to float32
+rounding: the native sums are float32 within blocks of 64 rows and float64 across them, and
+its exp gives 0 below float32's normal range (about ``e^-87.3``) where PyTorch's keeps
+subnormal values.
 
 A column whose scores include ``+inf`` or NaN, or are all ``-inf``, gives a NaN log-sum-exp
 and gradient in either path; ``exp_block_sums_`` makes a NaN or all ``-inf`` column NaN
