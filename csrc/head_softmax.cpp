@@ -48,7 +48,7 @@ constexpr int64_t kUnroll = 4;  // the reductions below combine exactly four
 // rows whose maximum is taken before their exponentials (a block of a slab stays in L2).
 constexpr int64_t kSumBlock = 64;
 // A task's tile: up to kPartRows rows (whose results are combined across tiles in a fixed order)
-// by up to kSlabColumns columns (kSlabVectors vectors of per-column state kept in registers and L1).
+// by up to kSlabColumns columns (kSlabVectors vectors of per-column state, in L1).
 constexpr int64_t kPartRows = 4096;
 constexpr int64_t kSlabColumns = 512;
 constexpr int64_t kSlabVectors = kSlabColumns / kLanes;
@@ -92,7 +92,11 @@ QUIETSTAR_INLINE Floats load_tile(const T* p, const Tile& t, int64_t j) {
   return t.width(j) == kLanes ? load(p + t.column_begin + j * kLanes) : load_first(p + t.column_begin + j * kLanes, t.width(j));
 }
 
+// Maxima that may pass over a NaN (torch.amax would return NaN; a select that keeps it, GCC
+// 12 compiles to scalar code in the vector clones, 3x slower): a NaN score still makes its
+// exponential, and so its column's sum, NaN.
 QUIETSTAR_INLINE Floats max_of(Floats a, Floats b) { return a > b ? a : b; }
+QUIETSTAR_INLINE float max_of(float a, float b) { return a > b ? a : b; }
 
 QUIETSTAR_INLINE void widen(Floats x, Doubles& low, Doubles& high) {
   Vector<float, kLanes / 2> half;
@@ -104,8 +108,8 @@ QUIETSTAR_INLINE void widen(Floats x, Doubles& low, Doubles& high) {
 
 // Per column of the tile: the maximum m of z = multiplier * scores over its rows and the sum of
 // exp(z - m) (float32 within blocks of kSumBlock rows, float64 across), into part_max and
-// part_sum at the tile's columns. A NaN score may be passed over by the maximum (torch.amax would
-// return NaN) but makes the sum NaN; a column of -inf has maximum -inf and sum 0.
+// part_sum at the tile's columns. A NaN score makes the sum NaN; a column of -inf has maximum
+// -inf and sum 0.
 template <typename T>
 QUIETSTAR_INLINE void max_and_sum(const ScoresOf<T>& s, const Tile& t, float multiplier, float* part_max,
                                   double* part_sum) {
@@ -160,32 +164,32 @@ QUIETSTAR_CLONES void max_and_sum_bf16_task(ScoresOf<c10::BFloat16> s, Tile t, f
   max_and_sum(s, t, multiplier, part_max, part_sum);
 }
 
-// scores[v, c] = exp(multiplier * scores[v, c] - lse[c]) * scale[c] over the tile.
+// scores[v, c] = exp(multiplier * scores[v, c] - top[c]) * factor[c] over the tile.
 template <typename T>
-QUIETSTAR_INLINE void scaled_softmax(const ScoresOf<T>& s, const Tile& t, float multiplier, const float* lse,
-                                     const float* scale) {
+QUIETSTAR_INLINE void scaled_softmax(const ScoresOf<T>& s, const Tile& t, float multiplier, const float* top,
+                                     const float* factor_of) {
   const int64_t vectors = t.vectors();
   const Floats times = splat(multiplier);
   Floats shift[kSlabVectors], factor[kSlabVectors];
   for (int64_t j = 0; j < vectors; ++j) {
-    shift[j] = load_tile(lse, t, j);
-    factor[j] = load_tile(scale, t, j);
+    shift[j] = load_tile(top, t, j);
+    factor[j] = load_tile(factor_of, t, j);
   }
   for (int64_t v = t.row_begin; v < t.row_end; ++v) {
     for (int64_t j = 0; j < vectors; ++j) store_at(s, t, v, j, vexp(load_at(s, t, v, j) * times - shift[j]) * factor[j]);
   }
 }
 
-QUIETSTAR_CLONES void scaled_softmax_task(ScoresOf<float> s, Tile t, float multiplier, const float* lse,
-                                          const float* scale) {
-  scaled_softmax(s, t, multiplier, lse, scale);
+QUIETSTAR_CLONES void scaled_softmax_task(ScoresOf<float> s, Tile t, float multiplier, const float* top,
+                                          const float* factor) {
+  scaled_softmax(s, t, multiplier, top, factor);
 }
-QUIETSTAR_CLONES void scaled_softmax_bf16_task(ScoresOf<c10::BFloat16> s, Tile t, float multiplier, const float* lse,
-                                               const float* scale) {
-  scaled_softmax(s, t, multiplier, lse, scale);
+QUIETSTAR_CLONES void scaled_softmax_bf16_task(ScoresOf<c10::BFloat16> s, Tile t, float multiplier, const float* top,
+                                               const float* factor) {
+  scaled_softmax(s, t, multiplier, top, factor);
 }
 
-// Per column of the tile, the maximum of its scores (NaN may be passed over, as in max_and_sum).
+// Per column of the tile, the maximum of its scores.
 QUIETSTAR_CLONES void max_task(ScoresOf<float> s, Tile t, float* part_max) {
   const int64_t vectors = t.vectors();
   Floats top[kSlabVectors];
@@ -256,11 +260,19 @@ void for_each_tile(int64_t vocab, int64_t columns, int64_t rows_per_part, const 
   });
 }
 
-// Each column's log-sum-exp of multiplier * scores, from every row part's maximum and sum
-// combined in order (float64): NaN for a column holding a NaN or +inf, or all -inf.
+// Per column of multiplier * scores: the maximum (float32, as computed from the scores) and the
+// sum of exponentials under it (float64), from every row part's combined in order.
+struct ColumnTotals {
+  std::vector<float> top;
+  std::vector<double> total;
+  // log(sum exp): NaN for a column holding a NaN or +inf (a NaN total), or all -inf.
+  float logsumexp(int64_t c) const {
+    return top[c] == -INFINITY ? NAN : static_cast<float>(top[c] + std::log(total[c]));
+  }
+};
+
 template <typename T>
-at::Tensor column_logsumexp(const at::Tensor& scores, float multiplier) {
-  const ScoresOf<T> s = scores_of<T>(scores);
+ColumnTotals column_totals(const ScoresOf<T>& s, float multiplier) {
   const int64_t parts = parts_of(s.vocab, kPartRows);
   std::vector<float> part_max(parts * s.columns);
   std::vector<double> part_sum(parts * s.columns);
@@ -273,48 +285,62 @@ at::Tensor column_logsumexp(const at::Tensor& scores, float multiplier) {
       max_and_sum_bf16_task(s, t, multiplier, m, sum);
     }
   });
-  at::Tensor lse = at::empty({s.columns}, scores.options().dtype(at::kFloat));
-  float* out = lse.data_ptr<float>();
+  ColumnTotals totals{std::vector<float>(s.columns, -INFINITY), std::vector<double>(s.columns, 0.0)};
   for (int64_t c = 0; c < s.columns; ++c) {
-    double top = -INFINITY;
-    for (int64_t p = 0; p < parts; ++p) top = std::max<double>(top, part_max[p * s.columns + c]);
-    double total = 0.0;
+    float& top = totals.top[c];
+    for (int64_t p = 0; p < parts; ++p) top = max_of(top, part_max[p * s.columns + c]);
+    // A part of -inf adds 0 under a finite maximum (NaN if it held a NaN).
     for (int64_t p = 0; p < parts; ++p) {
-      const double m = part_max[p * s.columns + c], sum = part_sum[p * s.columns + c];
-      total += m == -INFINITY ? sum : sum * std::exp(m - top);  // a part of -inf adds 0 (NaN if it held one)
+      totals.total[c] += part_sum[p * s.columns + c] * std::exp(static_cast<double>(part_max[p * s.columns + c]) - top);
     }
-    out[c] = top == -INFINITY ? NAN : static_cast<float>(top + std::log(total));
   }
-  return lse;
+  return totals;
 }
 
 template <typename T>
-void softmax_gradient(const at::Tensor& scores, const int64_t* targets, const float* scale, float multiplier,
-                      const float* lse) {
+at::Tensor logsumexp_of(const ColumnTotals& totals, const at::Tensor& scores) {
+  at::Tensor lse = at::empty({static_cast<int64_t>(totals.top.size())}, scores.options().dtype(at::kFloat));
+  float* out = lse.data_ptr<float>();
+  for (size_t c = 0; c < totals.top.size(); ++c) out[c] = totals.logsumexp(c);
+  return lse;
+}
+
+// In place, scores = scale * (softmax(multiplier * scores) - onehot(targets)) per column, each
+// probability exp(z - top) * (scale / total): exp(z - lse) would carry lse's float32 rounding
+// (relative 6e-8 of lse, not of the probability) into every probability of the column.
+// Returns the columns' log-sum-exps.
+template <typename T>
+at::Tensor softmax_gradient(const at::Tensor& scores, const int64_t* targets, const float* scale, float multiplier) {
   const ScoresOf<T> s = scores_of<T>(scores);
+  const ColumnTotals totals = column_totals(s, multiplier);
+  std::vector<float> factor(s.columns);
+  for (int64_t c = 0; c < s.columns; ++c) {
+    factor[c] = totals.top[c] == -INFINITY ? NAN : static_cast<float>(scale[c] / totals.total[c]);
+  }
   // Each target's entry, formed from its score kept before the pass below overwrites it, so that
   // bfloat16 scores are rounded once.
   std::vector<float> picked(s.columns);
   for (int64_t c = 0; c < s.columns; ++c) picked[c] = static_cast<float>(s.data[targets[c] * s.stride + c]);
   for_each_tile(s.vocab, s.columns, kPartRows, [&](const Tile& t) {
     if constexpr (std::is_same_v<T, float>) {
-      scaled_softmax_task(s, t, multiplier, lse, scale);
+      scaled_softmax_task(s, t, multiplier, totals.top.data(), factor.data());
     } else {
-      scaled_softmax_bf16_task(s, t, multiplier, lse, scale);
+      scaled_softmax_bf16_task(s, t, multiplier, totals.top.data(), factor.data());
     }
   });
   for (int64_t c = 0; c < s.columns; ++c) {
     float at_target[kLanes];
-    store(at_target, vexp(splat(picked[c]) * splat(multiplier) - splat(lse[c])) * splat(scale[c]));
+    store(at_target, vexp(splat(picked[c]) * splat(multiplier) - splat(totals.top[c])) * splat(factor[c]));
     s.data[targets[c] * s.stride + c] = T(at_target[0] - scale[c]);
   }
+  return logsumexp_of<T>(totals, scores);
 }
 
 }  // namespace
 
 at::Tensor head_logsumexp(const at::Tensor& scores) {
   check_scores(scores, "head_logsumexp");
-  return column_logsumexp<float>(scores, 1.0f);
+  return logsumexp_of<float>(column_totals(scores_of<float>(scores), 1.0f), scores);
 }
 
 at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale,
@@ -335,14 +361,8 @@ at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& ta
   const float times = static_cast<float>(multiplier);
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* s = scale.data_ptr<float>();
-  if (scores.scalar_type() == at::kBFloat16) {
-    at::Tensor lse = column_logsumexp<c10::BFloat16>(scores, times);
-    softmax_gradient<c10::BFloat16>(scores, t, s, times, lse.data_ptr<float>());
-    return lse;
-  }
-  at::Tensor lse = column_logsumexp<float>(scores, times);
-  softmax_gradient<float>(scores, t, s, times, lse.data_ptr<float>());
-  return lse;
+  if (scores.scalar_type() == at::kBFloat16) return softmax_gradient<c10::BFloat16>(scores, t, s, times);
+  return softmax_gradient<float>(scores, t, s, times);
 }
 
 at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
@@ -355,7 +375,7 @@ at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
                 [&](const Tile& t) { max_task(s, t, part_max.data() + t.part * s.columns); });
   std::vector<float> top(part_max.begin(), part_max.begin() + s.columns);
   for (int64_t p = 1; p < parts; ++p) {
-    for (int64_t c = 0; c < s.columns; ++c) top[c] = std::max(top[c], part_max[p * s.columns + c]);
+    for (int64_t c = 0; c < s.columns; ++c) top[c] = max_of(top[c], part_max[p * s.columns + c]);
   }
   const int64_t blocks = (s.vocab + block - 1) / block;
   at::Tensor sums = at::empty({blocks, s.columns}, scores.options());
@@ -365,8 +385,9 @@ at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
                 [&](const Tile& t) { exp_block_sums_task(s, t, block, top.data(), out); });
   // A NaN sum comes from a NaN score, from a column of -inf, or from +inf (inf - inf: NaN at that
   // entry only, as in PyTorch's ops). In the first two cases PyTorch's column maximum is NaN or
-  // -inf and its weights NaN throughout: so here too (rare: a scalar loop). A column with both
-  // +inf and NaN is NaN only in the blocks holding them.
+  // -inf and its weights NaN throughout: so here too (rare: a scalar loop). A column holding both
+  // +inf and NaN is NaN throughout or only in the blocks holding them, depending on which the
+  // maximum passed over.
   for (int64_t c = 0; c < s.columns; ++c) {
     if (top[c] == INFINITY) continue;
     bool nan_seen = false;

@@ -76,6 +76,24 @@ def test_softmax_gradient_of_bfloat16_scores_is_that_of_their_float32_copy_round
     torch.testing.assert_close(scores, wide.bfloat16(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centred", "large-logits"])
+@pytest.mark.parametrize("multiplier", [1.0, 1 / 3], ids=["as-given", "rescaled"])
+def test_softmax_gradient_is_exact_to_float32_at_any_logit_size(path, offset, multiplier):
+    # Each probability to float32 rounding of itself: not off by the rounding of a large
+    # log-sum-exp, which would scale a whole column (and leave its gradient not summing to 0).
+    scores = scores_of(9000, 40, strided=False) + offset
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, 9000, (40,), generator=gen)
+    scale = torch.rand(40, generator=gen)
+    exact = scores.double() * multiplier
+    expected = torch.softmax(exact, 0) * scale.double()
+    expected[targets, torch.arange(40)] -= scale.double()
+    lse = softmax_gradient_(scores, targets, scale, multiplier)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(exact, 0), atol=0, rtol=2e-7)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-8, rtol=2e-6)
+    assert scores.double().sum(0).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("vocab,columns,strided", SHAPES)
 def test_column_logsumexp_matches_float64(path, vocab, columns, strided):
     scores = scores_of(vocab, columns, strided)
@@ -182,6 +200,30 @@ def test_non_finite_columns_give_nan_in_both_paths(path):
     assert sums[:, [0, 2]].isnan().all() and scores[:, [0, 2]].isnan().all()
     assert sums[0, 1].isnan() and (sums[1:, 1] == 0).all() and scores[:, 1].isnan().sum() == 1
     assert sums[:, 3].isfinite().all() and scores[:, 3].isfinite().all()
+
+
+def test_non_finite_entries_in_any_tile_give_nan_as_pytorch(path):
+    # 9000 x 530: NaN and +inf in later row parts and in the second column slab, in either order.
+    scores = torch.randn(9000, 530)
+    scores[5000, 520] = float("nan")  # NaN: the column NaN throughout
+    scores[8000, 3] = float("inf")  # +inf: NaN there, weight 0 elsewhere
+    scores[10, 4], scores[4095, 4] = float("inf"), float("nan")  # +inf, then NaN
+    scores[10, 5], scores[4095, 5] = float("nan"), float("inf")  # NaN, then +inf
+    scores[:, 515] = float("-inf")
+    nan_columns, inf_column = [4, 5, 515, 520], 3
+    finite = [c for c in range(530) if c not in nan_columns + [inf_column]]
+    weights = scores.clone()
+    sums = exp_block_sums_(weights, 256)
+    nan_only = [515, 520]  # (a column holding +inf and NaN may be NaN only in their blocks here)
+    assert weights[:, nan_only].isnan().all() and sums[:, nan_only].isnan().all()
+    assert weights[[10, 4095]][:, [4, 5]].isnan().all() and sums[[0, 15]][:, [4, 5]].isnan().all()
+    assert weights[:, inf_column].isnan().sum() == 1 and weights[8000, inf_column].isnan()
+    assert sums[:, inf_column].isnan().sum() == 1 and sums[8000 // 256, inf_column].isnan()
+    assert weights[:, finite].isfinite().all() and sums[:, finite].isfinite().all()
+    # The gradient: a NaN or +inf anywhere makes the column's sum, and so all of it, NaN.
+    lse = softmax_gradient_(scores, torch.zeros(530, dtype=torch.long), torch.ones(530))
+    assert lse[nan_columns + [inf_column]].isnan().all() and lse[finite].isfinite().all()
+    assert scores[:, nan_columns + [inf_column]].isnan().all() and scores[:, finite].isfinite().all()
 
 
 def test_float64_scores_keep_their_precision():
