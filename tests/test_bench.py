@@ -159,6 +159,21 @@ def test_run_writes_json_and_markdown_with_ratios_against_the_reference(tmp_path
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False, None], ids=["bf16-cpu", "no-bf16-cpu", "unknown-cpu"])
+def test_bfloat16_training_step_runs_only_on_a_cpu_that_multiplies_it(fast_bf16, monkeypatch):
+    from cases import training_step
+
+    from quietstar.ops import backends
+
+    monkeypatch.setattr(backends, "bf16_matmul_on_cpu", lambda: fast_bf16)
+    for scale in ("quick", "default", "full"):
+        size = training_step.sizes(CPU, scale)[0]
+        reason = training_step.skip("quietstar+sampling-bf16", size, CPU)
+        assert (reason is None) == bool(fast_bf16), (scale, reason)
+        assert reason is None or "no bfloat16 matrix instructions" in reason
+        assert training_step.skip("quietstar+sampling", size, CPU) is None
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False, None], ids=["bf16-cpu", "no-bf16-cpu", "unknown-cpu"])
 def test_full_tree_attention_sizes_add_bfloat16_only_on_a_cpu_that_multiplies_it(fast_bf16, monkeypatch):
     from cases import tree_attention
 

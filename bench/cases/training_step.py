@@ -9,7 +9,8 @@ gradients); ``quietstar`` (the fast path with its default ``gradient_checkpointi
 thoughts given as for the reference); ``quietstar+sampling`` (the same including its own
 thought sampling, i.e. a real training step); ``quietstar-checkpointing`` (the fast path with
 checkpointing forced on); ``quietstar+sampling-bf16`` (a real step of a float32 model under
-bfloat16 autocast, float32 master weights: fast where the CPU multiplies bfloat16 natively);
+bfloat16 autocast, float32 master weights: fast where the CPU multiplies bfloat16 natively,
+and skipped, saying so, on a CPU that does not, where its time would measure an emulation);
 on CUDA, whose models are bfloat16, also ``quietstar+sampling-fp32`` (the same step of the
 float32 model without autocast: bfloat16 autocast's speed-up over float32 there, side by side).
 On CPU every variant's worker process runs with quietstar's CPU caching allocator, as
@@ -78,6 +79,12 @@ def sizes(device: torch.device, scale: str) -> list[dict]:
 def skip(variant: str, size: dict, device: torch.device) -> str | None:
     if variant == "quietstar-checkpointing" and device.type == "cpu" and size["layers"] < MODELS[size["model"]]["num_hidden_layers"]:
         return "--full runs it (with all layers, where memory matters)"
+    from quietstar.ops.backends import fast_half_matmul
+
+    dtype = VARIANT_MATMUL_DTYPE.get(variant)
+    if dtype is not None and dtype != torch.float32 and not fast_half_matmul(dtype, device):
+        # Its time and its fraction of an emulated bfloat16 rate would say nothing of the step.
+        return "this CPU has no bfloat16 matrix instructions (quietstar train --dtype bf16 suggests float32 here)"
     return None
 
 
