@@ -71,10 +71,16 @@ struct Tile {
   QUIETSTAR_INLINE int64_t width(int64_t j) const { return std::min(kLanes, column_end - column_begin - j * kLanes); }
 };
 
+// Vector j of the tile's columns in `row` (a row of scores, or per-column values).
+template <typename T>
+QUIETSTAR_INLINE Floats load_tile(const T* row, const Tile& t, int64_t j) {
+  const T* p = row + t.column_begin + j * kLanes;
+  return t.width(j) == kLanes ? load(p) : load_first(p, t.width(j));
+}
+
 template <typename T>
 QUIETSTAR_INLINE Floats load_at(const ScoresOf<T>& s, const Tile& t, int64_t v, int64_t j) {
-  const T* p = s.data + v * s.stride + t.column_begin + j * kLanes;
-  return t.width(j) == kLanes ? load(p) : load_first(p, t.width(j));
+  return load_tile(s.data + v * s.stride, t, j);
 }
 
 template <typename T>
@@ -85,11 +91,6 @@ QUIETSTAR_INLINE void store_at(const ScoresOf<T>& s, const Tile& t, int64_t v, i
   } else {
     store_first(p, x, t.width(j));
   }
-}
-
-template <typename T>
-QUIETSTAR_INLINE Floats load_tile(const T* p, const Tile& t, int64_t j) {
-  return t.width(j) == kLanes ? load(p + t.column_begin + j * kLanes) : load_first(p + t.column_begin + j * kLanes, t.width(j));
 }
 
 // Maxima that may pass over a NaN (torch.amax would return NaN; a select that keeps it, GCC
@@ -271,6 +272,13 @@ struct ColumnTotals {
   }
 };
 
+// Each column's maximum over the row parts' maxima ([parts, columns]), in order.
+std::vector<float> combined_max(const std::vector<float>& part_max, int64_t columns) {
+  std::vector<float> top(columns, -INFINITY);
+  for (size_t i = 0; i < part_max.size(); ++i) top[i % columns] = max_of(top[i % columns], part_max[i]);
+  return top;
+}
+
 template <typename T>
 ColumnTotals column_totals(const ScoresOf<T>& s, float multiplier) {
   const int64_t parts = parts_of(s.vocab, kPartRows);
@@ -285,19 +293,17 @@ ColumnTotals column_totals(const ScoresOf<T>& s, float multiplier) {
       max_and_sum_bf16_task(s, t, multiplier, m, sum);
     }
   });
-  ColumnTotals totals{std::vector<float>(s.columns, -INFINITY), std::vector<double>(s.columns, 0.0)};
+  ColumnTotals totals{combined_max(part_max, s.columns), std::vector<double>(s.columns, 0.0)};
   for (int64_t c = 0; c < s.columns; ++c) {
-    float& top = totals.top[c];
-    for (int64_t p = 0; p < parts; ++p) top = max_of(top, part_max[p * s.columns + c]);
     // A part of -inf adds 0 under a finite maximum (NaN if it held a NaN).
     for (int64_t p = 0; p < parts; ++p) {
-      totals.total[c] += part_sum[p * s.columns + c] * std::exp(static_cast<double>(part_max[p * s.columns + c]) - top);
+      const double m = part_max[p * s.columns + c];
+      totals.total[c] += part_sum[p * s.columns + c] * std::exp(m - totals.top[c]);
     }
   }
   return totals;
 }
 
-template <typename T>
 at::Tensor logsumexp_of(const ColumnTotals& totals, const at::Tensor& scores) {
   at::Tensor lse = at::empty({static_cast<int64_t>(totals.top.size())}, scores.options().dtype(at::kFloat));
   float* out = lse.data_ptr<float>();
@@ -333,14 +339,14 @@ at::Tensor softmax_gradient(const at::Tensor& scores, const int64_t* targets, co
     store(at_target, vexp(splat(picked[c]) * splat(multiplier) - splat(totals.top[c])) * splat(factor[c]));
     s.data[targets[c] * s.stride + c] = T(at_target[0] - scale[c]);
   }
-  return logsumexp_of<T>(totals, scores);
+  return logsumexp_of(totals, scores);
 }
 
 }  // namespace
 
 at::Tensor head_logsumexp(const at::Tensor& scores) {
   check_scores(scores, "head_logsumexp");
-  return logsumexp_of<float>(column_totals(scores_of<float>(scores), 1.0f), scores);
+  return logsumexp_of(column_totals(scores_of<float>(scores), 1.0f), scores);
 }
 
 at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& targets, const at::Tensor& scale,
@@ -373,10 +379,7 @@ at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
   std::vector<float> part_max(parts * s.columns);
   for_each_tile(s.vocab, s.columns, kPartRows,
                 [&](const Tile& t) { max_task(s, t, part_max.data() + t.part * s.columns); });
-  std::vector<float> top(part_max.begin(), part_max.begin() + s.columns);
-  for (int64_t p = 1; p < parts; ++p) {
-    for (int64_t c = 0; c < s.columns; ++c) top[c] = max_of(top[c], part_max[p * s.columns + c]);
-  }
+  const std::vector<float> top = combined_max(part_max, s.columns);
   const int64_t blocks = (s.vocab + block - 1) / block;
   at::Tensor sums = at::empty({blocks, s.columns}, scores.options());
   float* out = sums.data_ptr<float>();
