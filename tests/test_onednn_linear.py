@@ -15,6 +15,7 @@ from quietstar.ops.onednn_linear import (
     onednn_linear,
     onednn_linear_available,
     onednn_linear_input_grad,
+    mkl_packing_available,
     onednn_packing_available,
     pack_weight,
     packed_linear,
@@ -23,6 +24,7 @@ from quietstar.ops.onednn_linear import (
 
 requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
 requires_packing = pytest.mark.skipif(not onednn_packing_available(), reason="this torch cannot pack weights for oneDNN")
+requires_mkl_packing = pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed linear ops")
 _REAL_PRODUCT = onednn_module._onednn_product
 _REAL_PACKED_LINEAR = onednn_module.packed_linear
 
@@ -33,15 +35,18 @@ def rechecked_availability():
     with the real op (so later tests' counters never see the first-use check)."""
     onednn_linear_available.cache_clear()
     onednn_packing_available.cache_clear()
+    mkl_packing_available.cache_clear()
     yield onednn_linear_available
     onednn_linear_available.cache_clear()
     onednn_packing_available.cache_clear()
+    mkl_packing_available.cache_clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onednn_module, "_onednn_product", _REAL_PRODUCT)
         patch.setattr(onednn_module, "packed_linear", _REAL_PACKED_LINEAR)
         patch.delenv(NO_ONEDNN_ENV_VAR, raising=False)
         onednn_linear_available()
         onednn_packing_available()
+        mkl_packing_available()
 
 
 def test_onednn_linear_is_available_wherever_torch_has_the_op(monkeypatch, rechecked_availability):
@@ -117,8 +122,10 @@ def test_onednn_linear_takes_no_rows(onednn_calls):
 def test_onednn_linear_is_off_with_the_environment_variable(monkeypatch, onednn_calls, rechecked_availability):
     monkeypatch.setenv(NO_ONEDNN_ENV_VAR, "1")
     assert not rechecked_availability()
+    assert not mkl_packing_available()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None  # no packing either
+    assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None
     x, weight = randn(4, 16, seed=14), randn(8, 16, seed=15)
     torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
     assert onednn_calls == []
@@ -133,16 +140,35 @@ def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog, rechec
     torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
 
 
-@requires_packing
+@requires_mkl_packing
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_packed_weight_multiplies_as_torch_linear_at_any_row_count(bias):
+def test_a_float32_weight_packed_for_mkl_multiplies_as_torch_linear_at_any_row_count(bias):
     x, weight = randn(2, 7, 40, seed=18), randn(24, 40, seed=19)
     b = randn(24, seed=20) if bias else None
     packed = pack_weight(weight, torch.float32, 14)
-    for rows in (x, x[:1, :3]):
+    assert packed.tensor.is_mkldnn and packed.weight is not None  # MKL's packed copy, not the weight
+    for rows in (x, x[:1, :3], x[:, 0]):
         out = packed_linear(rows, packed, b)
         assert out.shape == (*rows.shape[:-1], 24) and out.dtype == torch.float32
         assert relative_error(out, F.linear(rows, weight, b)) <= 1e-6
+
+
+@requires_mkl_packing
+def test_mkl_packed_copies_are_not_held_by_the_cpu_caching_allocator():
+    """MKL asks for several times a weight's size and writes only its share; a cached block of
+    that size could be handed to a tensor that fills it."""
+    from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator, cpu_caching_allocator_stats
+
+    weight = randn(512, 256, seed=26)
+    with cpu_caching_allocator() as enabled:
+        if not enabled:
+            pytest.skip("the CPU caching allocator is not built")
+        before = cpu_caching_allocator_stats()
+        packed = pack_weight(weight, torch.float32, 8)
+        during = cpu_caching_allocator_stats()
+        del packed
+        after = cpu_caching_allocator_stats()
+    assert during.live_bytes == before.live_bytes and after.cached_bytes == before.cached_bytes
 
 
 @requires_packing
@@ -163,7 +189,8 @@ def test_packing_applies_to_bfloat16_autocast_products_without_a_gradient_to_rec
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed_product_dtype(x, weight) is None  # autograd would record this product
     with torch.no_grad():
-        assert packed_product_dtype(x, weight) is None  # float32: a packed copy would be extra memory
+        float32_packs = onednn_module.intel_cpu() and mkl_packing_available()
+        assert packed_product_dtype(x, weight) == (torch.float32 if float32_packs else None)  # MKL's, on Intel
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert packed_product_dtype(x, weight) == (torch.bfloat16 if native else None)
             assert packed_product_dtype(x[:0], weight) is None
@@ -180,3 +207,19 @@ def test_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog, re
     assert "not packed for oneDNN: its packed products computed a wrong result" in caplog.text
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None
+
+
+@pytest.mark.parametrize("intel", [False, True])
+def test_float32_packs_for_mkl_on_an_intel_cpu_only(monkeypatch, intel):
+    """Without autocast and without a gradient to record, a float32 product packs where the CPU is
+    Intel's (MKL's packed GEMM) and MKL's ops are there; nowhere else (the module docstring)."""
+    monkeypatch.setattr(onednn_module, "intel_cpu", lambda: intel)
+    x, weight = randn(3, 8, seed=27), randn(4, 8, seed=28)
+    expected = torch.float32 if intel and mkl_packing_available() else None
+    assert packed_product_dtype(x, weight) == expected
+    assert packed_product_dtype(x, weight.requires_grad_()) is None  # autograd would record it
+    with torch.no_grad():
+        assert packed_product_dtype(x, weight) == expected
+        assert packed_product_dtype(x[:0], weight) is None
+        assert packed_product_dtype(x.double(), weight.double()) is None
+        assert packed_product_dtype(x.half(), weight.half()) is None

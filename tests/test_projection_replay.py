@@ -7,11 +7,12 @@ import torch
 from helpers import count_native_queries, count_onednn_products, quietstar_model, relative_error, requires_native
 from torch import nn
 
+import quietstar.ops.onednn_linear as onednn_module
 from quietstar.model import projection_replay
 from quietstar.model.attention import decoder_layers
 from quietstar.model.projection_replay import ReplayedLinear, recording_projections, replaying_projections
 from quietstar.ops.backends import fast_half_matmul
-from quietstar.ops.onednn_linear import onednn_linear_available, onednn_packing_available
+from quietstar.ops.onednn_linear import mkl_packing_available, onednn_linear_available, onednn_packing_available
 from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
 # Tests that hold a sampling step against the step given its thoughts run in float64: the
@@ -452,12 +453,15 @@ def count_packed_products(monkeypatch) -> list[tuple[int, torch.dtype]]:
 
 
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
-def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_from_packed_weights(monkeypatch):
-    """The sampling pass's projections, the tree pass's remaining rows and their input
-    gradients go through ``onednn_linear`` in float32, with the losses and gradients of the
-    step given the same thoughts (a policy weight of 1 keeps float32 rounding unamplified);
-    under bfloat16 autocast the products multiply from weights packed once per step in
-    bfloat16 where the CPU multiplies it natively, and go through torch's linear elsewhere."""
+@pytest.mark.parametrize("intel", [False, True])
+def test_the_projections_multiply_through_onednn_or_from_weights_packed_once_per_step(monkeypatch, intel):
+    """In float32 the sampling pass's projections and the tree pass's remaining rows multiply
+    through ``onednn_linear``, or on an Intel CPU from weights packed once per step for MKL; their
+    input gradients go through ``onednn_linear``; the losses and gradients are the step's given
+    the same thoughts (a policy weight of 1 keeps float32 rounding unamplified). Under bfloat16
+    autocast the products multiply from weights packed once per step in bfloat16 where the CPU
+    multiplies it natively, and go through torch's linear elsewhere."""
+    monkeypatch.setattr(onednn_module, "intel_cpu", lambda: intel)
     qs = quietstar_model("llama", thought_tokens=2, talk_tokens=2, n_thoughts=1, policy_weight=1.0)
     params = [p for p in qs.parameters() if p.requires_grad]
     weights = {m.weight.data_ptr() for m in decoder_layers(qs.model).modules() if isinstance(m, nn.Linear)}
@@ -471,9 +475,17 @@ def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_f
     sampled = qs(ids, generator=torch.Generator().manual_seed(1))
     # the base pass with the first chain step (12 rows), the second step (6), then the tree's
     # 3 other slots
-    assert sorted(shape[-2] for shape in calls) == [6] * linears + [12] * linears + [18] * linears
-    assert packed == packings == []
+    rows = sorted([6] * linears + [12] * linears + [18] * linears)
+    if intel and mkl_packing_available():
+        assert calls == [] and sorted(shape for shape, _ in packed) == rows
+        assert {dtype for _, dtype in packed} == {torch.float32}
+        assert sorted(packings) == sorted(weights)  # each weight packed once for the step
+    else:
+        assert sorted(shape[-2] for shape in calls) == rows
+        assert packed == packings == []
     calls.clear()
+    packed.clear()
+    packings.clear()
     replayed = torch.autograd.grad(sampled.loss, params)
     assert [shape[-2] for shape in calls] == [36] * linears  # dY W over the tree's 6 slots
     given = qs(ids, thoughts=sampled.thoughts)
@@ -481,6 +493,8 @@ def test_in_float32_the_projections_multiply_through_onednn_and_under_autocast_f
     for a, b in zip(replayed, torch.autograd.grad(given.loss, params)):
         assert relative_error(a, b) <= 1e-4
     calls.clear()
+    packed.clear()
+    packings.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         qs(ids, generator=torch.Generator().manual_seed(1)).loss.backward()
     assert calls == []

@@ -17,10 +17,10 @@ in the tree pass it computes only the queries after them, its backward taking th
 its own. Elementwise parts (norms, RoPE, the MLP's activation) are recomputed in the tree pass:
 they are cheap, and autograd needs their graph.
 
-While recording, each projection's weight is packed once into oneDNN's layout
-(``onednn_linear.pack_weight``: the sampling pass multiplies it ``T`` times) where that
-applies, and the tree pass multiplies its remaining rows from the same packed weight; each is
-let go once its module has replayed.
+While recording, each projection's weight is packed once (``onednn_linear.pack_weight``:
+bfloat16 for oneDNN under autocast, float32 for MKL on an Intel CPU; the sampling pass
+multiplies it ``T`` times) where ``packed_product_dtype`` says so, and the tree pass multiplies
+its remaining rows from the same packed weight; each is let go once its module has replayed.
 """
 
 from __future__ import annotations

@@ -151,14 +151,27 @@ def records_gradient(*tensors: torch.Tensor | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _cpuinfo() -> str | None:
+    """``/proc/cpuinfo``'s text, or None where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def bf16_matmul_on_cpu() -> bool | None:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it a bfloat16
     GEMM is about 100x slower than a float32 one. None where ``/proc/cpuinfo`` cannot tell."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = _cpuinfo()
+    if flags is None:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def intel_cpu() -> bool:
+    """Whether ``/proc/cpuinfo`` names this CPU's maker Intel (``vendor_id: GenuineIntel``)."""
+    info = _cpuinfo()
+    return info is not None and "GenuineIntel" in info
 
 
 def fast_half_matmul(dtype: torch.dtype, device: torch.device) -> bool:

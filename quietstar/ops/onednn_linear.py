@@ -1,4 +1,5 @@
-"""The two products of a linear layer, ``x W^T + b`` and ``dY W``, through oneDNN on the CPU.
+"""The two products of a linear layer, ``x W^T + b`` and ``dY W``, through oneDNN on the CPU, and
+weights packed once for many products (oneDNN's layout in bfloat16, MKL's in float32 on Intel).
 
 PyTorch multiplies float32 on the CPU with MKL's sgemm. On the 2-core AMD EPYC with AVX-512
 that the benchmarks ran on, oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which
@@ -20,9 +21,19 @@ plain weight at every product. That is done under CPU bfloat16 autocast, where t
 bfloat16 copy takes the place of the cast copy autocast would keep: the 30 layers' seven
 projections of SmolLM2-135M ran 1.12x faster at 128 rows and 1.08x at 640, against about 60 ms
 to cast and pack them all, and the bfloat16 training step's sampling pass 1.04x faster, its
-peak memory 84 MiB lower (2-core AMD EPYC with AVX-512 BF16, docs/benchmarks.md). Not in
-float32: there the packed copy is extra (424 MB at that size), and it raised the step's peak
-by 365 MiB (14%) for 1.3% of its time.
+peak memory 84 MiB lower (2-core AMD EPYC with AVX-512 BF16, docs/benchmarks.md). In float32
+the packed copy is extra (424 MB at that size): on that AMD EPYC, packed for oneDNN, it raised
+the step's peak by 365 MiB (14%) for 1.3% of its time in the fifth session's measurement, and
+oneDNN's plain products ran within 3-4% of their rates there. On an Intel CPU (``intel_cpu``)
+float32 weights are packed with MKL's packed GEMM (``torch.ops.mkl._mkl_reorder_linear_weight``
+and ``_mkl_linear``): on a 2-core Intel Xeon (Cascade Lake), where each of the sampling pass's
+products reads its weight from memory, oneDNN's plain linear ran those 128-row products at
+128-174 GFLOP/s and MKL's packed one at 198-248 (the faster of two runs), the sampling pass's
+products ran 1.2-1.7x faster with the packing included, five pairs of training steps 1.01-1.12x,
+and the step's peak memory stayed at 2,780 MiB (docs/benchmarks.md). MKL asks for 4-21x a
+weight's size for its packed copy and writes only about the weight's share, so those copies are
+allocated past quietstar's CPU caching allocator (whose cache could hand such a block to a
+tensor that fills it).
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from quietstar.ops.backends import fast_half_matmul, records_gradient
+from quietstar.ops.backends import fast_half_matmul, intel_cpu, records_gradient
+from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator_bypassed
 
 NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
 
@@ -116,12 +128,14 @@ def onednn_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.
 
 
 class PackedWeight(NamedTuple):
-    """A linear weight ``[out, in]`` in oneDNN's blocked layout for products in ``dtype``
-    (``pack_weight``); only ``packed_linear`` reads it."""
+    """A linear weight ``[out, in]`` packed for products in ``dtype`` (``pack_weight``): in
+    oneDNN's blocked layout (bfloat16), or MKL's packed layout with the plain ``weight`` it came
+    from, which MKL's op also takes (float32); only ``packed_linear`` reads it."""
 
     tensor: torch.Tensor
     dtype: torch.dtype
     out_features: int
+    weight: torch.Tensor | None = None  # the float32 weight MKL's packed copy came from
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,26 +159,57 @@ def onednn_packing_available() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def mkl_packing_available() -> bool:
+    """Whether float32 weights can be packed with MKL's packed GEMM: this torch has its two ops
+    (x86 builds with MKL), ``QUIETSTAR_NO_ONEDNN`` is not ``1`` (it keeps every product
+    PyTorch's own), and a small packed product computes right. The first call logs why not."""
+    if os.environ.get(NO_ONEDNN_ENV_VAR) == "1":
+        reason = f"{NO_ONEDNN_ENV_VAR}=1"
+    elif not all(hasattr(torch.ops.mkl, op) for op in ("_mkl_reorder_linear_weight", "_mkl_linear")):
+        reason = "this torch has no MKL packed linear ops"
+    else:
+
+        def computes_right(x, weight, bias):
+            return torch.allclose(packed_linear(x, pack_weight(weight, torch.float32, 2), bias), F.linear(x, weight, bias))
+
+        reason = _first_use_failure(computes_right, "MKL packed products")
+        if reason is None:
+            return True
+    logger.info("float32 linear weights are not packed for MKL: %s", reason)
+    return False
+
+
 def packed_product_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.dtype | None:
     """The dtype a packed ``weight`` would multiply ``x`` in, or None where packing does not
-    apply: bfloat16 under CPU bfloat16 autocast (what autocast's ``linear`` multiplies in) on a
-    CPU that multiplies it natively, oneDNN's linear available, and no gradient to record (the
-    module docstring says why not float32)."""
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+    apply. Never where autograd would record the product, and only for CPU tensors of rows:
+    bfloat16 under CPU bfloat16 autocast (what autocast's ``linear`` multiplies in) on a CPU that
+    multiplies it natively, with oneDNN's packing available; float32 without autocast on an Intel
+    CPU, with MKL's (the module docstring says why not elsewhere)."""
+    if x.device.type != "cpu" or x.numel() == 0 or records_gradient(x, weight, bias):
         return None
-    if x.device.type != "cpu" or x.numel() == 0 or weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if records_gradient(x, weight, bias):
-        return None
-    native = fast_half_matmul(torch.bfloat16, x.device) and onednn_packing_available()  # which checks linear's too
-    return torch.bfloat16 if native else None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        native = fast_half_matmul(torch.bfloat16, x.device) and onednn_packing_available()  # which checks linear's too
+        return torch.bfloat16 if native else None
+    if x.dtype == weight.dtype == torch.float32 and intel_cpu() and mkl_packing_available():
+        return torch.float32
+    return None
 
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> PackedWeight:
-    """``weight [out, in]`` cast to ``dtype`` and packed for products of about ``rows`` rows
-    (``packed_product_dtype`` says which dtype; any row count multiplies right)."""
+    """``weight [out, in]`` packed for products in ``dtype`` of about ``rows`` rows
+    (``packed_product_dtype`` says which dtype; any row count multiplies right): cast to
+    bfloat16 and packed for oneDNN, or float32 packed for MKL (past the CPU caching allocator:
+    the module docstring says why)."""
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), rows)
+        weight = weight.detach()
+        if dtype == torch.float32:
+            with cpu_caching_allocator_bypassed():
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+            return PackedWeight(packed, dtype, weight.shape[0], weight)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows)
     return PackedWeight(packed, dtype, weight.shape[0])
 
 
@@ -173,5 +218,8 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     dtype) -> ``[..., out]`` in that dtype. No autograd."""
     bias = None if bias is None else bias.detach().to(packed.dtype).contiguous()  # read as contiguous
     flat = x.reshape(-1, x.shape[-1]).to(packed.dtype)
-    out = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
+    if packed.weight is not None:
+        out = torch.ops.mkl._mkl_linear(flat, packed.tensor, packed.weight, bias, flat.shape[0])
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
     return out.view(*x.shape[:-1], packed.out_features)
