@@ -5,7 +5,8 @@ PyTorch multiplies float32 on the CPU with MKL's sgemm. On the 2-core AMD EPYC w
 that the benchmarks ran on, oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which
 PyTorch ships for the CPU code of ``torch.compile``) ran the training step's decoder products
 1.1-1.3x faster at 128-1,920 rows, and ``dY W`` through a transposed view of ``W`` 1.5x
-(docs/benchmarks.md). It computes the same float32 products, in another summation order.
+(docs/benchmarks.md). It computes the same float32 products, in another summation order. On an
+Intel CPU ``dY W`` stays with MKL, which ran it faster there (``onednn_linear_input_grad``).
 
 These functions carry no autograd: they serve passes without gradients (the thought sampling)
 and the forward and backward of autograd Functions (``ReplayedLinear``). Wherever oneDNN does
@@ -121,8 +122,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def onednn_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``grad @ weight``, a linear layer's input gradient: ``grad [..., out]``, ``weight
     [out, in]`` -> ``[..., in]``; through oneDNN (a transposed view of ``weight``, no copy)
-    where it takes the inputs."""
-    if _onednn_takes(grad, weight):
+    where it takes the inputs, except on an Intel CPU (``intel_cpu``), where MKL's product,
+    which reads ``weight`` as it is, ran faster: 228 against 166 GFLOP/s for the down
+    projection's 1,920 rows on a 2-core Intel Xeon, and five pairs of training steps 1.02-1.07x
+    faster (docs/benchmarks.md)."""
+    if _onednn_takes(grad, weight) and not intel_cpu():
         return _onednn_product(grad, weight.t(), None)
     return grad @ weight
 
