@@ -17,6 +17,7 @@ from cases import CASES  # noqa: E402
 from helpers import requires_native  # noqa: E402
 
 from quietstar.ops.backends import fast_half_matmul  # noqa: E402
+from quietstar.ops.onednn_linear import mkl_packing_available, pack_weight, packed_linear  # noqa: E402
 from measure import measure  # noqa: E402
 from run import add_ratios, format_report, matmul_dtype, max_length_size, measures_matmul_rate, spawn_worker  # noqa: E402
 
@@ -317,8 +318,9 @@ def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
         ("aten::bmm", lambda a, b: torch.bmm(a.expand(2, 3, 4), b.expand(2, 4, 5)), (2, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous(), None, "none", [], ""), (1, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a.expand(2, 3, 4), b.t().contiguous(), None, "none", [], ""), (1, 6, 4, 5)),
+        ("mkl::_mkl_linear", lambda a, b: mkl_packed_linear(a.expand(2, 3, 4), b.t().contiguous()), (1, 6, 4, 5)),
     ],
-    ids=["mm", "addmm", "addmm_", "bmm", "onednn-linear", "onednn-linear-3d"],
+    ids=["mm", "addmm", "addmm_", "bmm", "onednn-linear", "onednn-linear-3d", "mkl-packed-linear-3d"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name, call, shape, dtype):
@@ -326,6 +328,8 @@ def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name
 
     if name.startswith("mkldnn") and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         pytest.skip("this torch has no oneDNN linear op")
+    if name.startswith("mkl::") and (dtype != torch.float32 or not mkl_packing_available()):
+        pytest.skip("MKL's packed linear multiplies float32, in a torch that has it")
     if name.startswith("mkldnn") and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU's oneDNN has no bfloat16 linear")
     a, b = torch.randn(3, 4, dtype=dtype), torch.randn(4, 5, dtype=dtype)
@@ -361,6 +365,11 @@ def test_profile_step_times_the_step_s_parts_and_accounts_for_its_wall_time(bf16
     with pytest.raises(SystemExit):
         profile_step.main(["--device", "cpu", "--scale", "quick", "--size", "B=3 L=7"])
     assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
+
+
+def mkl_packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [..., k] weight [n, k]^T`` through MKL's packed linear (``pack_weight``)."""
+    return packed_linear(x, pack_weight(weight, torch.float32, x.numel() // x.shape[-1]))
 
 
 def test_profile_step_refuses_a_dtype_it_does_not_know():
