@@ -90,6 +90,15 @@ def test_onednn_input_grad_equals_grad_times_weight_through_onednn_except_on_int
     assert onednn_calls == ([] if intel else [(3, 5, 24)])  # MKL's product on an Intel CPU
 
 
+@requires_onednn
+def test_onednn_input_grad_holds_its_storage_alone_so_autograd_can_add_into_it_in_place(monkeypatch, onednn_calls):
+    """Autograd sums the input gradients of linears that share an input (q, k, v) in place only
+    where nothing else holds the first one's storage: a view would keep its base alive."""
+    monkeypatch.setattr(onednn_module, "intel_cpu", lambda: False)
+    out = onednn_linear_input_grad(randn(2, 5, 24, seed=9), randn(24, 40, seed=10))
+    assert onednn_calls == [(2, 5, 24)] and out._base is None and out.shape == (2, 5, 40)
+
+
 def test_onednn_linear_is_torch_linear_where_a_gradient_is_needed(onednn_calls):
     x, weight = randn(4, 16, seed=6).requires_grad_(), randn(8, 16, seed=7).requires_grad_()
     out = onednn_linear(x, weight)

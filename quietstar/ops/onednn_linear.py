@@ -108,7 +108,10 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # The op reads the bias as if contiguous (a strided one gives wrong sums).
     bias = None if bias is None else bias.contiguous()
     flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return flat.view(*x.shape[:-1], weight.shape[0])
+    # Not a view of ``flat`` (as matmul's result is not): a view keeps its base alive, and autograd
+    # adds into a gradient in place only where nothing else holds its storage; as a view, two of
+    # the three q/k/v input gradients of a layer were summed into new tensors.
+    return torch.ops.aten._unsafe_view(flat, (*x.shape[:-1], weight.shape[0]))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
