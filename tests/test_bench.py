@@ -318,9 +318,9 @@ def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
         ("aten::bmm", lambda a, b: torch.bmm(a.expand(2, 3, 4), b.expand(2, 4, 5)), (2, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous(), None, "none", [], ""), (1, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a.expand(2, 3, 4), b.t().contiguous(), None, "none", [], ""), (1, 6, 4, 5)),
-        ("mkl::_mkl_linear", lambda a, b: mkl_packed_linear(a.expand(2, 3, 4), b.t().contiguous()), (1, 6, 4, 5)),
+        ("mkl::_mkl_linear", lambda a, b: mkl_packed_linear(a.expand(2, 3, 4), b.t().contiguous()), (1, 6, 4, 5)),  # flattened first
     ],
-    ids=["mm", "addmm", "addmm_", "bmm", "onednn-linear", "onednn-linear-3d", "mkl-packed-linear-3d"],
+    ids=["mm", "addmm", "addmm_", "bmm", "onednn-linear", "onednn-linear-3d", "mkl-packed-linear"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name, call, shape, dtype):

@@ -12,10 +12,10 @@ import quietstar.ops.onednn_linear as onednn_module
 from quietstar.ops.backends import fast_half_matmul
 from quietstar.ops.onednn_linear import (
     NO_ONEDNN_ENV_VAR,
+    mkl_packing_available,
     onednn_linear,
     onednn_linear_available,
     onednn_linear_input_grad,
-    mkl_packing_available,
     onednn_packing_available,
     pack_weight,
     packed_linear,
@@ -165,6 +165,20 @@ def test_a_float32_weight_packed_for_mkl_multiplies_as_torch_linear_at_any_row_c
 
 
 @requires_mkl_packing
+@pytest.mark.parametrize("out_features,in_features", [(1536, 576), (576, 1536), (192, 576)])
+def test_a_weight_packed_for_mkl_at_one_row_count_multiplies_right_at_any_other(out_features, in_features):
+    """SmolLM2-135M's projection shapes, packed as the sampling's first call packs them (256 rows)
+    and multiplied at the row counts of its chain steps, the tree's remaining rows and beyond."""
+    weight, bias = randn(out_features, in_features, seed=29), randn(out_features, seed=30)
+    packed = pack_weight(weight, torch.float32, 256)
+    for rows in (1, 128, 256, 640, 1920):
+        x = randn(rows, in_features, seed=rows)
+        for b in (None, bias):
+            expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+            assert relative_error(packed_linear(x, packed, b), expected) <= 1e-6, (rows, b is None)
+
+
+@requires_mkl_packing
 def test_mkl_packed_copies_are_not_held_by_the_cpu_caching_allocator():
     """MKL asks for several times a weight's size and writes only its share; a cached block of
     that size could be handed to a tensor that fills it."""
@@ -174,6 +188,10 @@ def test_mkl_packed_copies_are_not_held_by_the_cpu_caching_allocator():
     with cpu_caching_allocator() as enabled:
         if not enabled:
             pytest.skip("the CPU caching allocator is not built")
+        before = cpu_caching_allocator_stats()
+        unbypassed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 8)  # the same copy, unbypassed
+        assert cpu_caching_allocator_stats().live_bytes > before.live_bytes  # the allocator serves it
+        del unbypassed
         before = cpu_caching_allocator_stats()
         packed = pack_weight(weight, torch.float32, 8)
         during = cpu_caching_allocator_stats()
@@ -220,13 +238,30 @@ def test_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog, re
         assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None
 
 
+@requires_mkl_packing
+def test_mkl_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog, rechecked_availability):
+    real = onednn_module.packed_linear
+    # right at the row count packed for, wrong at any other: what mkl_packing_available checks
+    monkeypatch.setattr(
+        onednn_module, "packed_linear", lambda x, packed, bias=None: real(x, packed, bias) * (1 if x.shape[0] == 32 else 0)
+    )
+    monkeypatch.setattr(onednn_module, "intel_cpu", lambda: True)
+    with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):
+        assert not mkl_packing_available()
+    assert "not packed for MKL: its MKL packed products computed a wrong result" in caplog.text
+    with torch.no_grad():
+        assert packed_product_dtype(randn(4, 16), randn(8, 16)) is None
+
+
 @pytest.mark.parametrize("intel", [False, True])
 def test_float32_packs_for_mkl_on_an_intel_cpu_only(monkeypatch, intel):
     """Without autocast and without a gradient to record, a float32 product packs where the CPU is
     Intel's (MKL's packed GEMM) and MKL's ops are there; nowhere else (the module docstring)."""
+    if intel and not mkl_packing_available():
+        pytest.skip("this torch has no MKL packed linear ops")
     monkeypatch.setattr(onednn_module, "intel_cpu", lambda: intel)
     x, weight = randn(3, 8, seed=27), randn(4, 8, seed=28)
-    expected = torch.float32 if intel and mkl_packing_available() else None
+    expected = torch.float32 if intel else None
     assert packed_product_dtype(x, weight) == expected
     assert packed_product_dtype(x, weight.requires_grad_()) is None  # autograd would record it
     with torch.no_grad():

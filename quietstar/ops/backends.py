@@ -159,6 +159,7 @@ def _cpuinfo() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_matmul_on_cpu() -> bool | None:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it a bfloat16
     GEMM is about 100x slower than a float32 one. None where ``/proc/cpuinfo`` cannot tell."""
@@ -168,8 +169,11 @@ def bf16_matmul_on_cpu() -> bool | None:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=None)
 def intel_cpu() -> bool:
-    """Whether ``/proc/cpuinfo`` names this CPU's maker Intel (``vendor_id: GenuineIntel``)."""
+    """Whether ``/proc/cpuinfo`` names this CPU's maker Intel (``vendor_id: GenuineIntel``); False
+    where there is no ``/proc/cpuinfo`` (not Linux), so the Intel-only choices of
+    ``quietstar.ops.onednn_linear`` are made on Linux only."""
     info = _cpuinfo()
     return info is not None and "GenuineIntel" in info
 

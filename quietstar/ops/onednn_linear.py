@@ -166,21 +166,35 @@ def onednn_packing_available() -> bool:
     return False
 
 
+def _mkl_packing_computes_right() -> bool:
+    """A weight packed by MKL for one row count multiplies right at fewer and more rows, with and
+    without a bias, at sizes past MKL's small-matrix path. ``packed_linear`` relies on it: PyTorch's
+    op multiplies from the packed copy only at the row count it is told, and is told each call's
+    own (MKL's documentation neither promises nor rules out that a packed B serves any row count;
+    the packed copy's size does not depend on it)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(192, 160, generator=generator), torch.randn(192, generator=generator)
+    packed = pack_weight(weight, torch.float32, 32)
+    for rows in (1, 31, 200):
+        x = torch.randn(rows, 160, generator=generator)
+        for b in (None, bias):
+            if not torch.allclose(packed_linear(x, packed, b), F.linear(x, weight, b), rtol=1e-4, atol=1e-4):
+                return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def mkl_packing_available() -> bool:
     """Whether float32 weights can be packed with MKL's packed GEMM: this torch has its two ops
     (x86 builds with MKL), ``QUIETSTAR_NO_ONEDNN`` is not ``1`` (it keeps every product
-    PyTorch's own), and a small packed product computes right. The first call logs why not."""
+    PyTorch's own, unpacked), and a packed weight multiplies right at other row counts than it
+    was packed for (``_mkl_packing_computes_right``). The first call logs why not."""
     if os.environ.get(NO_ONEDNN_ENV_VAR) == "1":
         reason = f"{NO_ONEDNN_ENV_VAR}=1"
     elif not all(hasattr(torch.ops.mkl, op) for op in ("_mkl_reorder_linear_weight", "_mkl_linear")):
         reason = "this torch has no MKL packed linear ops"
     else:
-
-        def computes_right(x, weight, bias):
-            return torch.allclose(packed_linear(x, pack_weight(weight, torch.float32, 2), bias), F.linear(x, weight, bias))
-
-        reason = _first_use_failure(computes_right, "MKL packed products")
+        reason = _first_use_failure(lambda *_: _mkl_packing_computes_right(), "MKL packed products")
         if reason is None:
             return True
     logger.info("float32 linear weights are not packed for MKL: %s", reason)
@@ -207,9 +221,9 @@ def packed_product_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> PackedWeight:
     """``weight [out, in]`` packed for products in ``dtype`` of about ``rows`` rows
-    (``packed_product_dtype`` says which dtype; any row count multiplies right): cast to
-    bfloat16 and packed for oneDNN, or float32 packed for MKL (past the CPU caching allocator:
-    the module docstring says why)."""
+    (``packed_product_dtype`` says which dtype; any row count multiplies right, for MKL as
+    ``mkl_packing_available`` checks): cast to bfloat16 and packed for oneDNN, or float32 packed
+    for MKL (past the CPU caching allocator: the module docstring says why)."""
     with torch.no_grad():
         weight = weight.detach()
         if dtype == torch.float32:
@@ -225,8 +239,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     dtype) -> ``[..., out]`` in that dtype. No autograd."""
     bias = None if bias is None else bias.detach().to(packed.dtype).contiguous()  # read as contiguous
     flat = x.reshape(-1, x.shape[-1]).to(packed.dtype)
-    if packed.weight is not None:
+    if packed.weight is not None:  # MKL's layout (float32); oneDNN's has no weight beside it
+        # This call's own row count: PyTorch's op multiplies from the packed copy only at the
+        # count it is told, and MKL's packed B serves any (mkl_packing_available checks).
         out = torch.ops.mkl._mkl_linear(flat, packed.tensor, packed.weight, bias, flat.shape[0])
     else:
         out = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
-    return out.view(*x.shape[:-1], packed.out_features)
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], packed.out_features))  # as _onednn_product
