@@ -12,6 +12,7 @@ import quietstar.ops.onednn_linear as onednn_module
 from quietstar.ops.backends import fast_half_matmul
 from quietstar.ops.onednn_linear import (
     NO_ONEDNN_ENV_VAR,
+    PackedWeight,
     mkl_packing_available,
     onednn_linear,
     onednn_linear_available,
@@ -151,16 +152,28 @@ def test_a_onednn_op_that_computes_wrong_is_not_used(monkeypatch, caplog, rechec
     torch.testing.assert_close(onednn_linear(x, weight), F.linear(x, weight))
 
 
-@requires_mkl_packing
+def packed_float32(weight: torch.Tensor, rows: int, layout: str) -> PackedWeight:
+    """``weight`` packed in float32 for MKL (``pack_weight``) or in oneDNN's layout (as
+    ``onednn_packing_available`` packs it: the oneDNN branch of ``packed_linear`` on every CPU,
+    where ``pack_weight`` packs for oneDNN only in bfloat16)."""
+    if layout == "mkl":
+        return pack_weight(weight, torch.float32, rows)
+    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight, rows), torch.float32, weight.shape[0])
+
+
+@pytest.mark.parametrize("layout", ["onednn", "mkl"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_float32_weight_packed_for_mkl_multiplies_as_torch_linear_at_any_row_count(bias):
+def test_a_packed_weight_multiplies_as_torch_linear_in_either_layout(bias, layout):
+    if not (mkl_packing_available() if layout == "mkl" else onednn_packing_available()):
+        pytest.skip(f"this torch cannot pack weights for {layout}")
     x, weight = randn(2, 7, 40, seed=18), randn(24, 40, seed=19)
     b = randn(24, seed=20) if bias else None
-    packed = pack_weight(weight, torch.float32, 14)
-    assert packed.tensor.is_mkldnn and packed.weight is not None  # MKL's packed copy, not the weight
+    packed = packed_float32(weight, 14, layout)
+    assert packed.tensor.is_mkldnn and (packed.weight is not None) == (layout == "mkl")
     for rows in (x, x[:1, :3], x[:, 0]):
         out = packed_linear(rows, packed, b)
         assert out.shape == (*rows.shape[:-1], 24) and out.dtype == torch.float32
+        assert out._base is None  # holds its storage alone, as _onednn_product's result
         assert relative_error(out, F.linear(rows, weight, b)) <= 1e-6
 
 
