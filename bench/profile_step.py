@@ -106,14 +106,26 @@ class ProductRow(NamedTuple):
         return self.ms - self.floor_ms
 
 
+def input_dtypes(prof: torch.profiler.profile) -> dict[int, list[str]]:
+    """Each CPU operator's input dtypes as the profiler names them (``'float'``, ``'c10::BFloat16'``),
+    by its event's id. Read from the kineto events the operator events are made of (an event's id
+    is its kineto event's correlation id): torch 2.11's ``FunctionEvent`` has no ``input_dtypes``."""
+    return {
+        event.correlation_id(): event.dtypes()
+        for event in prof.profiler.kineto_results.events()
+        if event.device_type() == torch.autograd.DeviceType.CPU
+    }
+
+
 def print_accounting(prof: torch.profiler.profile, wall_ms: float, device: torch.device) -> None:
     """The profiled CPU step's wall time by kind of work, its products against their rates."""
     products: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])  # (shape, dtype) -> [calls, ms]
     kinds: collections.Counter[str] = collections.Counter()
+    dtypes = input_dtypes(prof)
     for event in prof.events():
         ms = event.self_cpu_time_total / 1e3
         if event.name in PRODUCT_OPS and event.input_shapes:
-            key = product_call(event.name, event.input_shapes, event.input_dtypes)
+            key = product_call(event.name, event.input_shapes, dtypes[event.id])
             products[key][0] += 1
             products[key][1] += ms
         else:

@@ -336,7 +336,8 @@ def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name
     with torch.profiler.profile(record_shapes=True) as prof:
         call(a, b)
     events = [e for e in prof.events() if e.name == name]
-    assert events and profile_step.product_call(name, events[0].input_shapes, events[0].input_dtypes) == (shape, dtype)
+    dtypes = profile_step.input_dtypes(prof)
+    assert events and profile_step.product_call(name, events[0].input_shapes, dtypes[events[0].id]) == (shape, dtype)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16-autocast"])
