@@ -27,6 +27,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "error_text.h"
+
 namespace quietstar {
 namespace {
 
@@ -62,8 +64,8 @@ class CachingCPUAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   void enable(int64_t max_cached, int64_t min_block) {
-    TORCH_CHECK(max_cached >= 0, "max_cached_bytes must be >= 0, got ", max_cached);
-    TORCH_CHECK(min_block > 0, "min_block_bytes must be > 0, got ", min_block);
+    TORCH_CHECK(max_cached >= 0, "max_cached_bytes must be >= 0, got ", number_text(max_cached));
+    TORCH_CHECK(min_block > 0, "min_block_bytes must be > 0, got ", number_text(min_block));
     std::lock_guard<std::mutex> lock(mutex_);
     max_cached_ = static_cast<size_t>(max_cached);
     min_block_ = static_cast<size_t>(min_block);

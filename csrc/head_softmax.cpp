@@ -33,6 +33,7 @@
 #include <cmath>
 #include <vector>
 
+#include "error_text.h"
 #include "vector_math.h"
 
 #if !defined(__GNUC__)
@@ -233,10 +234,10 @@ void check_scores(const at::Tensor& scores, const char* op, bool bf16 = false) {
   TORCH_CHECK(scores.scalar_type() == at::kFloat || (bf16 && scores.scalar_type() == at::kBFloat16), op,
               bf16 ? ": scores must be float32 or bfloat16, got " : ": scores must be float32, got ", scores.scalar_type());
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) > 0, op, ": scores must be [V, C] with V > 0, got ",
-              scores.sizes());
+              shape_text(scores.sizes()));
   TORCH_CHECK(scores.size(1) <= 1 || scores.stride(1) == 1, op, ": scores' columns must be adjacent (stride 1)");
   TORCH_CHECK(scores.size(0) <= 1 || scores.stride(0) >= std::max<int64_t>(1, scores.size(1)), op,
-              ": scores' rows must not overlap (row stride at least C), got stride ", scores.stride(0));
+              ": scores' rows must not overlap (row stride at least C), got stride ", number_text(scores.stride(0)));
 }
 
 template <typename T>
@@ -373,7 +374,7 @@ at::Tensor head_softmax_gradient_(const at::Tensor& scores, const at::Tensor& ta
 
 at::Tensor head_exp_block_sums_(const at::Tensor& scores, int64_t block) {
   check_scores(scores, "head_exp_block_sums_");
-  TORCH_CHECK(block > 0, "head_exp_block_sums_: block must be > 0, got ", block);
+  TORCH_CHECK(block > 0, "head_exp_block_sums_: block must be > 0, got ", number_text(block));
   const ScoresOf<float> s = scores_of<float>(scores);
   const int64_t parts = parts_of(s.vocab, kPartRows);
   std::vector<float> part_max(parts * s.columns);

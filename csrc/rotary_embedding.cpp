@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "error_text.h"
 #include "vector_math.h"
 
 #if !defined(__GNUC__)
@@ -92,7 +93,7 @@ QUIETSTAR_CLONES void backward_task(const Rotary& r, const float* grad, c10::BFl
 Rotary make_rotary(const at::Tensor& cos, const at::Tensor& sin, int64_t batch, int64_t length, int64_t heads,
                    int64_t dim) {
   TORCH_CHECK(cos.device().is_cpu() && sin.device().is_cpu(), "quietstar native rotary_embedding runs on CPU tensors");
-  TORCH_CHECK(dim % 2 == 0, "rotary_embedding: the head size must be even, got ", dim);
+  TORCH_CHECK(dim % 2 == 0, "rotary_embedding: the head size must be even, got ", number_text(dim));
   for (const at::Tensor* t : {&cos, &sin}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == batch &&
                     t->size(1) == length && t->size(2) == dim,

@@ -25,6 +25,7 @@
 #include <utility>
 
 #include "bf16_gemm.h"
+#include "error_text.h"
 #include "tree_attention.h"
 
 namespace quietstar {
@@ -417,7 +418,7 @@ void check_float(const at::Tensor& q) {
 }
 
 TextKeys text_keys(const Tree& t, const std::optional<at::Tensor>& key_padding_mask, int64_t sliding_window) {
-  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", sliding_window);
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", number_text(sliding_window));
   if (!key_padding_mask.has_value()) return {nullptr, sliding_window};
   const at::Tensor& mask = *key_padding_mask;
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == t.batch &&

@@ -75,6 +75,8 @@ def test_rotary_embedding_native_backend_rejects_what_it_does_not_take():
     x, cos, sin, _ = inputs(1, 4, 2, 8)
     with pytest.raises(ValueError, match="backend='native' takes float32 or bfloat16 x"):
         rotary_embedding(x.double(), cos.double(), sin.double(), backend="native")
+    with pytest.raises(RuntimeError, match="the head size must be even, got 7"):  # past the Python checks
+        torch.ops.quietstar.rotary_embedding_forward(x[..., :7].contiguous(), cos[..., :7].contiguous(), sin[..., :7].contiguous())
 
 
 @requires_native

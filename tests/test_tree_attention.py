@@ -550,6 +550,8 @@ def test_native_ops_name_the_argument_of_a_wrong_shape():
     with pytest.raises(RuntimeError, match="float32"):
         q64, k64 = q.double(), k.double()
         torch.ops.quietstar.tree_attention_trunk_forward_(q64, k64, k64, torch.empty_like(q64), torch.empty(1, 2, 8), None, 0, 4, 0.5, False)
+    with pytest.raises(RuntimeError, match=r"sliding_window must be >= 0 \(0: none\), got -1"):
+        torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, torch.empty_like(q), torch.empty(1, 2, 8), None, -1, 4, 0.5, False)
     with pytest.raises(RuntimeError, match="batch size"):
         k2 = torch.randn(2, 1, 3 * 4, 8)
         torch.ops.quietstar.tree_attention_trunk_forward_(q, k2, k2, torch.empty_like(q), torch.empty(1, 2, 8), None, 0, 4, 0.5, False)

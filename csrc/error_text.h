@@ -1,0 +1,27 @@
+// Numbers in the native ops' error messages, formatted without std::ostream.
+//
+// On the GPU image of 2026-11-28 (torch 2.11, this library built with GCC 13.3), every
+// TORCH_CHECK here that streamed an int64_t killed the process (SIGSEGV in the op call), while
+// the checks streaming only text or a ScalarType raised as they should. The likely cause, as in
+// crashes reported by other projects: a library carrying its own copy of libstdc++ supplies the
+// stream's integer insertion (std::ostream::_M_insert<long>) with locale facets of its own.
+// std::to_string formats in the header, through no stream and no locale.
+#pragma once
+
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <string>
+
+namespace quietstar {
+
+inline std::string number_text(int64_t value) { return std::to_string(value); }
+
+// "[2, 3]", as the stream would print an IntArrayRef.
+inline std::string shape_text(c10::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + number_text(sizes[i]);
+  return text + "]";
+}
+
+}  // namespace quietstar
