@@ -2,9 +2,9 @@
 //
 // On the GPU image of 2026-11-28 (torch 2.11, this library built with GCC 13.3), every
 // TORCH_CHECK here that streamed an int64_t killed the process (SIGSEGV in the op call), while
-// the checks streaming only text or a ScalarType raised as they should. The likely cause, as in
-// crashes reported by other projects: a library carrying its own copy of libstdc++ supplies the
-// stream's integer insertion (std::ostream::_M_insert<long>) with locale facets of its own.
+// the checks streaming only text or a ScalarType raised as they should. The cause is not
+// established (PyTorch's own checks with numbers raised normally in the same run; other projects
+// report such crashes in std::ostream::_M_insert<long> where two copies of libstdc++ meet).
 // std::to_string formats in the header, through no stream and no locale.
 #pragma once
 
