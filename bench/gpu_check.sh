@@ -16,7 +16,8 @@
 # tree attention at L=4096 fit in that, FlexAttention's compilation at L=2048 did not). On an
 # H100 (2026-11-27): native 41 s; tests 163 s; profile 39 s; step over 200 s (both sizes). On an
 # H200 (2026-11-28): native 38 s; tests 145 s; step over 150 s; dtypes over 140 s (the reference's
-# failed try, then five float32 steps of 13.4 s: give it its default 300 s).
+# failed try, then the float32 variant's warm-up, memory and timed steps of 13.4 s each: give it
+# its default 300 s).
 # A kernel change is best judged first by bench/compare_tree_attention_kernels.py (old and new
 # kernels in one process, about 40 s at L=4096), then by the kernels stage.
 set -uo pipefail

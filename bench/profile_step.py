@@ -109,11 +109,12 @@ class ProductRow(NamedTuple):
 def input_dtypes(prof: torch.profiler.profile) -> dict[int, list[str]]:
     """Each CPU operator's input dtypes as the profiler names them (``'float'``, ``'c10::BFloat16'``),
     by its event's id. Read from the kineto events the operator events are made of (an event's id
-    is its kineto event's correlation id): torch 2.11's ``FunctionEvent`` has no ``input_dtypes``."""
+    is its kineto event's correlation id): torch 2.11's ``FunctionEvent`` has no ``input_dtypes``.
+    Events without dtypes are left out: CUDA runtime calls are CPU events too, numbered apart."""
     return {
         event.correlation_id(): event.dtypes()
         for event in prof.profiler.kineto_results.events()
-        if event.device_type() == torch.autograd.DeviceType.CPU
+        if event.device_type() == torch.autograd.DeviceType.CPU and event.dtypes()
     }
 
 

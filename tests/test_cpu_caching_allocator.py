@@ -205,3 +205,11 @@ def test_threads_allocating_at_once_get_distinct_intact_blocks():
 def test_bad_limits_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         enable_cpu_caching_allocator(**options)
+
+
+@pytest.mark.parametrize(("limits", "message"), [((-1, 1), "max_cached_bytes must be >= 0, got -1"),
+                                                 ((0, 0), "min_block_bytes must be > 0, got 0")])
+def test_the_native_op_refuses_bad_limits_with_their_values(limits, message):
+    # Past the Python checks: the op's own, which refuse before anything changes.
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.quietstar.cpu_caching_allocator_enable(*limits)
