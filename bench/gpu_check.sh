@@ -9,7 +9,8 @@
 # tree_attention and linear_cross_entropy at the GPU sizes), tests (the whole suite on
 # CUDA), step (the training-step bench), dtypes (the B=8 L=256 step of a float32 model, without
 # and with bfloat16 autocast: the speed-up over float32), profile (bench/profile_step.py: where the B=1 L=128
-# step's time goes), probe (does one training step fit at L=1024).
+# step's time goes), floor (the same step with the model's widths divided by 4, head size 16:
+# its cost per operator, launches and Python), probe (does one training step fit at L=1024).
 # Every stage has a time limit (seconds, overridable: LIMIT_TUNE=...), logs into
 # OUT_DIR/log.txt and writes its results into OUT_DIR. On an H200 (2026-11-25): tune 75 s;
 # tests 50 s; step over 120 s; probe 55 s; kernels over 220 s (linear cross-entropy and
@@ -24,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [STAGE ...]}")
 shift
-stages=${*:-versions native tune kernels tests step dtypes profile probe}
+stages=${*:-versions native tune kernels tests step dtypes profile floor probe}
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -60,6 +61,7 @@ for stage in $stages; do
     step) run "${LIMIT_STEP:-240}" python bench/run.py --case training_step --repeats 3 --json "$out/step.json" ;;
     dtypes) run "${LIMIT_DTYPES:-300}" python bench/run.py --case training_step --size "B=8 L=256" --variant quietstar+sampling-fp32 quietstar+sampling-bf16 --repeats 3 --json "$out/dtypes.json" ;;
     profile) run "${LIMIT_PROFILE:-120}" python bench/profile_step.py --size "B=1 L=128" ;;
+    floor) run "${LIMIT_FLOOR:-90}" python bench/profile_step.py --size "B=1 L=128" --narrow 4 --top 10 ;;
     probe) run "${LIMIT_PROBE:-100}" python bench/run.py --case training_step --max-length --memory-gib 79 --start-length 1024 --length-limit 1024 --json "$out/max_length.json" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
     esac

@@ -10,6 +10,10 @@ profiled step against the sum of its device kernels' time, and the number of ker
 (a GPU step whose kernels add up to far less than its wall time is waiting on launches or
 host synchronisations). ``--trace FILE`` also writes a Chrome trace. ``--bf16`` runs everything
 under bfloat16 autocast (float32 master weights), as the bench's ``quietstar+sampling-bf16``.
+``--narrow N`` runs the same step with the model's hidden size, MLP width and vocabulary divided
+by ``N`` (``training_step.narrowed``): the same operators over the same tokens with ``N`` times
+less work each, so its times are about the step's cost per operator, which no kernel's speed
+changes (at ``N = 8`` the products are 1/64 of the full model's).
 
 On a CPU the step runs with the CPU caching allocator, as the bench's training-step workers and
 ``quietstar train`` run it (``--no-cpu-caching-allocator``: without), and the profiled step's
@@ -176,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=Path, help="write a Chrome trace of the profiled step here")
     parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast (float32 master weights)")
     parser.add_argument(
+        "--narrow",
+        type=int,
+        default=1,
+        metavar="N",
+        help="divide the model's hidden size, MLP width and vocabulary by N (layers, heads and tokens kept): "
+        "the same operators with N times less work each, so what stays is the cost per operator",
+    )
+    parser.add_argument(
         "--no-cpu-caching-allocator",
         dest="cpu_caching_allocator",
         action="store_false",
@@ -188,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is not None and args.size not in labels:
         parser.error(f"--size: expected one of {labels}, got {args.size!r}")
     size = sizes[labels.index(args.size)] if args.size else sizes[0]
+    try:
+        size = training_step.narrowed(size, args.narrow)
+    except ValueError as error:
+        parser.error(f"--narrow: {error}")
     if device.type == "cpu" and args.cpu_caching_allocator:
         enable_cpu_caching_allocator()
 
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     mode = ", bfloat16 autocast" if args.bf16 else ""
+    mode += f", widths divided by {args.narrow}" if args.narrow > 1 else ""
     print(f"{training_step.label(size)} on {device} ({name}{mode}), torch {torch.__version__}, median of {args.steps}:")
     parts = [("sample_thoughts", sampling_only), ("step, thoughts given", given_thoughts), ("step, own sampling", own_sampling)]
     for name, fn in parts:

@@ -252,6 +252,38 @@ def test_training_step_matmul_rate_counts_the_products_the_useful_flops_count(n_
     assert {m for _, m, _, _, _ in forward[:-1]} == set(training_step.forward_rows(size))
 
 
+def test_narrowed_step_keeps_layers_heads_and_tokens_and_divides_every_width():
+    from cases import training_step
+
+    size = training_step.sizes(CPU, "full")[0]
+    narrow = training_step.narrowed(size, 8)
+    cfg, full = training_step.MODELS[narrow["model"]], training_step.MODELS[size["model"]]
+    assert narrow["model"] == "smollm2-135m/8" and {**narrow, "model": size["model"]} == size
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (72, 192, 6144)
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        assert cfg[key] == full[key]
+    # The decoder's products shrink by the factor squared; the model builds with those widths.
+    assert training_step.decoder_params(narrow) * 64 == training_step.decoder_params(size)
+    model = training_step.make_model({**narrow, "layers": 1}, CPU).model.model
+    assert (model.config.hidden_size, model.config.head_dim, model.embed_tokens.weight.shape[0]) == (72, 8, 6144)
+    assert training_step.narrowed(size, 1) is size
+
+
+@pytest.mark.parametrize(
+    "factor, message",
+    [(5, "factor must divide smollm2-135m's hidden_size=576, intermediate_size=1536, vocab_size=49152 "
+         "and leave hidden_size a multiple of its 9 heads, got 5"),
+     (128, "leave hidden_size a multiple of its 9 heads, got 128"),
+     (0, "factor must be a positive int, got 0"),
+     (2.0, "factor must be a positive int, got 2.0")],
+)
+def test_narrowed_refuses_a_factor_that_does_not_divide_the_widths(factor, message):
+    from cases import training_step
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        training_step.narrowed(training_step.sizes(CPU, "quick")[0], factor)
+
+
 @pytest.mark.parametrize("variant", ["base-generate", "quietstar-generate"])
 def test_generation_counts_the_decoder_passes_and_head_rows_each_variant_runs(variant, monkeypatch):
     """The useful FLOPs rest on tokens_per_token and head_rows_per_token: count the tokens and
@@ -366,6 +398,19 @@ def test_profile_step_times_the_step_s_parts_and_accounts_for_its_wall_time(bf16
     with pytest.raises(SystemExit):
         profile_step.main(["--device", "cpu", "--scale", "quick", "--size", "B=3 L=7"])
     assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
+
+
+def test_profile_step_narrowed_runs_the_same_parts_on_the_narrowed_model(capsys):
+    import profile_step
+
+    assert profile_step.main(["--device", "cpu", "--scale", "quick", "--steps", "1", "--top", "3", "--narrow", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "B=1 L=16 on cpu (CPU, widths divided by 8)" in out
+    assert re.search(r"step, own sampling +\d+\.\d ms", out)
+    assert re.search(r"1 x \[\d+ x 72\] x \[72 x \d+\] +float32 +\d+ calls", out)  # the narrowed products
+    with pytest.raises(SystemExit):
+        profile_step.main(["--device", "cpu", "--scale", "quick", "--narrow", "7"])
+    assert "--narrow: factor must divide" in capsys.readouterr().err
 
 
 def mkl_packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

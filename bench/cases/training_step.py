@@ -76,6 +76,38 @@ def sizes(device: torch.device, scale: str) -> list[dict]:
     return [dict(step, batch=8, length=256), dict(step, batch=1, length=128)]
 
 
+# The widths ``narrowed`` divides; layers, heads, batch and tokens stay.
+NARROWED_WIDTHS = ("hidden_size", "intermediate_size", "vocab_size")
+
+
+def narrowed(size: dict, factor: int) -> dict:
+    """``size`` on its model with the hidden size, the MLP width and the vocabulary divided by
+    ``factor`` (registered in ``MODELS`` as ``"<model>/<factor>"``): the step runs the same
+    operators on the same tokens, each with ``factor`` times less work (the products
+    ``factor**2``), so what is left of its time is the cost per operator (Python, dispatch,
+    each kernel's start). ``bench/profile_step.py --narrow``.
+
+    Raises:
+        ValueError: ``factor`` is not a positive integer that divides every width and leaves
+            a whole head size.
+    """
+    cfg = MODELS[size["model"]]
+    heads = cfg["num_attention_heads"]
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    if any(cfg[key] % factor for key in NARROWED_WIDTHS) or (cfg["hidden_size"] // factor) % heads:
+        widths = ", ".join(f"{key}={cfg[key]}" for key in NARROWED_WIDTHS)
+        raise ValueError(
+            f"factor must divide {size['model']}'s {widths} and leave hidden_size a multiple of its "
+            f"{heads} heads, got {factor}"
+        )
+    if factor == 1:
+        return size
+    name = f"{size['model']}/{factor}"
+    MODELS.setdefault(name, {**cfg, **{key: cfg[key] // factor for key in NARROWED_WIDTHS}})
+    return {**size, "model": name}
+
+
 def skip(variant: str, size: dict, device: torch.device) -> str | None:
     if variant == "quietstar-checkpointing" and device.type == "cpu" and size["layers"] < MODELS[size["model"]]["num_hidden_layers"]:
         return "--full runs it (with all layers, where memory matters)"
