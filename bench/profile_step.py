@@ -13,7 +13,8 @@ under bfloat16 autocast (float32 master weights), as the bench's ``quietstar+sam
 ``--narrow N`` runs the same step with the model's hidden size, MLP width and vocabulary divided
 by ``N`` (``training_step.narrowed``): the same operators over the same tokens with ``N`` times
 less work each, so its times are about the step's cost per operator, which no kernel's speed
-changes (at ``N = 8`` the products are 1/64 of the full model's).
+changes (at ``N = 4`` the products are 1/16 of the full model's; keep the head size a multiple
+of 16, or the attention kernels run on part-empty vectors).
 
 On a CPU the step runs with the CPU caching allocator, as the bench's training-step workers and
 ``quietstar train`` run it (``--no-cpu-caching-allocator``: without), and the profiled step's

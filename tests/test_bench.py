@@ -272,8 +272,9 @@ def test_narrowed_step_keeps_layers_heads_and_tokens_and_divides_every_width():
 @pytest.mark.parametrize(
     "factor, message",
     [(5, "factor must divide smollm2-135m's hidden_size=576, intermediate_size=1536, vocab_size=49152 "
-         "and leave hidden_size a multiple of its 9 heads, got 5"),
-     (128, "leave hidden_size a multiple of its 9 heads, got 128"),
+         "and leave an even head size over its 9 heads, got 5"),
+     (3, "leave an even head size over its 9 heads, got 3"),  # the widths divide; 192 / 9 heads does not
+     (64, "leave an even head size over its 9 heads, got 64"),  # a head size of 1: RoPE needs pairs
      (0, "factor must be a positive int, got 0"),
      (2.0, "factor must be a positive int, got 2.0")],
 )
@@ -400,14 +401,16 @@ def test_profile_step_times_the_step_s_parts_and_accounts_for_its_wall_time(bf16
     assert "--size: expected one of ['B=1 L=16']" in capsys.readouterr().err
 
 
-def test_profile_step_narrowed_runs_the_same_parts_on_the_narrowed_model(capsys):
+def test_profile_step_narrowed_runs_the_same_parts_on_the_narrowed_model(capsys, monkeypatch):
     import profile_step
 
+    monkeypatch.setattr(profile_step, "PRODUCT_ROWS", 1000)  # every product shape listed
     assert profile_step.main(["--device", "cpu", "--scale", "quick", "--steps", "1", "--top", "3", "--narrow", "8"]) == 0
     out = capsys.readouterr().out
     assert "B=1 L=16 on cpu (CPU, widths divided by 8)" in out
     assert re.search(r"step, own sampling +\d+\.\d ms", out)
     assert re.search(r"1 x \[\d+ x 72\] x \[72 x \d+\] +float32 +\d+ calls", out)  # the narrowed products
+    assert not re.search(r"^    1 x .*576", out, re.M)  # and none of the full width
     with pytest.raises(SystemExit):
         profile_step.main(["--device", "cpu", "--scale", "quick", "--narrow", "7"])
     assert "--narrow: factor must divide" in capsys.readouterr().err

@@ -84,21 +84,22 @@ def narrowed(size: dict, factor: int) -> dict:
     """``size`` on its model with the hidden size, the MLP width and the vocabulary divided by
     ``factor`` (registered in ``MODELS`` as ``"<model>/<factor>"``): the step runs the same
     operators on the same tokens, each with ``factor`` times less work (the products
-    ``factor**2``), so what is left of its time is the cost per operator (Python, dispatch,
-    each kernel's start). ``bench/profile_step.py --narrow``.
+    ``factor**2``), so what is left of its time is mostly the cost per operator (Python,
+    dispatch, each kernel's start). ``bench/profile_step.py --narrow``. The name is known to
+    this process only (``bench/run.py``'s workers would not find it).
 
     Raises:
         ValueError: ``factor`` is not a positive integer that divides every width and leaves
-            a whole head size.
+            an even head size (RoPE rotates pairs).
     """
     cfg = MODELS[size["model"]]
     heads = cfg["num_attention_heads"]
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be a positive int, got {factor!r}")
-    if any(cfg[key] % factor for key in NARROWED_WIDTHS) or (cfg["hidden_size"] // factor) % heads:
+    if any(cfg[key] % factor for key in NARROWED_WIDTHS) or (cfg["hidden_size"] // factor) % (2 * heads):
         widths = ", ".join(f"{key}={cfg[key]}" for key in NARROWED_WIDTHS)
         raise ValueError(
-            f"factor must divide {size['model']}'s {widths} and leave hidden_size a multiple of its "
+            f"factor must divide {size['model']}'s {widths} and leave an even head size over its "
             f"{heads} heads, got {factor}"
         )
     if factor == 1:
