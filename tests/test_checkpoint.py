@@ -34,6 +34,19 @@ def test_round_trip_keeps_every_weight_and_the_config(tmp_path):
     torch.testing.assert_close(loaded(ids, thoughts=thoughts).loss, qs(ids, thoughts=thoughts).loss, rtol=1e-6, atol=0)
 
 
+def test_loading_under_another_meta_token_scale_keeps_the_learned_start_and_end_embeddings(tmp_path):
+    from quietstar.model.loaders import load_quietstar
+
+    qs = QuietStarModel(tiny_causal_lm("llama"), config=QuietStarConfig(thought_tokens=2, talk_tokens=2, meta_token_scale=10.0))
+    with torch.no_grad():
+        qs.meta_embeddings.normal_()
+    qs.save_pretrained(tmp_path)
+    loaded = load_quietstar(tmp_path, QuietStarConfig(thought_tokens=2, talk_tokens=2))  # the default scale, 100
+    assert loaded.config.meta_token_scale == 100.0
+    for which in (0, 1):
+        torch.testing.assert_close(loaded.meta_embedding(which), qs.meta_embedding(which))
+
+
 def test_checkpoint_directory_loads_as_the_plain_base_model(tmp_path):
     qs = QuietStarModel(tiny_causal_lm("llama"), config=QuietStarConfig(thought_tokens=1, talk_tokens=1, n_thoughts=1))
     qs.save_pretrained(tmp_path)

@@ -169,3 +169,35 @@ def test_eos_ends_a_row():
     assert out.sequences[0, 6] == first[0] and (out.sequences[0, 7:] == pad).all()
     with pytest.raises(ValueError, match="pad_token_id"):
         qs.generate(ids, mask, max_new_tokens=1, pad_token_id=-1)
+
+
+def test_any_of_several_eos_ids_ends_a_row_as_hugging_faces_lists_do():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    greedy = dict(do_sample=False, sample_thoughts=False)
+    first = qs.generate(ids, mask, max_new_tokens=1, **greedy).sequences[:, -1]
+    other = (int(first[0]) + 1) % 97
+    pad = (int(first[0]) + 2) % 97
+    out = qs.generate(ids, mask, max_new_tokens=3, eos_token_id=[other, int(first[0])], pad_token_id=pad, **greedy)
+    assert out.sequences[0, 6] == first[0] and (out.sequences[0, 7:] == pad).all()
+    for bad in ([], [1, -1], "2", 1.0, True):
+        with pytest.raises(ValueError, match=r"eos_token_id must be a token id in \[0, 97\), a non-empty sequence"):
+            qs.generate(ids, mask, max_new_tokens=1, eos_token_id=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_prompts_of_any_integer_dtype_generate_as_int64_ones(dtype):
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    greedy = dict(max_new_tokens=2, do_sample=False, sample_thoughts=False)
+    out = qs.generate(ids.to(dtype), mask, **greedy).sequences
+    assert out.dtype == torch.long and torch.equal(out, qs.generate(ids, mask, **greedy).sequences)
+
+
+def test_generate_rejects_prompts_it_cannot_embed():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 97\)"):
+        qs.generate(ids + 97, mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, P\] prompts with B, P >= 1, got \(3, 0\)"):
+        qs.generate(ids[:, :0], mask[:, :0], max_new_tokens=1)

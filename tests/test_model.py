@@ -81,6 +81,47 @@ def test_fast_step_equals_reference_with_one_thought_token_and_one_talk_token(pa
     assert_fast_step_equals_reference(qs, *batch(padding), seed=3)
 
 
+@pytest.mark.parametrize("step", ["forward", "evaluate"])
+def test_a_row_scores_the_same_alone_and_padded_on_either_side(step):
+    """A padding position predicts nothing and does not act, not even the last left pad, whose
+    next tokens are the text's first: losses, rewards and the policy term are the row's own."""
+    qs = make_model(n_thoughts=1, clamp_negative_rewards=False).double().eval()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 97, (1, 8), generator=gen)
+    thoughts = torch.randint(0, 97, (1, 1, 8, 3), generator=gen)
+    pad, pad_thoughts = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 1, 3, 3, dtype=torch.long)
+    alone = qs(ids, thoughts=thoughts)
+    padded = {
+        "left": (torch.cat([pad, ids], 1), torch.cat([pad, torch.ones_like(ids)], 1), torch.cat([pad_thoughts, thoughts], 2)),
+        "right": (torch.cat([ids, pad], 1), torch.cat([torch.ones_like(ids), pad], 1), torch.cat([thoughts, pad_thoughts], 2)),
+    }
+    for side, (p_ids, p_mask, p_thoughts) in padded.items():
+        if step == "forward":
+            out = qs(p_ids, p_mask, thoughts=p_thoughts)
+        else:  # evaluate samples its thoughts: compare what does not depend on them
+            out = qs.evaluate(p_ids, p_mask, generator=torch.Generator().manual_seed(0))
+            alone = qs.evaluate(ids, generator=torch.Generator().manual_seed(0))
+        real = slice(3, None) if side == "left" else slice(0, 8)
+        fields = ("nll_loss", "loss", "policy_loss") if step == "forward" else ()
+        for name in fields:
+            torch.testing.assert_close(getattr(out, name), getattr(alone, name), msg=f"{side} {name}")
+        torch.testing.assert_close(out.nll_base[:, real], alone.nll_base, msg=f"{side} nll_base")
+        if side == "left":
+            assert (out.nll_base[:, :3] == 0).all() and (out.rewards[..., :3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_token_ids_of_any_integer_dtype_score_as_int64_ones(dtype):
+    qs = make_model(n_thoughts=1).eval()
+    gen = torch.Generator().manual_seed(5)
+    ids, thoughts = torch.randint(0, 97, (2, 6), generator=gen), torch.randint(0, 97, (2, 1, 6, 3), generator=gen)
+    expected = qs(ids, thoughts=thoughts)
+    out = qs(ids.to(dtype), labels=ids.to(dtype), thoughts=thoughts.to(dtype))
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=0)
+    states = qs.next_token_states(ids.to(dtype), generator=torch.Generator().manual_seed(0))
+    assert states[3].dtype == torch.long
+
+
 def test_fast_step_equals_reference_with_distinct_start_and_end_embeddings():
     qs = make_model()
     # Both meta embeddings start at the same init; make them differ so a swap would show.

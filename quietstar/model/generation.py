@@ -9,6 +9,8 @@ are never emitted (their logits are -inf).
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,22 @@ def _draw(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | No
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+def _token_ids(name: str, ids: int | Sequence[int] | None, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """``ids`` (a token id or a non-empty sequence of them, each in ``[0, vocab)``) as an int64
+    tensor, or None for None; else a ``ValueError`` naming ``name``."""
+    if ids is None:
+        return None
+    listed = [ids] if isinstance(ids, numbers.Integral) else ids
+    if (
+        not isinstance(listed, Sequence)
+        or isinstance(listed, str)
+        or not listed
+        or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in listed)
+    ):
+        raise ValueError(f"{name} must be a token id in [0, {vocab}), a non-empty sequence of them, or None, got {ids!r}")
+    return torch.tensor([int(i) for i in listed], dtype=torch.long, device=device)
+
+
 def _step(qs, embeds, positions, cache, mask) -> torch.Tensor:
     """``embeds [B, n, d]`` at ``positions [B, n]`` through the cache, appended to it, each
     seeing what its layer's ``mask [B, 1, n, keys]`` lets it: ``[B, n, d]``."""
@@ -85,7 +103,7 @@ def generate(
     do_sample: bool = True,
     temperature: float = 1.0,
     sample_thoughts: bool = True,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     return_thoughts: bool = False,
     generator: torch.Generator | None = None,
@@ -99,7 +117,8 @@ def generate(
         do_sample: draw the next token from the mixed distribution at ``temperature``
             (else greedy).
         sample_thoughts: draw thought tokens at the config's sampling temperature (else greedy).
-        eos_token_id: rows that produced it continue with ``pad_token_id``.
+        eos_token_id: a token id, or several (as Hugging Face generation configs list them):
+            rows that produced one continue with ``pad_token_id``.
         return_thoughts: also return the thoughts.
         generator: random generator for all sampling.
     """
@@ -107,6 +126,8 @@ def generate(
     check_int("max_new_tokens", max_new_tokens, minimum=0)
     temperature = check_positive_float("temperature", temperature)
     batch, prompt_len = input_ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise ValueError(f"input_ids must be [B, P] prompts with B, P >= 1, got {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
@@ -118,8 +139,12 @@ def generate(
     cfg = qs.config
     weight, bias = qs.lm_head
     vocab = weight.shape[0]
+    if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+    input_ids = input_ids.long()  # the embedding takes int64 (or int32) ids only
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
+    eos_ids = _token_ids("eos_token_id", eos_token_id, vocab, input_ids.device)
     text = _TextState(attention_mask, {layer_window(layer) for layer in decoder_layers(qs.model)})
     cache = KVCache(capacity=prompt_len + max_new_tokens + cfg.thought_tokens + 2)
     layout = TreeLayout(prompt_len, 1, text.key_real)
@@ -160,8 +185,8 @@ def generate(
             logp = logp + w[:, None] * torch.log_softmax(head_logits(h_talk, weight, bias, qs.masked_vocab), -1)
             token = _draw(logp / temperature, do_sample, generator)
         token = token.masked_fill(finished, pad_token_id)
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
+        if eos_ids is not None:
+            finished |= torch.isin(token, eos_ids)
         new_tokens.append(token)
         thoughts.append(torch.stack(thought, dim=-1))
 

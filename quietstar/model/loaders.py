@@ -75,11 +75,13 @@ def load_quietstar(path: str | Path, config=None):
     Args:
         path: the folder or file.
         config: ``QuietStarConfig`` to use (default: the checkpoint's, else the defaults). A
-            checkpoint's mixing head must have been trained with the same ``mix`` mode.
+            checkpoint's mixing head must have been trained with the same ``mix`` mode; its
+            start/end embeddings stay the ones it learned under another ``meta_token_scale``.
 
     Raises:
         ValueError: a path that is none of these, naming it.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quietstar.model.quietstar_model import QuietStarModel
@@ -94,6 +96,10 @@ def load_quietstar(path: str | Path, config=None):
             if config.mix != qs.config.mix:
                 raise ValueError(f"{path}: its mixing head was trained with mix={qs.config.mix!r}, not {config.mix!r}")
             logger.info("%s: using the given QuietStarConfig instead of the saved one", path)
+            # The start/end embeddings are stored divided by the scale: rescaled so that the
+            # embeddings the checkpoint learned stay what they are under the new scale.
+            with torch.no_grad():
+                qs.meta_embeddings.mul_(qs.config.meta_token_scale / config.meta_token_scale)
             qs.config = config
         if qs.tokenizer is not None:
             _with_pad_token(qs.tokenizer)

@@ -124,12 +124,20 @@ class Targets:
     acting: torch.Tensor
 
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, talk_tokens: int) -> Targets:
+    def from_labels(cls, labels: torch.Tensor, talk_tokens: int, attention_mask: torch.Tensor | None = None) -> Targets:
+        """Targets from ``labels [B, L]``; with ``attention_mask [B, L]``, a padding position
+        predicts nothing and does not act, even where the tokens after it are real (the last
+        left pad before the text): a row scores the same however it is padded."""
         batch, length = labels.shape
         padded = torch.full((batch, length + talk_tokens + 1), IGNORE_INDEX, dtype=torch.long, device=labels.device)
         padded[:, :length] = labels
         talk = torch.stack([padded[:, 1 + k : 1 + k + length] for k in range(talk_tokens)], dim=-1)
-        return cls(base=talk[..., 0], talk=talk, acting=policy_positions(labels, talk_tokens))
+        acting = policy_positions(labels, talk_tokens)
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            talk = talk.masked_fill(~real[..., None], IGNORE_INDEX)
+            acting = acting & real
+        return cls(base=talk[..., 0], talk=talk, acting=acting)
 
 
 def policy_positions(labels: torch.Tensor, talk_tokens: int) -> torch.Tensor:
@@ -450,7 +458,7 @@ class QuietStarModel(nn.Module):
         inputs, so no second (tree) pass runs. Arguments as ``forward``; losses, NLLs,
         rewards and mixing weights equal the forward's for the same thoughts."""
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
-        targets = Targets.from_labels(labels, self.config.talk_tokens)
+        targets = Targets.from_labels(labels, self.config.talk_tokens, attention_mask)
         h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, self.config.chain_steps)
         return self.losses(h_base, h_chain, targets, thoughts)
 
@@ -497,7 +505,7 @@ class QuietStarModel(nn.Module):
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
         cfg = self.config
         batch, length = input_ids.shape
-        targets = Targets.from_labels(labels, cfg.talk_tokens)
+        targets = Targets.from_labels(labels, cfg.talk_tokens, attention_mask)
         checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * cfg.tree_slots)
         record = thought_logits = None
         if thoughts is None:
@@ -507,7 +515,7 @@ class QuietStarModel(nn.Module):
                 input_ids, attention_mask, generator, keep, keep_logits
             )
         else:
-            self._check_thoughts(thoughts, batch, length)
+            thoughts = self._check_thoughts(thoughts, batch, length)
         h_base, h_chain = self._tree_pass(input_ids, attention_mask, thoughts, checkpoint, record)
         return self.losses(h_base, h_chain, targets, thoughts, thought_logits)
 
@@ -724,9 +732,10 @@ class QuietStarModel(nn.Module):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
                 )
-        return input_ids, attention_mask, labels.long()
+        return input_ids.long(), attention_mask, labels.long()  # the embedding takes int64 or int32 ids only
 
-    def _check_thoughts(self, thoughts: torch.Tensor, batch: int, length: int) -> None:
+    def _check_thoughts(self, thoughts: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """``thoughts`` checked, as int64 (the embedding takes int64 or int32 ids only)."""
         cfg = self.config
         check_tensor("thoughts", thoughts, ndim=4, dtypes=INT_DTYPES)
         expected = (batch, cfg.n_thoughts, length, cfg.thought_tokens)
@@ -737,6 +746,7 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"thoughts must be token ids in [0, {vocab})")
         if self.masked_vocab.numel() and bool(torch.isin(thoughts, self.masked_vocab).any()):
             raise ValueError("thoughts must not contain the meta tokens (<|startthought|>, <|endthought|>)")
+        return thoughts.long()
 
 
 # The class's own sampling: the only one whose recorded projections are the tree's (above).

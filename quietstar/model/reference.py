@@ -49,7 +49,7 @@ def reference_forward(
     batch, length = input_ids.shape
     n, t_len, k_len = cfg.n_thoughts, cfg.thought_tokens, cfg.talk_tokens
     if thoughts is not None:
-        qs._check_thoughts(thoughts, batch, length)
+        thoughts = qs._check_thoughts(thoughts, batch, length)
     weight, bias = qs.lm_head
 
     def logits_of(hidden, temperature=1.0):
@@ -71,6 +71,8 @@ def reference_forward(
     pad = torch.full((rows, k_len + 1), IGNORE_INDEX, dtype=torch.long, device=ids.device)
     lab_ext = torch.cat([lab, pad], dim=1)
     target = [lab_ext[:, 1 + k : 1 + k + length] for k in range(k_len)]
+    if mask is not None:  # a padding position predicts nothing (the last left pad: the first real token)
+        target = [t.masked_fill(~mask, IGNORE_INDEX) for t in target]
     ids_ext = torch.cat([ids, torch.zeros_like(pad)], dim=1)
 
     # Step 0: the base text.
@@ -130,6 +132,8 @@ def reference_forward(
     # The authors reinforce positions i <= L - 2 - K: the talk window and one token more are
     # real targets (on padded rows: not padding, not ignored).
     acting = torch.stack([lab_ext[:, 1 + k : 1 + k + length] != IGNORE_INDEX for k in range(k_len + 1)]).all(0)
+    if mask is not None:
+        acting = acting & mask
     reward_rows = reward.reshape(rows, length) * acting
     policy_sum = sum((-(reward_rows * logp)).sum() for logp in thought_logp)
     policy_loss = policy_sum / (acting.sum() * t_len).clamp(min=1)
