@@ -4,6 +4,7 @@ exit status 2, and ``generate``."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,7 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(workspace, 
         (["--lr", "-1"], "lr must be a finite number > 0"),
         (["--model", "no/such/model"], "model 'no/such/model' is not"),
         (["--thought-tokens", "0"], "thought_tokens must be an int >= 1"),
+        (["--seq-len", "1"], "seq_len must be an int >= 2"),
     ],
 )
 def test_a_users_mistake_is_one_line_naming_it_and_exit_status_2(workspace, tmp_path, capsys, change, message):
@@ -75,6 +77,31 @@ def test_missing_options_bad_config_keys_and_unknown_flags_are_usage_errors(work
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--no-such-flag"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"resume": "no"}, "resume must be true or false, got 'no'"),
+        ({"data": 5}, "data must be a list of paths, got 5"),
+        ({"out": 3}, "out must be a string, got 3"),
+        ({"deterministic": 1}, "deterministic must be true or false, got 1"),
+    ],
+)
+def test_a_config_file_option_of_the_wrong_kind_is_an_error_naming_it(options, message):
+    values = {"model": "m", "data": ["d.txt"], "out": "o", **options}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.from_dict(values)
+
+
+def test_a_number_yaml_reads_as_a_string_is_still_a_number_and_paths_may_be_path_objects(tmp_path):
+    config = TrainConfig.from_dict(yaml.safe_load("model: m\ndata: d.txt\nout: o\nlr: 1e-5\n"))
+    assert config.lr == 1e-5  # PyYAML reads 1e-5 (no dot) as the string '1e-5'
+    with pytest.raises(ValueError, match="lr must be a finite number > 0.0, got 'fast'"):
+        TrainConfig.from_dict({"model": "m", "data": ["d.txt"], "out": "o", "lr": "fast"})
+    config = TrainConfig(model=str(tmp_path), data=[tmp_path / "d.txt"], out=tmp_path / "run")
+    assert config.out == str(tmp_path / "run") and config.data == [str(tmp_path / "d.txt")]
+    config.write_yaml(tmp_path / "c.yaml")  # plain strings: YAML writes them
 
 
 def test_generate_prints_each_tokens_thought_between_markers(workspace, capsys):

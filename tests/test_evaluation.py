@@ -136,6 +136,16 @@ def test_decile_table_groups_tokens_by_base_nll():
     assert rows[-1]["helped_fraction"] == 1.0 and rows[0]["helped_fraction"] == 0.0
 
 
+def test_decile_table_takes_more_tokens_than_torch_quantile_does():
+    base = torch.rand(2**24 + 1, generator=torch.Generator().manual_seed(0))  # torch.quantile's limit is 2**24
+    rows = decile_table(base, base)
+    assert sum(r["tokens"] for r in rows) == base.numel()
+    assert rows[0]["base_nll_from"] == float(base.min()) and rows[-1]["base_nll_to"] == float(base.max())
+    small = torch.rand(1001, generator=torch.Generator().manual_seed(1)).double()
+    expected = torch.quantile(small, torch.linspace(0, 1, 11, dtype=torch.float64)).tolist()
+    assert [r["base_nll_from"] for r in decile_table(small, small)] == pytest.approx(expected[:-1], abs=1e-15)
+
+
 def test_perplexity_report_has_overall_and_ten_decile_rows(model_folder):
     qs = thinking_model(model_folder)
     documents = [torch.randint(0, 60, (70,), generator=torch.Generator().manual_seed(3)), torch.arange(2, 35)]

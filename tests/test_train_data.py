@@ -146,6 +146,13 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert [int(d[0]) for d in split_documents(documents, 0.2, seed=0)[1]] == [int(d[0]) for d in held]
     with pytest.raises(ValueError, match="at least 2 documents"):
         split_documents(docs(3), 0.5, seed=0)
+    train, held = split_documents(docs(3, 4), 0.75, seed=0)  # round(1.5) = 2 would hold out both
+    assert len(train) == 1 and len(held) == 1
+
+
+def test_cropping_without_a_pad_token_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"packing='crop' needs a pad token id \(pad_id\)"):
+        TokenWindows(docs(3), seq_len=4, packing="crop", eos_id=None, pad_id=None, seed=0)
 
 
 def test_a_corpus_shorter_than_one_window_is_an_error():

@@ -138,6 +138,40 @@ def test_only_the_newest_checkpoints_are_kept(workspace, tmp_path):
     assert not list((tmp_path / "run").glob(".checkpoint-*"))
 
 
+def test_a_resumed_run_with_more_steps_takes_its_own_schedule_from_its_first_step(workspace, tmp_path):
+    from quietstar.train.trainer import learning_rate_factor
+
+    options = dict(lr=1e-3, lr_schedule="linear", warmup_steps=0, save_every=2)
+    train(config(workspace, tmp_path / "run", max_steps=2, **options))  # ends its schedule at 0
+    longer = config(workspace, tmp_path / "run", max_steps=6, resume=True, **options)
+    resumed = train(longer)
+    expected = [1e-3 * learning_rate_factor(step, longer) for step in range(2, 6)]
+    assert [r["lr"] for r in resumed] == pytest.approx(expected) and expected[0] > 0
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_runs_checkpoints(workspace, tmp_path):
+    train(config(workspace, tmp_path / "run", max_steps=2, save_every=1))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"out='.*run' already holds checkpoints of a run: pass resume=True"):
+        train(config(workspace, tmp_path / "run", max_steps=1))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # nothing of the old run was touched
+
+
+def test_tensorboard_keeps_the_resumed_checkpoints_own_step(tmp_path, monkeypatch):
+    import types
+
+    from quietstar.train.metrics import MetricsLog
+
+    made = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda log_dir, purge_step=None: made.append(purge_step)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    MetricsLog(tmp_path, resumed_step=2, enabled=True)  # steps 1 and 2 are kept, 3 on dropped
+    MetricsLog(tmp_path, resumed_step=None, enabled=True)  # a fresh run purges nothing
+    assert made == [3, None]
+
+
 def test_resume_refuses_options_that_would_change_the_run(workspace, tmp_path):
     train(config(workspace, tmp_path / "run", max_steps=1))
     with pytest.raises(ValueError, match=r"options changed since it was saved \(lr"):

@@ -158,9 +158,20 @@ def load_checkpoint(
     state = torch.load(path / TRAINER_STATE, weights_only=False)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=full)
     scheduler.load_state_dict(state["scheduler"])
+    _follow_schedule(optimizer, scheduler)
     _restore_rng(torch.load(path / rng_file(group.rank), weights_only=False), generator)
     logger.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
+
+
+def _follow_schedule(optimizer, scheduler) -> None:
+    """Set each parameter group's learning rate to this run's schedule at the restored step.
+    The optimizer's state holds the rate the saved run's schedule gave for its next step; a
+    resumed run may change ``max_steps``, and with it the schedule (the scheduler's lambdas are
+    this run's), so its first step would otherwise take the old rate."""
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def _rng_state(generator: torch.Generator, group: ProcessGroup) -> dict:

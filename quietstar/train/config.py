@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,9 +83,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option that is out of range."""
-        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "keep", "eval_batches", "log_every")
+        self._check_types()
+        positive = ("batch_size", "grad_accum", "max_steps", "keep", "eval_batches", "log_every")
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seq_len", self.seq_len, minimum=2)  # one token predicting the next, at least
         for name in ("warmup_steps", "save_every", "eval_every", "seed", "tokenizer_workers"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("lr", "max_grad_norm", "adam_eps"):
@@ -107,6 +110,22 @@ class TrainConfig:
         if self.eval_data and self.eval_fraction:
             raise ValueError("give eval_data or eval_fraction, not both")
         self.quietstar_config()  # its own checks (thought_tokens, talk_tokens, ...)
+
+    def _check_types(self) -> None:
+        """Paths, switches and file lists of the right kind (a YAML ``resume: "no"`` would be
+        true, ``data: 5`` would fail deep in the run); paths (``os.PathLike``) become strings."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            if f.type == "str" and not isinstance(value, str):
+                if not isinstance(value, os.PathLike):
+                    raise ValueError(f"{f.name} must be a string, got {value!r}")
+                setattr(self, f.name, os.fspath(value))
+            if f.type == "list[str]":
+                if not isinstance(value, list) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+                    raise ValueError(f"{f.name} must be a list of paths, got {value!r}")
+                setattr(self, f.name, [os.fspath(v) for v in value])
 
     def model_checkpointing(self) -> bool | str:
         """``gradient_checkpointing`` as ``QuietStarModel`` takes it."""
@@ -134,6 +153,13 @@ class TrainConfig:
         for name in ("data", "eval_data"):
             if isinstance(clean.get(name), str):
                 clean[name] = [clean[name]]
+        for name, value in clean.items():
+            # YAML 1.1 reads 1e-5 (no dot) as a string: a number written so is still one.
+            if fields[name].type == "float" and isinstance(value, str):
+                try:
+                    clean[name] = float(value)
+                except ValueError:
+                    pass  # validate names the option
         return cls(**clean)
 
     @classmethod

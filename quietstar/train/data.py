@@ -177,13 +177,14 @@ def load_token_documents(
 
 
 def split_documents(documents: list[torch.Tensor], fraction: float, seed: int) -> tuple[list, list]:
-    """``(train, held_out)``: a seeded ``fraction`` of the documents (at least one) held out."""
+    """``(train, held_out)``: a seeded ``fraction`` of the documents held out, at least one and
+    at most all but one (training keeps a document)."""
     if fraction <= 0:
         return documents, []
     if len(documents) < 2:
         raise ValueError(f"eval_fraction={fraction} needs at least 2 documents, the data has {len(documents)}")
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = max(1, round(fraction * len(documents)))
+    held = min(len(documents) - 1, max(1, round(fraction * len(documents))))
     held_out = set(order[:held])
     return [d for i, d in enumerate(documents) if i not in held_out], [d for i, d in enumerate(documents) if i in held_out]
 
@@ -219,10 +220,13 @@ class TokenWindows:
     """
 
     def __init__(
-        self, documents: list[torch.Tensor], seq_len: int, packing: str, eos_id: int | None, pad_id: int, seed: int,
+        self, documents: list[torch.Tensor], seq_len: int, packing: str, eos_id: int | None, pad_id: int | None, seed: int,
         shuffle: bool = True,
     ) -> None:
         self.seq_len, self.packing, self.pad_id, self.seed, self.shuffle = seq_len, packing, pad_id, seed, shuffle
+        if packing == "crop" and pad_id is None:
+            raise ValueError("packing='crop' needs a pad token id (pad_id) to fill short windows; the tokenizer has none: "
+                             "set tokenizer.pad_token, or use packing='pack'")
         if packing == "pack":
             if eos_id is None:
                 raise ValueError("packing='pack' needs the tokenizer's EOS token to separate documents; use packing='crop'")

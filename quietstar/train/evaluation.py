@@ -131,11 +131,20 @@ def next_token_nll(
     return nll_base, (1 - w) * nll_base + w * qs.head_nll(h_talk, targets)
 
 
+def _quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) from one sort, for any number of
+    values: ``torch.quantile`` refuses more than 2**24 (a corpus of about 17M tokens)."""
+    ordered = values.flatten().sort().values
+    position = q.to(ordered.dtype) * (ordered.numel() - 1)
+    low, high = position.floor().long(), position.ceil().long()
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def decile_table(nll_base: torch.Tensor, nll_thinking: torch.Tensor) -> list[dict]:
     """Ten rows, tokens grouped by decile of ``nll_base`` (the last row: the hardest tenth):
     the range, token count, mean NLLs, their difference (positive: thinking helped) and the
     fraction of tokens where thinking lowered the NLL."""
-    edges = torch.quantile(nll_base.double(), torch.linspace(0, 1, DECILES + 1, dtype=torch.float64))
+    edges = _quantiles(nll_base.double(), torch.linspace(0, 1, DECILES + 1, dtype=torch.float64))
     bucket = torch.bucketize(nll_base.double(), edges[1:-1], right=True)
     rows = []
     for d in range(DECILES):

@@ -38,7 +38,10 @@ class MetricsLog:
         except ImportError:
             logger.info("tensorboard is not installed: metrics go to %s only", self.path)
         else:
-            self.tensorboard = SummaryWriter(str(out / "tb"), purge_step=resumed_step)
+            # The checkpoint's own step was written before it was saved and stays in metrics.jsonl:
+            # only the steps after it are dropped.
+            purge = None if resumed_step is None else resumed_step + 1
+            self.tensorboard = SummaryWriter(str(out / "tb"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quietstar.model.loaders import load_quietstar
-from quietstar.model.quietstar_model import QuietStarModel, Targets, policy_positions
+from quietstar.model.quietstar_model import QuietStarModel, Targets
 from quietstar.ops.backends import bf16_matmul_on_cpu
 from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -145,19 +145,18 @@ class Trainer:
             with self._autocast():
                 out = self.module(batch.input_ids, batch.attention_mask, batch.labels, generator=self.generator)
             (out.loss / self.config.grad_accum).backward()
-        return {**self._loss_sums(out), **self._signal_sums(out, batch.labels), "tokens": float(batch.tokens)}
+        return {**self._loss_sums(out), **self._signal_sums(out, batch.labels, batch.attention_mask), "tokens": float(batch.tokens)}
 
     @staticmethod
     def _loss_sums(out) -> dict[str, float]:
         return {name: getattr(out, name).detach().item() for name in ("loss", "nll_loss", "policy_loss")}
 
-    def _signal_sums(self, out, labels: torch.Tensor) -> dict[str, float]:
+    def _signal_sums(self, out, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, float]:
         """Sums and counts of the rewards (at reinforced positions) and mixing weights (at
         scored talk targets)."""
-        talk_tokens = self.qs.config.talk_tokens
-        acting = policy_positions(labels, talk_tokens)[:, None].expand_as(out.rewards)
-        rewards = out.rewards[acting]
-        scored = (Targets.from_labels(labels, talk_tokens).talk != IGNORE_INDEX)[:, None].expand_as(out.mixing_weight)
+        targets = Targets.from_labels(labels, self.qs.config.talk_tokens, attention_mask)
+        rewards = out.rewards[targets.acting[:, None].expand_as(out.rewards)]
+        scored = (targets.talk != IGNORE_INDEX)[:, None].expand_as(out.mixing_weight)
         weights = out.mixing_weight.detach()[scored]
         return {
             "reward_sum": float(rewards.sum()), "reward_positive": float((rewards > 0).sum()), "reward_count": float(rewards.numel()),
@@ -212,7 +211,7 @@ class Trainer:
             batch = self.eval_windows.batch(list(range(start, start + cfg.batch_size))).to(group.device)
             with self._autocast():
                 out = self.module(batch.input_ids, batch.attention_mask, batch.labels, generator=generator)
-            scored = Targets.from_labels(batch.labels, self.qs.config.talk_tokens).base != IGNORE_INDEX
+            scored = Targets.from_labels(batch.labels, self.qs.config.talk_tokens, batch.attention_mask).base != IGNORE_INDEX
             sums["base"] += float(out.nll_base[scored].sum())
             sums["base_count"] += float(scored.sum())
             thinking = out.nll_talk[..., 0][scored[:, None].expand_as(out.nll_talk[..., 0])]
@@ -252,6 +251,13 @@ class Trainer:
         """Run to ``max_steps`` (or until SIGINT/SIGTERM: the step finishes, a checkpoint is
         saved, and the run returns). Returns the records written (train and eval)."""
         cfg, group = self.config, self.group
+        if not cfg.resume and checkpoints.list_checkpoints(self.out):
+            # Before anything is written there: a fresh run's checkpoints would sit among the
+            # old run's, be pruned by step first, and a later --resume would continue the old run.
+            raise ValueError(
+                f"out={str(self.out)!r} already holds checkpoints of a run: pass resume=True (--resume) "
+                "to continue it, or choose another out folder"
+            )
         if group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.write_yaml(self.out / "config.yaml")
