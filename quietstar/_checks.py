@@ -49,3 +49,18 @@ def check_positive_float(name: str, value: object) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Raise ``ValueError`` unless ``value`` is a bool (a string such as ``"no"`` would be true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Raise ``ValueError`` unless ``mask`` holds only 0 and 1 (or is bool): a value such as 0.5
+    would be padding where it is cast to int and a real token where it is cast to bool."""
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens), or be bool")
+    return mask

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import ARCHITECTURES, quietstar_model
@@ -201,3 +203,26 @@ def test_generate_rejects_prompts_it_cannot_embed():
         qs.generate(ids + 97, mask, max_new_tokens=1)
     with pytest.raises(ValueError, match=r"input_ids must be \[B, P\] prompts with B, P >= 1, got \(3, 0\)"):
         qs.generate(ids[:, :0], mask[:, :0], max_new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
+        (dict(return_thoughts=1), "return_thoughts must be True or False, got 1"),
+        (dict(generator=0), "generator must be a torch.Generator or None, got int"),
+    ],
+)
+def test_generate_names_an_option_of_the_wrong_kind(options, message):
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        qs.generate(ids, mask, max_new_tokens=1, **options)
+
+
+def test_an_attention_mask_of_other_values_than_0_and_1_is_refused():
+    qs = make_model()
+    ids, mask = left_padded_prompts()
+    for call in (lambda m: qs.generate(ids, m, max_new_tokens=1), lambda m: qs(ids, m)):
+        with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
+            call(mask.float() * 0.5 + 0.5)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from quietstar._checks import INT_DTYPES, check_int, check_positive_float, check_tensor
+from quietstar._checks import (
+    INT_DTYPES,
+    check_attention_mask,
+    check_bool,
+    check_int,
+    check_positive_float,
+    check_tensor,
+)
 from quietstar.model.attention import decoder_layers
 from quietstar.model.backbone import layer_window, run_backbone
 from quietstar.model.cache import KVCache
@@ -124,6 +131,10 @@ def generate(
     """
     check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
     check_int("max_new_tokens", max_new_tokens, minimum=0)
+    for name, value in (("do_sample", do_sample), ("sample_thoughts", sample_thoughts), ("return_thoughts", return_thoughts)):
+        check_bool(name, value)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     temperature = check_positive_float("temperature", temperature)
     batch, prompt_len = input_ids.shape
     if batch == 0 or prompt_len == 0:
@@ -133,6 +144,7 @@ def generate(
     check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}")
+    check_attention_mask(attention_mask)
     if not bool(attention_mask.bool()[:, -1].all()):
         raise ValueError("attention_mask: generate needs left padding (every row's last prompt token real)")
 

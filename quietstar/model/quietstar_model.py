@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quietstar._checks import INT_DTYPES, check_tensor
+from quietstar._checks import INT_DTYPES, check_attention_mask, check_tensor
 from quietstar.model.attention import autocast_dtype, check_supported, decoder_layers, patch
 from quietstar.model.backbone import run_backbone
 from quietstar.model.cache import KVCache
@@ -80,7 +80,8 @@ def available_memory(device: torch.device) -> int:
 @dataclass
 class QuietStarOutput:
     """What one Quiet-STaR forward returns (``B`` rows, ``L`` positions, ``N`` thoughts,
-    ``T`` thought tokens, ``K`` talk tokens). Per-token terms are 0 where ignored.
+    ``T`` thought tokens, ``K`` talk tokens). The per-token NLLs and rewards are 0 where ignored;
+    the mixing weight is the head's output at every position.
 
     Attributes:
         loss: ``L_nll + policy_weight * L_policy``, scalar.
@@ -722,6 +723,7 @@ class QuietStarModel(nn.Module):
                     f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
+            check_attention_mask(attention_mask)
             if bool(attention_mask.all()):
                 attention_mask = None
         if labels is None:
