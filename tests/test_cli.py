@@ -102,6 +102,9 @@ def test_a_number_yaml_reads_as_a_string_is_still_a_number_and_paths_may_be_path
     config = TrainConfig(model=str(tmp_path), data=[tmp_path / "d.txt"], out=tmp_path / "run")
     assert config.out == str(tmp_path / "run") and config.data == [str(tmp_path / "d.txt")]
     config.write_yaml(tmp_path / "c.yaml")  # plain strings: YAML writes them
+    for text, expected in (("off", "off"), ("on", "on"), ("true", "on"), ("false", "off")):  # YAML 1.1 bools
+        config = TrainConfig.from_dict(yaml.safe_load(f"model: m\ndata: d.txt\nout: o\ngradient_checkpointing: {text}\n"))
+        assert config.gradient_checkpointing == expected
 
 
 def test_generate_prints_each_tokens_thought_between_markers(workspace, capsys):

@@ -96,8 +96,8 @@ def test_a_row_scores_the_same_alone_and_padded_on_either_side(step):
         "right": (torch.cat([ids, pad], 1), torch.cat([torch.ones_like(ids), pad], 1), torch.cat([thoughts, pad_thoughts], 2)),
     }
     for side, (p_ids, p_mask, p_thoughts) in padded.items():
-        if step == "forward":
-            out = qs(p_ids, p_mask, thoughts=p_thoughts)
+        if step == "forward":  # labels that hold the pad tokens too: padding is never a target
+            out = qs(p_ids, p_mask, labels=p_ids, thoughts=p_thoughts)
         else:  # evaluate samples its thoughts: compare what does not depend on them
             out = qs.evaluate(p_ids, p_mask, generator=torch.Generator().manual_seed(0))
             alone = qs.evaluate(ids, generator=torch.Generator().manual_seed(0))

@@ -118,7 +118,8 @@ class QuietStarOutput:
 class Targets:
     """Shifted targets of one batch: base ``[B, L]`` (``x[i+1]``) and talk ``[B, L, K]``
     (``x[i+1+k]``); ignored entries hold ``IGNORE_INDEX``. ``acting [B, L]``: the positions
-    whose thought gets a REINFORCE term (``policy_positions``)."""
+    whose thought gets a REINFORCE term (``policy_positions``, and the position itself real:
+    ``from_labels`` with the mask)."""
 
     base: torch.Tensor
     talk: torch.Tensor
@@ -126,16 +127,19 @@ class Targets:
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, talk_tokens: int, attention_mask: torch.Tensor | None = None) -> Targets:
-        """Targets from ``labels [B, L]``; with ``attention_mask [B, L]``, a padding position
-        predicts nothing and does not act, even where the tokens after it are real (the last
-        left pad before the text): a row scores the same however it is padded."""
+        """Targets from ``labels [B, L]``; with ``attention_mask [B, L]``, padding is never a
+        target, and a padding position predicts nothing and does not act, even where the tokens
+        after it are real (the last left pad before the text): a row scores the same however
+        it is padded, whatever its labels hold at the padding."""
+        real = None if attention_mask is None else attention_mask.bool()
+        if real is not None:
+            labels = labels.masked_fill(~real, IGNORE_INDEX)
         batch, length = labels.shape
         padded = torch.full((batch, length + talk_tokens + 1), IGNORE_INDEX, dtype=torch.long, device=labels.device)
         padded[:, :length] = labels
         talk = torch.stack([padded[:, 1 + k : 1 + k + length] for k in range(talk_tokens)], dim=-1)
         acting = policy_positions(labels, talk_tokens)
-        if attention_mask is not None:
-            real = attention_mask.bool()
+        if real is not None:
             talk = talk.masked_fill(~real[..., None], IGNORE_INDEX)
             acting = acting & real
         return cls(base=talk[..., 0], talk=talk, acting=acting)
@@ -147,7 +151,8 @@ def policy_positions(labels: torch.Tensor, talk_tokens: int) -> torch.Tensor:
     Position ``i`` acts iff the targets ``x[i+1] .. x[i+1+K]`` (its ``K`` talk targets and the
     one after them) are all inside the sequence and not ignored. On a row without padding or
     ignored labels that is exactly the authors' ``i <= L - 2 - K``; with padding, a position
-    acts only if its whole talk window and the next token are real tokens.
+    acts only if its whole talk window and the next token are real tokens (and, through
+    ``Targets.from_labels`` with the mask, the position itself).
     """
     batch, length = labels.shape
     window = talk_tokens + 1
@@ -663,7 +668,7 @@ class QuietStarModel(nn.Module):
                 rewards = rewards - rewards.mean(dim=1, keepdim=True)
             if cfg.clamp_negative_rewards:
                 rewards = rewards.clamp(min=0)
-        acting = targets.acting  # [B, L]: the authors' positions (policy_positions)
+        acting = targets.acting  # [B, L]: the authors' positions (policy_positions), real ones only
         # Rows in the order of the thought logits' columns: [T, B, N, L] (step t produced thought token t).
         h_policy = h_chain[:, :t_len].transpose(0, 1)
         policy_targets = thoughts.permute(3, 0, 1, 2).masked_fill(~acting[None, :, None], IGNORE_INDEX)

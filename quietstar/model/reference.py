@@ -60,6 +60,8 @@ def reference_forward(
     ids = input_ids.repeat_interleave(n, dim=0)
     lab = labels.repeat_interleave(n, dim=0)
     mask = None if attention_mask is None else attention_mask.bool().repeat_interleave(n, dim=0)
+    if mask is not None:  # padding is never a target, whatever the labels hold there
+        lab = lab.masked_fill(~mask, IGNORE_INDEX)
     layout = TreeLayout(length, 1, mask, backend="reference")
     positions = base_positions(mask, rows, length, input_ids.device)
     cache = KVCache()

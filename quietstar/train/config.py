@@ -83,6 +83,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option that is out of range."""
+        if isinstance(self.gradient_checkpointing, bool):  # YAML 1.1 reads on / off / true / false as bools
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         self._check_types()
         positive = ("batch_size", "grad_accum", "max_steps", "keep", "eval_batches", "log_every")
         for name in positive:
@@ -98,8 +100,6 @@ class TrainConfig:
             _check_float(name, value, minimum=0.0)
             if value >= 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if isinstance(self.gradient_checkpointing, bool):  # YAML's true / false
-            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         checks = (("dtype", DTYPES), ("packing", PACKING), ("lr_schedule", LR_SCHEDULES), ("mix", MIX_MODES),
                   ("gradient_checkpointing", CHECKPOINTING))
         for name, allowed in checks:
