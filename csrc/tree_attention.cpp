@@ -19,6 +19,7 @@
 // and grad_v contiguous; query slot j is key slot Sk - Sq + j; lse [B, Hq, Sq*L] (the trunk's:
 // -inf where a query sees no text key).
 
+#include "error_text.h"
 #include "tree_attention.h"
 
 #include <Python.h>
@@ -313,6 +314,10 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(k.size(0) == q.size(0), "k and v must have q's batch size");
   TORCH_CHECK(q.size(2) <= k.size(2), "q must have no more slots than k (its slots are k's last ones)");
   TORCH_CHECK(n_thoughts >= 1, "n_thoughts must be >= 1");
+  // The kernels divide by the batch times KV heads and by the query heads per KV head.
+  TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0 && k.size(1) > 0 && q.size(3) > 0,
+              "q and k must have at least one batch row, head and head dimension, got q ", shape_text(q.sizes()),
+              " and k ", shape_text(k.sizes()));
   Tree t(q.size(0), q.size(1), k.size(1), q.size(2) / slot_len, k.size(2) / slot_len, slot_len, q.size(3),
          n_thoughts, scale);
   t.kv_batch_stride = k.stride(0);

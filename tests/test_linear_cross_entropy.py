@@ -733,6 +733,7 @@ def replace_mix(kw, base=None, w=None):
         (lambda kw: {**kw, "masked_vocab": torch.tensor([1.0])}, "masked_vocab"),
         (lambda kw: {**kw, "masked_vocab": list(range(20)), "targets": torch.full((4,), IGNORE, device=DEVICE)}, "masked_vocab"),
         (lambda kw: {**kw, "ignore_index": -100.0}, "ignore_index"),
+        (lambda kw: {**kw, "ignore_index": 2**70}, "ignore_index must fit in int64"),
         (lambda kw: {**kw, "backend": "cuda"}, "backend"),
     ],
 )

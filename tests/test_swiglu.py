@@ -67,6 +67,9 @@ def test_swiglu_rejects_bad_input_naming_the_argument():
         swiglu(torch.ones(3, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError, match="up must be a torch.Tensor"):
         swiglu(torch.ones(3), [1.0, 2.0, 3.0])
+    for up in (torch.ones(4, 1), torch.ones(3, 6)):  # neither broadcast nor a shape error deep inside
+        with pytest.raises(ValueError, match=r"up must have gate's shape \(4, 6\), got"):
+            swiglu(torch.ones(4, 6), up)
 
 
 @requires_native

@@ -647,6 +647,9 @@ def good_inputs():
         (lambda q, k, v, kw: (q, k, v, {**kw, "backend": "cuda"}), "backend"),
         (lambda q, k, v, kw: (q, k.to("meta"), v, kw), "k must be on"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "known_rows": {}}), "known_rows"),
+        (lambda q, k, v, kw: (q[:0], k[:0], v[:0], kw), r"B, Hq, D >= 1, got \(0, 2, 8, 16\)"),
+        (lambda q, k, v, kw: (q[:, :0], k, v, kw), r"B, Hq, D >= 1, got \(1, 0, 8, 16\)"),
+        (lambda q, k, v, kw: (q[..., :0], k[..., :0], v[..., :0], kw), r"B, Hq, D >= 1, got \(1, 2, 8, 0\)"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(change, argument):
@@ -654,6 +657,19 @@ def test_bad_arguments_raise_value_error_naming_them(change, argument):
     q, k, v, kwargs = change(q, k, v, {"slot_len": 4})
     with pytest.raises(ValueError, match=argument):
         tree_attention(q, k, v, **kwargs)
+
+
+@requires_native
+@pytest.mark.parametrize("q_shape,k_shape", [((0, 2, 8, 16), (0, 1, 12, 16)), ((1, 0, 8, 16), (1, 1, 12, 16))])
+def test_native_kernels_raise_on_an_empty_batch_or_head_axis_instead_of_dividing_by_it(q_shape, k_shape):
+    q, k = torch.zeros(q_shape), torch.zeros(k_shape)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    for call in (
+        lambda: torch.ops.quietstar.tree_attention_trunk_forward_(q, k, k, out, lse, None, 0, 4, 0.25, False),
+        lambda: torch.ops.quietstar.tree_attention_chain_forward_(q, k, k, out, lse, 4, 1, 0.25),
+    ):
+        with pytest.raises(RuntimeError, match=r"at least one batch row, head and head dimension, got q \["):
+            call()
 
 
 @requires_triton

@@ -99,11 +99,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         ``[..., F]`` in the dtype the product promotes to.
 
     Raises:
-        ValueError: a dtype or device that does not fit, naming the argument, or
+        ValueError: a dtype, device or shape that does not fit (``up`` must have ``gate``'s
+            shape), naming the argument, or
             ``backend="native"`` or ``"triton"`` for inputs it does not take.
     """
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
+    if up.shape != gate.shape:  # the kernels read both elementwise; torch would broadcast
+        raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     chosen = elementwise_choice(
         "swiglu",
         backend,

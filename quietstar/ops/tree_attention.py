@@ -65,6 +65,8 @@ def tree_attention(
     check_int("n_thoughts", n_thoughts, minimum=1)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    if batch == 0 or q_heads == 0 or head_dim == 0:
+        raise ValueError(f"q must be [B, Hq, Sq*slot_len, D] with B, Hq, D >= 1, got {tuple(q.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k must be [B={batch}, Hkv, Sk*slot_len, D={head_dim}], got {tuple(k.shape)}")
     if v.shape != k.shape:
