@@ -212,7 +212,9 @@ QUIETSTAR_INLINE void backward_positions(const Tree& t, const ChainBackward<In>&
         for (const int64_t* s2 = first; s2 != last; ++s2) {
           const Acc *k_row = keys.at(*s2, i), *v_row = values.at(*s2, i);
           const int64_t key = grad_base + *s2 * L + i;
-          const Acc prob = std::exp(dot(q_row, k_row, D) * scale - a.lse[r]);
+          Acc score = dot(q_row, k_row, D) * scale;  // rounded, as the forward's scores were
+          keep_rounded(score);
+          const Acc prob = std::exp(score - a.lse[r]);
           const Acc ds = prob * (dot(do_row, v_row, D) - delta) * scale;
           axpy(ds, k_row, dq_row, D);
           axpy(prob, do_row, a.grad_v + key * D, D);

@@ -116,7 +116,8 @@ QUIETSTAR_INLINE float row_max(const float* row, int64_t begin, int64_t end) {
 QUIETSTAR_INLINE float scalar_exp(float x) { return x < -87.3f ? 0.0f : std::exp(x); }
 
 // row[c] = exp(row[c] * scale - shift) for begin <= c < end (0 for a score of -inf: a padded
-// key), 0 for the other c < n; returns the sum.
+// key), 0 for the other c < n; returns the sum. The product is rounded before the subtraction,
+// as the shift (a maximum times scale, or a log-sum-exp from it) was (keep_rounded).
 QUIETSTAR_INLINE float exp_row(float* row, int64_t begin, int64_t end, int64_t n, float scale, float shift) {
   float sum = 0;
   std::fill(row, row + begin, 0.0f);
@@ -125,14 +126,18 @@ QUIETSTAR_INLINE float exp_row(float* row, int64_t begin, int64_t end, int64_t n
   Floats acc = {}, x;
   for (; c + kLanes <= end; c += kLanes) {
     std::memcpy(&x, row + c, sizeof(x));
-    x = vexp(x * scale - shift);
+    Floats product = x * scale;
+    keep_rounded(product);
+    x = vexp(product - shift);
     acc += x;
     std::memcpy(row + c, &x, sizeof(x));
   }
   sum = lane_sum<float, kLanes>(acc);
 #endif
   for (; c < end; ++c) {
-    row[c] = scalar_exp(row[c] * scale - shift);
+    float product = row[c] * scale;
+    keep_rounded(product);
+    row[c] = scalar_exp(product - shift);
     sum += row[c];
   }
   std::fill(row + end, row + n, 0.0f);

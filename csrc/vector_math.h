@@ -66,6 +66,16 @@ constexpr int64_t kLanes = 16;
 
 QUIETSTAR_INLINE Floats splat(float x) { return Floats{} + x; }
 
+// Makes x, a product just computed, be rounded to its type before it is used: the compiler may
+// not fuse it into a following subtraction. An FMA keeps the exact product, so exp(score * scale -
+// max) would get the product's rounding error (up to half an ulp of the score) on top of the
+// true exponent, where max is a rounded product; past scaled scores of about 2^31 that error
+// passes the exponent's range and exp gives inf (then NaN) or 0.
+template <typename T>
+QUIETSTAR_INLINE void keep_rounded(T& x) {
+  asm volatile("" : "+m"(x));
+}
+
 // exp of 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (n rounded through the 1.5 * 2^23 trick),
 // e^r by Cephes's degree-6 polynomial, 2^n written into the exponent bits. Relative error about
 // 2e-7. Inputs above 88.3 give e^88.3; below -87.3 (the result's normal range), -inf included,

@@ -621,6 +621,31 @@ def test_triton_backend_matches_reference_on_random_shapes(group, slot_len, n_k,
     )
 
 
+@requires_native
+def test_native_keeps_the_softmax_finite_where_scaled_scores_pass_2_to_the_31():
+    """At a scaled score of 3.4e9 an exp fused with the product's rounding error gave inf, then
+    NaN; a head size of 2 makes the scale 2 ** -0.5, whose products round."""
+    for c in (1e5, 3e5, 1e6):
+        q, k = torch.tensor([[[[c, c / 3]]]]), torch.tensor([[[[c / 7, c]]]])
+        v = torch.tensor([[[[1.0, 2.0]]]], requires_grad=True)
+        out = tree_attention(q, k, v, 1, backend="native")
+        assert out.tolist() == [[[[1.0, 2.0]]]]
+        out.sum().backward()
+        assert v.grad.tolist() == [[[[1.0, 1.0]]]]
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 18, 16, generator=gen) * 30, torch.randn(1, 1, 24, 16, generator=gen) * 30
+    v = torch.randn(1, 1, 24, 16, generator=gen)
+    grads = {}
+    for backend in ("native", "torch"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = tree_attention(*inputs, 6, n_thoughts=3, scale=1e6, backend=backend)
+        out.square().sum().backward()
+        grads[backend] = (out, inputs[2].grad)
+    assert all(bool(t.isfinite().all()) for t in grads["native"])
+    torch.testing.assert_close(grads["native"][0], grads["torch"][0])
+    torch.testing.assert_close(grads["native"][1], grads["torch"][1], rtol=1e-5, atol=1e-5)
+
+
 # --- argument checking and backend selection -------------------------------------------
 
 
