@@ -64,3 +64,11 @@ def check_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens), or be bool")
     return mask
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Raise ``ValueError`` unless every id of ``ids`` (an integer tensor) is in ``[0, vocab)``;
+    returns them as int64 (the embedding takes int64 or int32 ids only)."""
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"{name} must be token ids in [0, {vocab})")
+    return ids.long()

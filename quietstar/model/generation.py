@@ -22,6 +22,7 @@ from quietstar._checks import (
     check_int,
     check_positive_float,
     check_tensor,
+    check_token_ids,
 )
 from quietstar.model.attention import decoder_layers
 from quietstar.model.backbone import layer_window, run_backbone
@@ -151,9 +152,7 @@ def generate(
     cfg = qs.config
     weight, bias = qs.lm_head
     vocab = weight.shape[0]
-    if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab})")
-    input_ids = input_ids.long()  # the embedding takes int64 (or int32) ids only
+    input_ids = check_token_ids("input_ids", input_ids, vocab)
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
     eos_ids = _token_ids("eos_token_id", eos_token_id, vocab, input_ids.device)

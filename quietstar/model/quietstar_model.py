@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quietstar._checks import INT_DTYPES, check_attention_mask, check_tensor
+from quietstar._checks import INT_DTYPES, check_attention_mask, check_tensor, check_token_ids
 from quietstar.model.attention import autocast_dtype, check_supported, decoder_layers, patch
 from quietstar.model.backbone import run_backbone
 from quietstar.model.cache import KVCache
@@ -718,9 +718,7 @@ class QuietStarModel(nn.Module):
         batch, length = input_ids.shape
         if batch == 0 or length == 0:
             raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got {tuple(input_ids.shape)}")
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+        input_ids = check_token_ids("input_ids", input_ids, self.model.get_input_embeddings().weight.shape[0])
         if attention_mask is not None:
             check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
             if attention_mask.shape != input_ids.shape:
@@ -739,7 +737,7 @@ class QuietStarModel(nn.Module):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
                 )
-        return input_ids.long(), attention_mask, labels.long()  # the embedding takes int64 or int32 ids only
+        return input_ids, attention_mask, labels.long()
 
     def _check_thoughts(self, thoughts: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         """``thoughts`` checked, as int64 (the embedding takes int64 or int32 ids only)."""
@@ -748,12 +746,10 @@ class QuietStarModel(nn.Module):
         expected = (batch, cfg.n_thoughts, length, cfg.thought_tokens)
         if tuple(thoughts.shape) != expected:
             raise ValueError(f"thoughts must be [B, n_thoughts, L, thought_tokens] = {expected}, got {tuple(thoughts.shape)}")
-        vocab = self.lm_head[0].shape[0]
-        if bool(((thoughts < 0) | (thoughts >= vocab)).any()):
-            raise ValueError(f"thoughts must be token ids in [0, {vocab})")
+        thoughts = check_token_ids("thoughts", thoughts, self.lm_head[0].shape[0])
         if self.masked_vocab.numel() and bool(torch.isin(thoughts, self.masked_vocab).any()):
             raise ValueError("thoughts must not contain the meta tokens (<|startthought|>, <|endthought|>)")
-        return thoughts.long()
+        return thoughts
 
 
 # The class's own sampling: the only one whose recorded projections are the tree's (above).

@@ -77,6 +77,14 @@ class Trainer:
             raise ValueError("out: the run needs an output folder")
         self.config = config
         self.out = Path(config.out)
+        if not config.resume and checkpoints.list_checkpoints(self.out):
+            # Before the model loads and anything is written there: a fresh run's checkpoints would
+            # sit among the old run's, be pruned by step first, and a later --resume would continue
+            # the old run.
+            raise ValueError(
+                f"out={str(self.out)!r} already holds checkpoints of a run: pass resume=True (--resume) "
+                "to continue it, or choose another out folder"
+            )
         if config.deterministic:
             # cuBLAS picks its reduction order per workspace; a fixed workspace fixes it.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
@@ -251,13 +259,6 @@ class Trainer:
         """Run to ``max_steps`` (or until SIGINT/SIGTERM: the step finishes, a checkpoint is
         saved, and the run returns). Returns the records written (train and eval)."""
         cfg, group = self.config, self.group
-        if not cfg.resume and checkpoints.list_checkpoints(self.out):
-            # Before anything is written there: a fresh run's checkpoints would sit among the
-            # old run's, be pruned by step first, and a later --resume would continue the old run.
-            raise ValueError(
-                f"out={str(self.out)!r} already holds checkpoints of a run: pass resume=True (--resume) "
-                "to continue it, or choose another out folder"
-            )
         if group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.write_yaml(self.out / "config.yaml")
