@@ -8,6 +8,7 @@ from helpers import tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
 from quietstar import QuietStarConfig, QuietStarModel
+from quietstar.model.loaders import load_quietstar
 
 
 def test_round_trip_keeps_every_weight_and_the_config(tmp_path):
@@ -80,3 +81,21 @@ def test_a_checkpoint_whose_mixing_head_has_a_last_layer_bias_still_loads_and_co
     assert loaded.mixing_head.mlp[-1].bias.item() == 0.25
     base, talk = torch.randn(2, 3, 32).unbind(0)
     torch.testing.assert_close(loaded.mixing_head(base, talk), qs.mixing_head(base, talk) + 0.25)
+
+
+def test_a_bfloat16_folder_loads_in_float32_and_its_cast_model_saves_and_loads_as_float32(tmp_path):
+    # Hub folders store bfloat16, and transformers 5 loads a folder in the dtype it stores:
+    # training would then update bfloat16 weights, whose rounding swallows AdamW's small steps.
+    from helpers import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "hf")
+    AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    assert load_quietstar(folder, dtype=None).meta_embeddings.dtype == torch.bfloat16  # as stored, when asked
+    qs = load_quietstar(folder)
+    assert {p.dtype for p in qs.parameters()} == {torch.float32}
+    # A model loaded as stored and cast up saves the dtype of its weights, not the folder's.
+    cast = load_quietstar(folder, dtype=None).float()
+    cast.save_pretrained(tmp_path / "ckpt")
+    loaded = QuietStarModel.from_pretrained(tmp_path / "ckpt")
+    for name, value in cast.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

@@ -50,6 +50,9 @@ def save_pretrained(qs, directory: str | Path, state_dict: dict[str, torch.Tenso
     config = copy.deepcopy(qs.model.config)
     # The saved config names a standard implementation, so the directory loads anywhere.
     config._attn_implementation = ATTENTION_FOR_SAVING
+    # and the dtype the weights are saved in (the config's may be the one a folder was loaded
+    # in before a cast), which from_pretrained loads them as.
+    config.dtype = next((v.dtype for v in model_state.values() if v.is_floating_point()), config.dtype)
     config.save_pretrained(directory)
     if getattr(qs.model, "generation_config", None) is not None:
         qs.model.generation_config.save_pretrained(directory)

