@@ -90,6 +90,26 @@ def test_token_ids_are_cached_by_content_and_tokenizer(tmp_path, tokenizer):
     assert len(list((cache / "tokens").iterdir())) == 2
 
 
+def test_the_same_bytes_read_as_jsonl_and_as_text_are_cached_apart(tmp_path, tokenizer):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "The quick brown fox."}, {"text": "A lazy dog."}])
+    as_text = tmp_path / "rows.txt"
+    as_text.write_bytes(rows.read_bytes())
+    cache = tmp_path / "cache"
+    assert len(load_token_documents([rows], tokenizer, "text", cache, workers=0)) == 2
+    assert len(load_token_documents([as_text], tokenizer, "text", cache, workers=0)) == 1  # one text document
+
+
+def test_text_holding_a_thought_marker_is_an_error_naming_file_and_line(tmp_path):
+    from quietstar import QuietStarModel
+    from helpers import tiny_causal_lm
+
+    tokenizer = tiny_tokenizer()
+    QuietStarModel(tiny_causal_lm("llama", vocab_size=len(tokenizer) + 2), tokenizer)  # adds the markers
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "plain words"}, {"text": "a <|startthought|> inside"}])
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: the text holds <\|startthought\|>"):
+        load_token_documents([rows], tokenizer, "text", None, workers=0)
+
+
 def test_worker_processes_tokenize_like_this_process(tokenizer, monkeypatch):
     import quietstar.train.data as data
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from quietstar.model.quietstar_model import END_THOUGHT, START_THOUGHT
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 # Below this many characters a corpus is tokenized in-process (starting workers costs more).
 PARALLEL_MIN_CHARS = 1_000_000
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout or what is cached changes
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{description}".encode()).hexdigest()
 
 
+def _thought_marker_ids(tokenizer) -> torch.Tensor:
+    """The ids of the thought markers the tokenizer knows (a ``QuietStarModel`` adds them), int32."""
+    added = tokenizer.get_added_vocab()
+    return torch.tensor([added[t] for t in (START_THOUGHT, END_THOUGHT) if t in added], dtype=torch.int32)
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -150,17 +157,27 @@ def load_token_documents(
     """
     fingerprint = tokenizer_fingerprint(tokenizer)
     cache = None if cache_dir is None else Path(cache_dir) / "tokens"
+    markers = _thought_marker_ids(tokenizer)
     documents = []
     for path in find_files(paths):
-        key = hashlib.sha256(f"{CACHE_FORMAT}\n{fingerprint}\n{text_field}\n".encode() + path.read_bytes()).hexdigest()
+        # How the file is read is part of the key: the same bytes as JSONL and as text are
+        # different documents.
+        how = f"jsonl\n{text_field}" if path.suffix in JSONL_SUFFIXES else "text"
+        key = hashlib.sha256(f"{CACHE_FORMAT}\n{fingerprint}\n{how}\n".encode() + path.read_bytes()).hexdigest()
         cached = None if cache is None else cache / f"{key}.pt"
         if cached is not None and cached.is_file():
             stored = torch.load(cached, weights_only=True)
             documents.extend(stored["ids"].split(stored["lengths"].tolist()))
             logger.info("%s: token ids from the cache", path)
             continue
-        texts = [d.text for d in read_documents(path, text_field)]
-        ids = [torch.tensor(t, dtype=torch.int32) for t in tokenize_texts(texts, tokenizer, workers)]
+        read = read_documents(path, text_field)
+        ids = [torch.tensor(t, dtype=torch.int32) for t in tokenize_texts([d.text for d in read], tokenizer, workers)]
+        for document, tokens in zip(read, ids):
+            if markers.numel() and torch.isin(tokens, markers).any():
+                raise ValueError(
+                    f"{document.origin}: the text holds {START_THOUGHT} or {END_THOUGHT}, which the tokenizer reads as "
+                    "the model's thought markers; they may not appear in training or evaluation text"
+                )
         if cached is not None:
             cache.mkdir(parents=True, exist_ok=True)
             lengths = torch.tensor([len(t) for t in ids], dtype=torch.int64)
