@@ -158,6 +158,27 @@ def test_perplexity_report_has_overall_and_ten_decile_rows(model_folder):
     assert limited["items"] == 3
 
 
+def test_evaluation_leaves_the_model_as_it_was(model_folder):
+    qs = thinking_model(model_folder, n_thoughts=2).train()
+    config = qs.config
+    documents = [torch.randint(0, 60, (40,), generator=torch.Generator().manual_seed(3))]
+    items = [AnswerItem("f:1", "Q: one and one?\nA:", " 2\n"), AnswerItem("f:2", "Q: two and two?\nA:", " 4\n")]
+    first = perplexity(qs, documents, EvalOptions(seq_len=16, thought_tokens=1), progress=False)
+    assert first["thought_tokens"] == 1
+    answer_scores(qs, "gsm8k", items, EvalOptions(thought_tokens=2), progress=False)
+    reward_heatmap(qs, documents[0].tolist(), EvalOptions(seq_len=8, thought_tokens=1))
+    assert qs.config is config and qs.training  # its own config (2 thoughts of 3 tokens) and mode
+    # A later call without a thought length takes the model's own, not the last call's.
+    assert perplexity(qs, documents, EvalOptions(seq_len=16), progress=False)["thought_tokens"] == 3
+
+
+def test_a_report_records_the_batch_size_its_thoughts_were_drawn_in(model_folder):
+    # The thoughts come from one random stream over the batches in turn, so the batch size is
+    # part of what a report's thinking scores depend on.
+    report = perplexity(thinking_model(model_folder), [torch.arange(2, 40)], EvalOptions(seq_len=16, batch_size=3), progress=False)
+    assert report["batch_size"] == 3
+
+
 requires_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data folder at {SHARED_DATA}")
 
 
@@ -185,6 +206,9 @@ def test_csqa_prompt_of_the_first_validation_row():
         ("gsm8k", '{"question": "q", "answer": "42"}', r"bad\.jsonl:2: field 'answer' has no final answer"),
         ("csqa", '{"question": "q", "choices": {"label": ["A"], "text": ["x"]}, "answerKey": "B"}', r"bad\.jsonl:2: field 'answerKey'"),
         ("csqa", '{"question": "q", "choices": {"label": ["A", "B"], "text": ["x"]}, "answerKey": "A"}', r"bad\.jsonl:2: field 'choices'"),
+        ("csqa", '{"question": "q", "choices": {"label": ["A", "B"], "text": ["x", null]}, "answerKey": "A"}', r"bad\.jsonl:2: field 'choices' must hold strings"),
+        ("csqa", '{"question": "q", "choices": {"label": ["A", "A"], "text": ["x", "y"]}, "answerKey": "A"}', r"bad\.jsonl:2: field 'choices' repeats a label"),
+        ("gsm8k", '{"question": "q", "answer": "so #### 18\\nThe answer is 18."}', r"bad\.jsonl:2: field 'answer' must end with its final answer on one line"),
     ],
 )
 def test_bad_rows_are_named_by_file_line_and_field(tmp_path, task, line, message):
@@ -194,6 +218,11 @@ def test_bad_rows_are_named_by_file_line_and_field(tmp_path, task, line, message
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(ValueError, match=message):
         read_items(task, [path])
+
+
+def test_a_folder_of_question_files_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder; give the JSONL file itself"):
+        read_items("gsm8k", [tmp_path])
 
 
 def test_an_empty_question_file_is_an_error(tmp_path):
@@ -254,3 +283,25 @@ def test_quietstar_eval_names_a_bad_option_and_exits_2(model_folder, tmp_path, c
     assert "batch_size" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--model", str(model_folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(["--out", "page.json"], "--out: heatmap writes FILE.html"), (["--out", "page.png"], "--out: heatmap writes FILE.html"),
+     (["--limit", "2", "--out", "page.html"], "--limit: heatmap shows one text")],
+)
+def test_heatmap_refuses_an_out_its_own_files_would_overwrite_and_a_limit(model_folder, tmp_path, capsys, options, message):
+    text = tmp_path / "t.txt"
+    text.write_text("some text to show")
+    options = [str(tmp_path / o) if o.startswith("page.") else o for o in options]
+    assert main(["eval", "heatmap", "--model", str(model_folder), "--data", str(text), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("page.*"))
+
+
+def test_heatmap_makes_the_folder_of_its_page(model_folder, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("some text to show")
+    page = tmp_path / "new" / "folder" / "page.html"
+    assert main(["eval", "heatmap", "--model", str(model_folder), "--data", str(text), "--seq-len", "6", "--out", str(page)]) == 0
+    assert page.read_text().startswith("<") and page.with_suffix(".json").is_file()

@@ -81,8 +81,9 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--thought-tokens", type=int, help="thought length (default: the checkpoint's)")
     evaluate.add_argument("--temperature", type=float, default=DEFAULT_THOUGHT_TEMPERATURE,
                           help=f"sampling temperature of the thought tokens (default: {DEFAULT_THOUGHT_TEMPERATURE}, near greedy)")
-    evaluate.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sequences per forward (default: {defaults.batch_size})")
-    evaluate.add_argument("--limit", type=int, help="score a seeded subset of N items (windows for perplexity; default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                          help=f"sequences per forward (perplexity, gsm8k, csqa; default: {defaults.batch_size})")
+    evaluate.add_argument("--limit", type=int, help="score a seeded subset of N items (windows for perplexity; not heatmap; default: all)")
     evaluate.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the subset and the thoughts (default: {defaults.seed})")
     evaluate.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"tokens per window (perplexity, heatmap; default: {defaults.seq_len})")
     evaluate.add_argument("--text-field", default="text", metavar="NAME", help="the JSONL field of the text (perplexity, heatmap; default: text)")
@@ -163,6 +164,14 @@ def run_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(thought_tokens=args.thought_tokens, temperature=args.temperature, batch_size=args.batch_size,
                           limit=args.limit, seed=args.seed, seq_len=args.seq_len)
     find_files(args.data)  # a bad path fails before the model loads
+    if args.task == "heatmap":
+        if args.limit is not None:
+            raise ValueError("--limit: heatmap shows one text (the first document of --data); leave it out")
+        # The page, its JSON and its PNG share the name: an --out ending in .json or .png would
+        # have the page overwritten by one of them.
+        page = Path(args.out or "heatmap.html")
+        if page.suffix in (".json", ".png"):
+            raise ValueError(f"--out: heatmap writes FILE.html with FILE.png and FILE.json beside it; got {str(page)!r}")
     qs = load_quietstar(args.model)
     if qs.tokenizer is None:
         raise ValueError(f"--model {args.model}: it has no tokenizer to read the data")
@@ -174,7 +183,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from quietstar.train.heatmap import heatmap_html, reward_heatmap, write_heatmap_png
 
         heatmap = reward_heatmap(qs, documents[0].tolist(), options)
-        page = Path(args.out or "heatmap.html")
+        page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(heatmap_html(heatmap), encoding="utf-8")
         page.with_suffix(".json").write_text(json.dumps(heatmap, indent=1), encoding="utf-8")
         write_heatmap_png(heatmap, page.with_suffix(".png"))

@@ -34,6 +34,8 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
             naming the file (and line).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data: {str(path)!r} is a folder; give the JSONL file itself")
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     records = []
@@ -70,6 +72,8 @@ def gsm8k_item(origin: str, record: dict) -> AnswerItem:
     final = solution.split(GSM8K_ANSWER_MARK)[-1].strip()
     if not final:
         raise ValueError(f"{origin}: field 'answer' is empty after {GSM8K_ANSWER_MARK!r}")
+    if "\n" in final:  # text after the final answer would be scored as part of it
+        raise ValueError(f"{origin}: field 'answer' must end with its final answer on one line after {GSM8K_ANSWER_MARK!r}")
     return AnswerItem(origin, f"Q: {question}\nA:", f" {final}\n")
 
 
@@ -81,6 +85,10 @@ def csqa_item(origin: str, record: dict) -> AnswerItem:
     labels, texts = _field(origin, choices, "label", list), _field(origin, choices, "text", list)
     if not labels or len(labels) != len(texts):
         raise ValueError(f"{origin}: field 'choices' needs as many labels as texts (got {len(labels)} and {len(texts)})")
+    if not all(isinstance(x, str) for x in labels + texts):
+        raise ValueError(f"{origin}: field 'choices' must hold strings as labels and texts")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{origin}: field 'choices' repeats a label ({labels})")
     key = _field(origin, record, "answerKey")
     if key not in labels:
         raise ValueError(f"{origin}: field 'answerKey' {key!r} is not one of the choice labels {labels}")

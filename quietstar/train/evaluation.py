@@ -15,10 +15,12 @@ off in the same run. ``docs/evaluation.md`` gives each protocol.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,14 +70,23 @@ class EvalOptions:
         check_int("seq_len", self.seq_len, minimum=2)
 
 
-def thinking_model(qs: QuietStarModel, options: EvalOptions) -> QuietStarModel:
-    """``qs`` set to think once per position with the evaluation's thought length and
-    temperature, rewards unclamped (the raw gain of the thought), in eval mode."""
+@contextlib.contextmanager
+def thinking(qs: QuietStarModel, options: EvalOptions) -> Iterator[QuietStarModel]:
+    """``qs`` set, for the block, to think once per position with the evaluation's thought
+    length and temperature, rewards unclamped (the raw gain of the thought), in eval mode; its
+    config and train/eval mode are restored on exit, so a later call (or training) sees the
+    model as it was."""
     changes = dict(n_thoughts=1, sampling_temperature=options.temperature, clamp_negative_rewards=False)
     if options.thought_tokens is not None:
         changes["thought_tokens"] = options.thought_tokens
-    qs.config = dataclasses.replace(qs.config, **changes)
-    return qs.eval()
+    config, training = qs.config, qs.training
+    qs.config = dataclasses.replace(config, **changes)
+    qs.eval()
+    try:
+        yield qs
+    finally:
+        qs.config = config
+        qs.train(training)
 
 
 def seeded_subset(count: int, limit: int | None, seed: int) -> list[int]:
@@ -174,44 +185,45 @@ def perplexity(qs: QuietStarModel, documents: list[torch.Tensor], options: EvalO
         ``score_thinking`` (mean NLLs, nats), their perplexities, ``helped_fraction`` and
         ``by_decile`` (``decile_table``).
     """
-    qs = thinking_model(qs, options)
-    windows = windows_of(documents, options.seq_len)
-    if not windows:
-        raise ValueError("data: no window of at least two tokens to score")
-    windows = [windows[i] for i in seeded_subset(len(windows), options.limit, options.seed)]
-    device = _device(qs)
-    generator = torch.Generator(device).manual_seed(options.seed)
-    base_parts, thinking_parts = [], []
-    start = time.perf_counter()
-    for first in tqdm(range(0, len(windows), options.batch_size), desc="perplexity", unit="batch", disable=not progress):
-        ids, mask = _pad(windows[first : first + options.batch_size], device)
-        base, thinking = next_token_nll(qs, ids, mask, generator)
-        scored = mask[:, 1:]  # position i is scored when x[i+1] is real
-        base_parts.append(base[scored].float().cpu())
-        thinking_parts.append(thinking[scored].float().cpu())
-    seconds = time.perf_counter() - start
-    nll_base, nll_thinking = torch.cat(base_parts), torch.cat(thinking_parts)
-    return {
-        "task": "perplexity",
-        "items": len(windows),
-        "tokens": int(nll_base.numel()),
-        "score_base": float(nll_base.double().mean()),
-        "score_thinking": float(nll_thinking.double().mean()),
-        "perplexity_base": math.exp(float(nll_base.double().mean())),
-        "perplexity_thinking": math.exp(float(nll_thinking.double().mean())),
-        "helped_fraction": float((nll_thinking < nll_base).double().mean()),
-        "by_decile": decile_table(nll_base, nll_thinking),
-        "seconds": seconds,
-        "tokens_per_s": sum(len(w) for w in windows) / seconds,
-        "seq_len": options.seq_len,
-        **_settings(qs, options),
-    }
+    with thinking(qs, options):
+        windows = windows_of(documents, options.seq_len)
+        if not windows:
+            raise ValueError("data: no window of at least two tokens to score")
+        windows = [windows[i] for i in seeded_subset(len(windows), options.limit, options.seed)]
+        device = _device(qs)
+        generator = torch.Generator(device).manual_seed(options.seed)
+        base_parts, thinking_parts = [], []
+        start = time.perf_counter()
+        batches = range(0, len(windows), options.batch_size)
+        for first in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            ids, mask = _pad(windows[first : first + options.batch_size], device)
+            nll_base, nll_thinking = next_token_nll(qs, ids, mask, generator)
+            scored = mask[:, 1:]  # position i is scored when x[i+1] is real
+            base_parts.append(nll_base[scored].float().cpu())
+            thinking_parts.append(nll_thinking[scored].float().cpu())
+        seconds = time.perf_counter() - start
+        nll_base, nll_thinking = torch.cat(base_parts), torch.cat(thinking_parts)
+        return {
+            "task": "perplexity",
+            "items": len(windows),
+            "tokens": int(nll_base.numel()),
+            "score_base": float(nll_base.double().mean()),
+            "score_thinking": float(nll_thinking.double().mean()),
+            "perplexity_base": math.exp(float(nll_base.double().mean())),
+            "perplexity_thinking": math.exp(float(nll_thinking.double().mean())),
+            "helped_fraction": float((nll_thinking < nll_base).double().mean()),
+            "by_decile": decile_table(nll_base, nll_thinking),
+            "seconds": seconds,
+            "tokens_per_s": sum(len(w) for w in windows) / seconds,
+            "seq_len": options.seq_len,
+            **_settings(qs, options),
+        }
 
 
 def _settings(qs: QuietStarModel, options: EvalOptions) -> dict:
     """The options a report was made with."""
     return {"thought_tokens": qs.config.thought_tokens, "temperature": options.temperature, "seed": options.seed,
-            "limit": options.limit}
+            "limit": options.limit, "batch_size": options.batch_size}
 
 
 # --- zero-shot answers -----------------------------------------------------------------
@@ -288,50 +300,50 @@ def answer_scores(qs: QuietStarModel, task: str, items: list[AnswerItem], option
         raise ValueError("data: no items to score")
     if qs.tokenizer is None:
         raise ValueError("model: it has no tokenizer to read the questions")
-    qs = thinking_model(qs, options)
-    tokenized = [tokenize_item(qs.tokenizer, item) for item in items]
-    vocabulary = answer_vocabulary(tokenized)  # from every item given, whatever the subset
-    chosen = seeded_subset(len(items), options.limit, options.seed)
-    device = _device(qs)
-    generator = torch.Generator(device).manual_seed(options.seed)
-    per_item = []
-    start = time.perf_counter()
-    for first in tqdm(range(0, len(chosen), options.batch_size), desc=task, unit="batch", disable=not progress):
-        batch = [tokenized[i] for i in chosen[first : first + options.batch_size]]
-        ids, mask = _pad([t.ids for t in batch], device)
-        h_base, h_talk, w, _ = qs.next_token_states(ids, mask, generator)
-        rows = torch.tensor([b for b, t in enumerate(batch) for _ in t.answer_positions], device=device)
-        cols = torch.tensor([j - 1 for t in batch for j in t.answer_positions], device=device)  # predicted from j-1
-        gold = torch.tensor([t.ids[j] for t in batch for j in t.answer_positions])
-        gold_column = torch.searchsorted(vocabulary, gold).to(device)
-        logits = _answer_logits(qs, h_base[rows, cols], h_talk[rows, 0, cols], w[rows, 0, cols])
-        logp_base, logp_thinking = (renormalised_log_probs(x, vocabulary) for x in logits)
-        offset = 0
-        for b, t in enumerate(batch):
-            n = len(t.answer_positions)
-            span = slice(offset, offset + n)
-            offset += n
-            record = {"origin": items[chosen[first + b]].origin}
-            for name, logp in (("base", logp_base[span]), ("thinking", logp_thinking[span])):
-                gold_logp = logp.gather(1, gold_column[span, None])[:, 0]
-                record[f"score_{name}"] = float(gold_logp.double().sum().exp())
-                record[f"exact_{name}"] = bool((logp.argmax(-1) == gold_column[span]).all())
-            per_item.append(record)
-    seconds = time.perf_counter() - start
+    with thinking(qs, options):
+        tokenized = [tokenize_item(qs.tokenizer, item) for item in items]
+        vocabulary = answer_vocabulary(tokenized)  # from every item given, whatever the subset
+        chosen = seeded_subset(len(items), options.limit, options.seed)
+        device = _device(qs)
+        generator = torch.Generator(device).manual_seed(options.seed)
+        per_item = []
+        start = time.perf_counter()
+        for first in tqdm(range(0, len(chosen), options.batch_size), desc=task, unit="batch", disable=not progress):
+            batch = [tokenized[i] for i in chosen[first : first + options.batch_size]]
+            ids, mask = _pad([t.ids for t in batch], device)
+            h_base, h_talk, w, _ = qs.next_token_states(ids, mask, generator)
+            rows = torch.tensor([b for b, t in enumerate(batch) for _ in t.answer_positions], device=device)
+            cols = torch.tensor([j - 1 for t in batch for j in t.answer_positions], device=device)  # predicted from j-1
+            gold = torch.tensor([t.ids[j] for t in batch for j in t.answer_positions])
+            gold_column = torch.searchsorted(vocabulary, gold).to(device)
+            logits = _answer_logits(qs, h_base[rows, cols], h_talk[rows, 0, cols], w[rows, 0, cols])
+            logp_base, logp_thinking = (renormalised_log_probs(x, vocabulary) for x in logits)
+            offset = 0
+            for b, t in enumerate(batch):
+                n = len(t.answer_positions)
+                span = slice(offset, offset + n)
+                offset += n
+                record = {"origin": items[chosen[first + b]].origin}
+                for name, logp in (("base", logp_base[span]), ("thinking", logp_thinking[span])):
+                    gold_logp = logp.gather(1, gold_column[span, None])[:, 0]
+                    record[f"score_{name}"] = float(gold_logp.double().sum().exp())
+                    record[f"exact_{name}"] = bool((logp.argmax(-1) == gold_column[span]).all())
+                per_item.append(record)
+        seconds = time.perf_counter() - start
 
-    def mean(key: str) -> float:
-        return sum(float(r[key]) for r in per_item) / len(per_item)
+        def mean(key: str) -> float:
+            return sum(float(r[key]) for r in per_item) / len(per_item)
 
-    return {
-        "task": task,
-        "items": len(per_item),
-        "items_in_data": len(items),
-        "score_base": mean("score_base"),
-        "score_thinking": mean("score_thinking"),
-        "exact_base": mean("exact_base"),
-        "exact_thinking": mean("exact_thinking"),
-        "answer_vocabulary": len(vocabulary),
-        "seconds": seconds,
-        **_settings(qs, options),
-        "per_item": per_item,
-    }
+        return {
+            "task": task,
+            "items": len(per_item),
+            "items_in_data": len(items),
+            "score_base": mean("score_base"),
+            "score_thinking": mean("score_thinking"),
+            "exact_base": mean("exact_base"),
+            "exact_thinking": mean("exact_thinking"),
+            "answer_vocabulary": len(vocabulary),
+            "seconds": seconds,
+            **_settings(qs, options),
+            "per_item": per_item,
+        }

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from quietstar.model.quietstar_model import QuietStarModel
-from quietstar.train.evaluation import EvalOptions, thinking_model
+from quietstar.train.evaluation import EvalOptions, thinking
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +40,21 @@ def reward_heatmap(qs: QuietStarModel, token_ids: list[int], options: EvalOption
     ids = token_ids[: options.seq_len]
     if len(ids) < 2:
         raise ValueError(f"data: the text has {len(ids)} token(s); a heatmap needs at least two")
-    qs = thinking_model(qs, options)
-    device = qs.meta_embeddings.device
-    generator = torch.Generator(device).manual_seed(options.seed)
-    out = qs.evaluate(torch.tensor([ids], device=device), generator=generator)
-    rewards = out.rewards[0, 0].tolist()
-    decode = qs.tokenizer.decode
-    return {
-        "tokens": [decode([t]) for t in ids],
-        "rewards": rewards[:-1] + [None],
-        "thoughts": [decode(t) for t in out.thoughts[0, 0].tolist()],
-        "thought_tokens": qs.config.thought_tokens,
-        "talk_tokens": qs.config.talk_tokens,
-        "temperature": options.temperature,
-        "seed": options.seed,
-    }
+    with thinking(qs, options):
+        device = qs.meta_embeddings.device
+        generator = torch.Generator(device).manual_seed(options.seed)
+        out = qs.evaluate(torch.tensor([ids], device=device), generator=generator)
+        rewards = out.rewards[0, 0].tolist()
+        decode = qs.tokenizer.decode
+        return {
+            "tokens": [decode([t]) for t in ids],
+            "rewards": rewards[:-1] + [None],
+            "thoughts": [decode(t) for t in out.thoughts[0, 0].tolist()],
+            "thought_tokens": qs.config.thought_tokens,
+            "talk_tokens": qs.config.talk_tokens,
+            "temperature": options.temperature,
+            "seed": options.seed,
+        }
 
 
 def _colour(reward: float | None, scale: float) -> tuple[tuple[int, int, int], float]:
