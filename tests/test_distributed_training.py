@@ -107,6 +107,24 @@ def test_more_processes_than_gpus_is_an_error_naming_local_rank(monkeypatch):
         setup("cuda")
 
 
+def test_setup_takes_rank_and_world_from_a_group_the_caller_started(monkeypatch):
+    # torch.multiprocessing.spawn and init_process_group(rank=, world_size=) set no RANK or
+    # WORLD_SIZE: every process used to run as rank 0 of 1 (no gradient sync, the same data).
+    from quietstar.train import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    group = setup("cpu")
+    assert (group.rank, group.world) == (1, 2) and not group.is_main
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"RANK=0 and WORLD_SIZE=2 of the environment disagree"):
+        setup("cpu")
+
+
 # Each process: a step sampling its own thoughts (the projection replay) and the step given
 # those thoughts, through DDP or FSDP2; writes the replays counted and the gradients' error.
 REPLAY_DRIVER = """

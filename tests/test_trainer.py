@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -221,3 +222,53 @@ def test_bf16_autocast_step_matches_float32_at_bf16_precision(workspace, tmp_pat
     full = train(config(workspace, tmp_path / "f32", max_steps=1, save_every=0))
     half = train(config(workspace, tmp_path / "bf16", max_steps=1, save_every=0, dtype="bf16"))
     assert half[0]["nll_loss"] == pytest.approx(full[0]["nll_loss"], rel=2e-2)
+
+
+def test_training_a_checkpoint_keeps_the_thinking_options_the_run_does_not_set(workspace, tmp_path):
+    from quietstar import QuietStarConfig
+    from quietstar.model.loaders import load_quietstar
+
+    saved = QuietStarConfig(thought_tokens=2, talk_tokens=2, clamp_negative_rewards=False, meta_token_scale=10.0)
+    load_quietstar(workspace / "model", saved).save_pretrained(tmp_path / "ckpt")
+    run = Trainer._thinking_options(config(workspace, tmp_path / "run", model=str(tmp_path / "ckpt"), thought_tokens=3))
+    assert (run.clamp_negative_rewards, run.meta_token_scale, run.thought_tokens) == (False, 10.0, 3)
+
+
+def test_large_seeds_derive_generator_seeds_in_range(workspace, tmp_path):
+    # (seed * 1_000_003 + epoch) * 1_000_033 + window passed 64 bits from --seed 2e7 on.
+    records = train(config(workspace, tmp_path / "run", max_steps=1, save_every=0, packing="crop", seed=20240101 * 10**6))
+    assert len(records) == 1 and math.isfinite(records[0]["loss"])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(dict(eval_fraction=0.3), "eval_every is 0, so the held-out data"), (dict(eval_every=2), "eval_every=2 needs held-out data")],
+)
+def test_validation_options_that_would_never_validate_are_errors(workspace, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        config(workspace, tmp_path / "run", **options)
+
+
+def test_a_warm_up_longer_than_the_run_is_logged(workspace, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="quietstar.train.trainer"):
+        train(config(workspace, tmp_path / "run", max_steps=1, warmup_steps=4, save_every=0))
+    assert "warmup_steps=4 is longer than max_steps=1" in caplog.text
+
+
+def test_resuming_past_max_steps_is_an_error_naming_it(workspace, tmp_path):
+    train(config(workspace, tmp_path / "run", max_steps=2, save_every=2))
+    with pytest.raises(ValueError, match=r"max_steps=1: the checkpoint .* is at step 2"):
+        train(config(workspace, tmp_path / "run", max_steps=1, resume=True))
+
+
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume_and_a_bad_one_named(tmp_path, caplog):
+    from quietstar.train.metrics import METRICS_FILE, MetricsLog
+
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsLog(tmp_path, resumed_step=2, enabled=True).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert "cut off" in caplog.text
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
+        MetricsLog(tmp_path, resumed_step=2, enabled=True)

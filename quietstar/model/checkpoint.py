@@ -89,6 +89,11 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def read_quietstar_config(directory: str | Path) -> QuietStarConfig:
+    """The ``QuietStarConfig`` a checkpoint ``directory`` was saved with."""
+    return QuietStarConfig.from_dict(json.loads((Path(directory) / QUIETSTAR_CONFIG).read_text()))
+
+
 def load_pretrained(directory: str | Path, model_class, **model_kwargs):
     """Load a ``QuietStarModel`` that ``save_pretrained`` wrote.
 
@@ -111,8 +116,7 @@ def load_pretrained(directory: str | Path, model_class, **model_kwargs):
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = QuietStarConfig.from_dict(json.loads((directory / QUIETSTAR_CONFIG).read_text()))
-    qs = model_class(model, tokenizer, config)
+    qs = model_class(model, tokenizer, read_quietstar_config(directory))
     state = load_file(str(directory / QUIETSTAR_WEIGHTS), device=str(qs.meta_embeddings.device))
     with torch.no_grad():
         qs.meta_embeddings.copy_(state.pop("meta_embeddings"))

@@ -109,6 +109,12 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.eval_data and self.eval_fraction:
             raise ValueError("give eval_data or eval_fraction, not both")
+        held_out = bool(self.eval_data or self.eval_fraction)
+        if held_out and not self.eval_every:
+            raise ValueError("eval_every is 0, so the held-out data (eval_data or eval_fraction) would never be "
+                             "used (and eval_fraction would only take documents from training): set eval_every")
+        if self.eval_every and not held_out:
+            raise ValueError(f"eval_every={self.eval_every} needs held-out data: give eval_data or eval_fraction")
         self.quietstar_config()  # its own checks (thought_tokens, talk_tokens, ...)
 
     def _check_types(self) -> None:
@@ -131,10 +137,13 @@ class TrainConfig:
         """``gradient_checkpointing`` as ``QuietStarModel`` takes it."""
         return {"auto": "auto", "on": True, "off": False}[self.gradient_checkpointing]
 
-    def quietstar_config(self) -> QuietStarConfig:
-        """The ``QuietStarConfig`` these options describe."""
+    def quietstar_config(self, base: QuietStarConfig | None = None) -> QuietStarConfig:
+        """The ``QuietStarConfig`` these options describe: ``base`` (a checkpoint's own; default:
+        the defaults) with the thinking options this config has (``thought_tokens``, ``mix``, ...);
+        the ones it has none for (``clamp_negative_rewards``, ``meta_token_scale``) stay the
+        base's."""
         names = {f.name for f in dataclasses.fields(QuietStarConfig)}
-        return QuietStarConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return dataclasses.replace(base or QuietStarConfig(), **{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

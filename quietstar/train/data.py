@@ -36,6 +36,9 @@ JSONL_SUFFIXES = (".jsonl",)
 # Below this many characters a corpus is tokenized in-process (starting workers costs more).
 PARALLEL_MIN_CHARS = 1_000_000
 CACHE_FORMAT = 2  # bump when the cached layout or what is cached changes
+# Seeds derived from --seed (per epoch, window, process) are reduced below this: a torch
+# generator takes 64 bits, and seed * 1_000_003 * 1_000_033 passes them from --seed 2e7 on.
+GENERATOR_SEED_MODULUS = 2**63
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,12 @@ def load_token_documents(
     return documents
 
 
+def generator_seed(value: int) -> int:
+    """A seed derived from a run's ``--seed`` as a torch generator takes it (mod
+    ``GENERATOR_SEED_MODULUS``; the seeds of smaller ``--seed`` values stay as they are)."""
+    return value % GENERATOR_SEED_MODULUS
+
+
 def split_documents(documents: list[torch.Tensor], fraction: float, seed: int) -> tuple[list, list]:
     """``(train, held_out)``: a seeded ``fraction`` of the documents held out, at least one and
     at most all but one (training keeps a document)."""
@@ -263,7 +272,7 @@ class TokenWindows:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             if self.shuffle:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                gen = torch.Generator().manual_seed(generator_seed(self.seed * 1_000_003 + epoch))
                 self._orders = {epoch: torch.randperm(len(self), generator=gen).tolist()}
             else:
                 self._orders = {epoch: list(range(len(self)))}
@@ -278,7 +287,7 @@ class TokenWindows:
             return ids, torch.ones_like(ids)
         doc = self.documents[index]
         if len(doc) > self.seq_len:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
+            gen = torch.Generator().manual_seed(generator_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index))
             start = int(torch.randint(0, len(doc) - self.seq_len + 1, (1,), generator=gen))
             doc = doc[start : start + self.seq_len]
         ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.int64)

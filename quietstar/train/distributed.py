@@ -40,7 +40,8 @@ class ProcessGroup:
 
 
 def setup(device: str) -> ProcessGroup:
-    """Join the run ``torchrun`` started (gloo on CPU, NCCL on CUDA), or run alone.
+    """Join the run ``torchrun`` started (gloo on CPU, NCCL on CUDA), or the process group the
+    caller started, or run alone.
 
     Args:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -53,7 +54,14 @@ def setup(device: str) -> ProcessGroup:
         raise ValueError("device='cuda' but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():  # a group the caller started (torch.multiprocessing.spawn, say)
+        if ("RANK" in os.environ or "WORLD_SIZE" in os.environ) and (rank, world) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(
+                f"RANK={rank} and WORLD_SIZE={world} of the environment disagree with the process group already "
+                f"started (rank {dist.get_rank()} of {dist.get_world_size()})"
+            )
+        rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()) if use_cuda else 0))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise ValueError(

@@ -11,6 +11,7 @@ and the schedule advances. A record of the step goes to ``OUT/metrics.jsonl``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -22,14 +23,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from quietstar.model.loaders import load_quietstar
+from quietstar.model.checkpoint import read_quietstar_config
+from quietstar.model.config import QuietStarConfig
+from quietstar.model.loaders import is_quietstar_checkpoint, load_quietstar
 from quietstar.model.quietstar_model import QuietStarModel, Targets
 from quietstar.ops.backends import bf16_matmul_on_cpu
 from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 from quietstar.train import checkpoints
 from quietstar.train.config import TrainConfig
-from quietstar.train.data import Batch, TokenWindows, find_files, load_token_documents, split_documents, step_positions
+from quietstar.train.data import (
+    Batch,
+    TokenWindows,
+    find_files,
+    generator_seed,
+    load_token_documents,
+    split_documents,
+    step_positions,
+)
 from quietstar.train.distributed import ProcessGroup, barrier, broadcast_flag, setup, sum_over_processes, teardown, wrap
 from quietstar.train.metrics import MetricsLog
 
@@ -89,6 +100,10 @@ class Trainer:
             # cuBLAS picks its reduction order per workspace; a fixed workspace fixes it.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         self.group = setup(config.device)
+        if config.warmup_steps > config.max_steps:
+            logger.warning("warmup_steps=%d is longer than max_steps=%d: the rate climbs to %.3g of lr and the %s "
+                           "schedule never starts", config.warmup_steps, config.max_steps,
+                           config.max_steps / config.warmup_steps, config.lr_schedule)
         if config.dtype == "bf16" and self.group.device.type == "cpu" and bf16_matmul_on_cpu() is False:
             logger.warning("dtype=bf16: this CPU has no bfloat16 matrix instructions (a bfloat16 GEMM runs ~100x "
                            "slower than float32 here); use --dtype float32")
@@ -97,7 +112,7 @@ class Trainer:
         if qs is None:
             if not config.model:
                 raise ValueError("model: give a model folder, checkpoint or .gguf file")
-            qs = load_quietstar(config.model, config.quietstar_config())
+            qs = load_quietstar(config.model, self._thinking_options(config))
         if qs.tokenizer is None:
             raise ValueError("model: it has no tokenizer, which the trainer needs to read the data")
         qs.gradient_checkpointing = config.model_checkpointing()
@@ -106,9 +121,23 @@ class Trainer:
         self.module = wrap(self.qs, self.group, config.fsdp)
         self.optimizer = build_optimizer(self.qs, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(step, config))
-        self.generator = torch.Generator(self.group.device).manual_seed(config.seed * 1_000_003 + self.group.rank)
+        self.generator = torch.Generator(self.group.device).manual_seed(generator_seed(config.seed * 1_000_003 + self.group.rank))
         self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
         self._stop_requested = False
+
+    @staticmethod
+    def _thinking_options(config: TrainConfig) -> QuietStarConfig:
+        """The run's ``QuietStarConfig``: a checkpoint's own with the run's options over it (those
+        the options do not cover stay the checkpoint's), else the options over the defaults."""
+        if not is_quietstar_checkpoint(config.model):
+            return config.quietstar_config()
+        saved = read_quietstar_config(config.model)
+        run = config.quietstar_config(saved)
+        changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(run, f.name)!r}"
+                   for f in dataclasses.fields(run) if getattr(saved, f.name) != getattr(run, f.name)]
+        if changed:
+            logger.info("%s: this run's thinking options differ from the checkpoint's: %s", config.model, ", ".join(changed))
+        return run
 
     # --- data --------------------------------------------------------------------------
 
@@ -211,7 +240,7 @@ class Trainer:
         """Mean NLL of the next token on the held-out windows, without thinking (the base
         prediction) and with it (the mixed prediction after a thought), same thoughts every time."""
         cfg, group = self.config, self.group
-        generator = torch.Generator(group.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET + group.rank)
+        generator = torch.Generator(group.device).manual_seed(generator_seed(cfg.seed + EVAL_SEED_OFFSET + group.rank))
         batches = min(cfg.eval_batches, len(self.eval_windows) // (group.world * cfg.batch_size))
         sums = {"base": 0.0, "thinking": 0.0, "base_count": 0.0, "thinking_count": 0.0}
         for index in range(batches):
@@ -265,6 +294,11 @@ class Trainer:
             checkpoints.remove_partial(self.out)
         barrier(group)
         start = self._resume()
+        if start > cfg.max_steps:
+            raise ValueError(f"max_steps={cfg.max_steps}: the checkpoint in {str(self.out)!r} is at step {start} already; "
+                             "give a larger max_steps to continue it")
+        if start == cfg.max_steps:
+            logger.info("the checkpoint in %s is at max_steps=%d: nothing to train", self.out, start)
         log = MetricsLog(self.out, start if cfg.resume else None, enabled=group.is_main)
         # Signals reach only the main thread; a run started elsewhere is stopped by its caller.
         in_main = threading.current_thread() is threading.main_thread()
