@@ -25,7 +25,13 @@ from collections.abc import Callable
 import torch
 
 from quietstar.ops.cpu_caching_allocator import empty_cpu_caching_allocator_cache
-from quietstar.ops.onednn_linear import onednn_linear, onednn_linear_available
+from quietstar.ops.onednn_linear import (
+    mkl_packing_available,
+    onednn_linear,
+    onednn_linear_available,
+    pack_weight,
+    packed_linear,
+)
 
 MIB = 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -166,9 +172,10 @@ def matmul_tflops(
     ``(batch, m, k, n, count)``, ``count`` the times a step runs it (default 1), so the rate
     weighs every shape as the step does. Each shape runs once to warm up, then ``repeats``
     times; the rate is all the step's FLOPs over the sum of the counted per-shape medians.
-    Where the library multiplies through oneDNN (float32 on the CPU, ``onednn_linear``), each
-    shape's time is the faster of ``torch.bmm`` and oneDNN's linear: the floor is the best
-    product this machine offers, not one library's. Inputs are random (zeros can run faster)."""
+    For float32 on the CPU, where the library multiplies through oneDNN (``onednn_linear``) and
+    MKL's packed GEMM (``packed_linear``, the weight packed once, outside the timing), each
+    shape's time is the fastest of ``torch.bmm`` and those two: the floor is the best product
+    this machine offers, not one library's. Inputs are random (zeros can run faster)."""
     gen = torch.Generator(device=device).manual_seed(0)
     flops = seconds = 0.0
     for batch, m, k, n, *count in shapes:
@@ -176,9 +183,13 @@ def matmul_tflops(
         a = torch.randn(batch, m, k, generator=gen, device=device).to(dtype)
         b = torch.randn(batch, k, n, generator=gen, device=device).to(dtype)
         products = [lambda: torch.bmm(a, b)]
-        if batch == 1 and device.type == "cpu" and dtype == torch.float32 and onednn_linear_available():
+        if batch == 1 and device.type == "cpu" and dtype == torch.float32:
             weight = b[0].t().contiguous()  # [n, k]: a linear layer's weight
-            products.append(lambda: onednn_linear(a[0], weight))
+            if onednn_linear_available():
+                products.append(lambda: onednn_linear(a[0], weight))
+            if mkl_packing_available():
+                packed = pack_weight(weight, dtype, m)
+                products.append(lambda: packed_linear(a[0], packed))
         best = math.inf
         for product in products:
             product()

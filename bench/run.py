@@ -200,7 +200,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['peak_mib']:.1f}",
                 f"{r['memory_ratio']:.2f}x" if r.get("memory_ratio") else "-",
                 f"{r['tflops']:.3g}" if r.get("tflops") else "-",
-                f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "-",
+                _fraction(r),
                 f"{r['floor_ratio']:.2f}x" if r.get("floor_ratio") else "-",
                 f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-",
                 r.get("note", ""),
@@ -212,6 +212,14 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fraction(r: dict) -> str:
+    """The "of matmul" cell: a percentage, marked ``*`` when it is against the baseline's rate
+    (measured in another worker, minutes away) rather than one measured beside the variant."""
+    if not r.get("matmul_fraction"):
+        return "-"
+    return f"{100 * r['matmul_fraction']:.0f}%" + ("*" if r.get("matmul_rate_from_baseline") else "")
+
+
 def format_report(title: str, env: dict, sizes: dict, table: str, rates: bool = True) -> str:
     """Markdown page of one run: where it ran, what its rate columns mean (with ``rates``), the
     sizes, the table."""
@@ -221,10 +229,11 @@ def format_report(title: str, env: dict, sizes: dict, table: str, rates: bool = 
         lines.append(f"Measured bfloat16 matmul rate (8192^3, random data): {env['peak_matmul_tflops']:.0f} TFLOP/s.")
     if rates:
         lines.append("TFLOP/s: useful FLOPs (the algorithm's, docs/benchmarks.md) per second; of matmul: that over the "
-                     "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the faster of MKL and "
-                     "oneDNN per shape), measured in the same run: in the baseline's worker and in that of a variant "
-                     "of another dtype, and with --full in every variant's worker, right after each timed run (with "
-                     "--repeats N, the median of the N runs' fractions).")
+                     "rate of the case's own matrix products in the variant's dtype (float32 on CPU: the fastest of MKL, "
+                     "oneDNN and MKL's packed product per shape), measured in the same run: in the baseline's worker and "
+                     "in that of a variant of another dtype, and with --full in every variant's worker, right after each "
+                     "timed run (with --repeats N, the median of the N runs' fractions); * marks a fraction of the "
+                     "baseline's rate, measured in another worker.")
     lines += ["", "Sizes:", ""]
     lines += [f"* `{name}`: `{size}`" for name, size in sizes.items()]
     return "\n".join(lines + ["", table, ""])
@@ -321,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {record['label']} {variant}: {record.get('time_s', record.get('error', record.get('skipped')))}", flush=True)
             matmul = next((r.get("matmul_tflops") for r in results if r["variant"] == case.baseline(device)), None)
             for record in results:
-                record.setdefault("matmul_tflops", matmul)  # the baseline's where the variant measured none
+                if "matmul_tflops" not in record and matmul is not None:  # the baseline's where the variant measured none
+                    record["matmul_tflops"], record["matmul_rate_from_baseline"] = matmul, True
             add_ratios(results, case.baseline(device), floor)
             all_results.extend(results)
             # Written after every size, so a run cut short keeps what it measured.

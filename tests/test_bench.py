@@ -213,6 +213,56 @@ def test_tree_attention_counts_the_pairs_the_tree_rule_makes_visible(query_slots
     assert base == int(visible[..., : size["slot_len"]].sum())
 
 
+def test_tree_attention_counts_twelve_flops_per_visible_pair_forward_and_backward():
+    """4 for the forward's two products, 8 for the backward's four (dV, dP, dQ, dK); recomputing
+    the scores, as a flash backward does, is not the mathematics' work."""
+    from cases import tree_attention
+
+    size = dict(batch=2, n_slots=7, n_thoughts=2, q_heads=3, kv_heads=1, head_dim=4, slot_len=5)
+    base, chain = tree_attention.visible_pairs(size)
+    per_pair_and_dim = 2 * 3 * 4
+    assert tree_attention.useful_flops(size, "native", CPU) == 12 * per_pair_and_dim * (base + chain)
+    assert tree_attention.useful_flops(size, "sdpa-causal", CPU) == 12 * per_pair_and_dim * base
+    assert tree_attention.useful_flops(size, "flex", CPU) == 4 * per_pair_and_dim * (base + chain)  # forward only on CPU
+
+
+def test_linear_cross_entropy_rate_counts_the_three_products_it_counts_as_useful():
+    from cases import linear_cross_entropy
+
+    size = linear_cross_entropy.sizes(CPU, "quick")[0]
+    _, shapes = linear_cross_entropy.matmul_shapes(size, CPU)
+    assert sum(2 * b * m * k * n for b, m, k, n in shapes) == linear_cross_entropy.useful_flops(size, "torch", CPU)
+    assert len({(m, k, n) for _, m, k, n in shapes}) == 3
+
+
+def test_evaluation_counts_the_work_of_its_slots_not_the_whole_tree():
+    from cases import evaluation
+
+    size = evaluation.sizes(CPU, "quick")[0]
+    _, shapes = evaluation.matmul_shapes(size, CPU)
+    assert evaluation.useful_flops(size, "quietstar-eval", CPU) == sum(2 * b * m * k * n * c for b, m, k, n, c in shapes)
+    plain = evaluation.useful_flops(size, "plain-forward", CPU)
+    assert evaluation.useful_flops(size, "quietstar-eval", CPU) < plain * (1 + evaluation.chain_slots(size))
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed products")
+def test_the_float32_cpu_floor_includes_mkls_packed_product(monkeypatch):
+    import measure as measure_module
+
+    calls = []
+    monkeypatch.setattr(measure_module, "packed_linear", lambda x, packed: calls.append(x.shape) or packed_linear(x, packed))
+    assert measure_module.matmul_tflops(CPU, torch.float32, [(1, 8, 16, 32)], repeats=1) > 0
+    assert calls and set(calls) == {torch.Size([8, 16])}
+
+
+def test_a_fraction_of_the_baselines_rate_is_marked():
+    from run import _fraction
+
+    assert _fraction({"matmul_fraction": 0.5}) == "50%"
+    assert _fraction({"matmul_fraction": 0.5, "matmul_rate_from_baseline": True}) == "50%*"
+    assert _fraction({}) == "-"
+
+
 def test_tree_attention_decode_size_runs_forward_on_a_caches_filled_part():
     from cases import tree_attention
 

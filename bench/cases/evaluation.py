@@ -65,12 +65,16 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
-    """A plain forward's ``2 P X + 2 d V X`` over the text; with thinking, ``1 + C`` times that
-    (every chain slot of the tree once, as the floor the target is set against)."""
+    """A plain forward's ``2 P X + 2 d V X`` over the text; with thinking, the products the
+    evaluation's mathematics needs (``matmul_shapes``): the decoder over the text and the
+    ``T + 2`` chain steps up to the end token, the lm_head for the ``T`` draws and the two NLLs.
+    (The target's ``1 + C`` plain forwards is a time bound, not work the pass does: it stops
+    at the end token, ``C - T - 1`` slots short of the tree.)"""
     cfg = MODELS[size["model"]]
+    if variant != "plain-forward":
+        return sum(2.0 * batch * m * k * n * count for batch, m, k, n, count in matmul_shapes(size, device)[1])
     text = tokens(size)
-    plain = 2.0 * decoder_params(size) * text + 2.0 * cfg["hidden_size"] * cfg["vocab_size"] * text
-    return plain if variant == "plain-forward" else plain * (1 + chain_slots(size))
+    return 2.0 * decoder_params(size) * text + 2.0 * cfg["hidden_size"] * cfg["vocab_size"] * text
 
 
 def build(variant: str, s: dict, device: torch.device):

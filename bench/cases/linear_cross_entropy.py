@@ -49,8 +49,10 @@ def label(size: dict) -> str:
 
 
 def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int, int]]]:
-    """The scores' product ``[N, d] x [d, V]``."""
-    return DTYPE[device.type], [(1, size["rows"], size["width"], size["vocab"])]
+    """The three products ``useful_flops`` counts: the scores ``[N, d] x [d, V]`` and their
+    gradients to h, ``[N, V] x [V, d]``, and to W, ``[V, N] x [N, d]``."""
+    rows, width, vocab = size["rows"], size["width"], size["vocab"]
+    return DTYPE[device.type], [(1, rows, width, vocab), (1, rows, vocab, width), (1, vocab, rows, width)]
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:

@@ -126,13 +126,15 @@ def matmul_shapes(size: dict, device: torch.device) -> tuple[torch.dtype, list[t
 
 
 def useful_flops(size: dict, variant: str, device: torch.device) -> float:
-    """Forward 4 and backward 10 FLOPs per visible (query, key) pair and head dim
-    (FlashAttention's convention: 2 and 5 matrix products); the floor has no chain pairs, and
-    FlexAttention on CPU and the decode size run the forward only."""
+    """Forward 4 and backward 8 FLOPs per visible (query, key) pair and head dim: the scores and
+    the output, then the four products of the gradients (dV, dP, dQ, dK). FlashAttention's
+    convention of 14 also counts the backward's recomputation of the scores, which the
+    mathematics does not need. The floor has no chain pairs; FlexAttention on CPU and the
+    decode size run the forward only."""
     base, chain = visible_pairs(size)
     pairs = base if variant == "sdpa-causal" else base + chain
     forward_only = "query_slots" in size or (variant == "flex" and device.type == "cpu")
-    per_pair = 4.0 if forward_only else 14.0
+    per_pair = 4.0 if forward_only else 12.0
     return per_pair * size["batch"] * size["q_heads"] * size["head_dim"] * pairs
 
 
