@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import math
 import re
 import statistics
 import time
@@ -174,8 +173,9 @@ def matmul_tflops(
     times; the rate is all the step's FLOPs over the sum of the counted per-shape medians.
     For float32 on the CPU, where the library multiplies through oneDNN (``onednn_linear``) and
     MKL's packed GEMM (``packed_linear``, the weight packed once, outside the timing), each
-    shape's time is the fastest of ``torch.bmm`` and those two: the floor is the best product
-    this machine offers, not one library's. Inputs are random (zeros can run faster)."""
+    shape's time is that of the fastest of ``torch.bmm`` and those two (picked by one run of
+    each after its warm-up, then timed ``repeats`` times): the floor is the best product this
+    machine offers, not one library's. Inputs are random (zeros can run faster)."""
     gen = torch.Generator(device=device).manual_seed(0)
     flops = seconds = 0.0
     for batch, m, k, n, *count in shapes:
@@ -190,10 +190,12 @@ def matmul_tflops(
             if mkl_packing_available():
                 packed = pack_weight(weight, dtype, m)
                 products.append(lambda: packed_linear(a[0], packed))
-        best = math.inf
+        first_runs = {}
         for product in products:
-            product()
-            best = min(best, statistics.median(_timed_runs(product, device, repeats)[0]))
+            product()  # warm-up
+            first_runs[product] = _timed_runs(product, device, 1)[0][0]
+        fastest = min(first_runs, key=first_runs.get)
+        best = statistics.median(_timed_runs(fastest, device, repeats)[0])
         flops += runs * 2.0 * batch * m * k * n
         seconds += runs * best
     return flops / seconds / 1e12
