@@ -235,14 +235,21 @@ def test_linear_cross_entropy_rate_counts_the_three_products_it_counts_as_useful
     assert len({(m, k, n) for _, m, k, n in shapes}) == 3
 
 
-def test_evaluation_counts_the_work_of_its_slots_not_the_whole_tree():
+@pytest.mark.parametrize("scale", ["quick", "default"])
+def test_evaluation_counts_the_work_of_its_slots_not_the_whole_tree(scale):
+    """The decoder over the text and the T + 2 chain steps up to the end token, the head over
+    the T draws and both NLLs of the L - 1 scored positions: 2 P (text + (T + 2) step) +
+    2 d V (T step + 2 B (L - 1)); not the 1 + C slots of the whole tree."""
     from cases import evaluation
 
-    size = evaluation.sizes(CPU, "quick")[0]
-    _, shapes = evaluation.matmul_shapes(size, CPU)
-    assert evaluation.useful_flops(size, "quietstar-eval", CPU) == sum(2 * b * m * k * n * c for b, m, k, n, c in shapes)
-    plain = evaluation.useful_flops(size, "plain-forward", CPU)
-    assert evaluation.useful_flops(size, "quietstar-eval", CPU) < plain * (1 + evaluation.chain_slots(size))
+    size = evaluation.sizes(CPU, scale)[0]
+    cfg = evaluation.MODELS[size["model"]]
+    text = size["batch"] * size["length"]
+    step = text * size["n_thoughts"]
+    t_len = size["thought_tokens"]
+    by_hand = (2 * evaluation.decoder_params(size) * (text + (t_len + 2) * step)
+               + 2 * cfg["hidden_size"] * cfg["vocab_size"] * (t_len * step + 2 * size["batch"] * (size["length"] - 1)))
+    assert evaluation.useful_flops(size, "quietstar-eval", CPU) == pytest.approx(by_hand, rel=1e-12)
 
 
 @pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed products")

@@ -125,6 +125,51 @@ def test_setup_takes_rank_and_world_from_a_group_the_caller_started(monkeypatch)
         setup("cpu")
 
 
+# Each process: a group started by the caller, a training run in it, then the caller's own
+# collective and destroy (the group is the caller's: the run must leave it as it found it).
+SPAWN_DRIVER = """
+import os
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pathlib import Path
+
+
+def worker(rank, root):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+    from quietstar.train import TrainConfig, train
+    from quietstar.train.trainer import Trainer
+    run = TrainConfig(model=f"{root}/model", data=[f"{root}/corpus.txt"], out=f"{root}/run", cache_dir=f"{root}/cache",
+                      max_steps=1, save_every=0, seq_len=16, grad_accum=1, thought_tokens=2, talk_tokens=2,
+                      n_thoughts=2, warmup_steps=1, tokenizer_workers=0)
+    train(run)
+    trainer = Trainer(run.__class__(**{**run.to_dict(), "out": f"{root}/again"}))
+    seen = (trainer.group.rank, trainer.group.world)
+    trainer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(f"{root}/rank{rank}.txt").write_text(f"{seen[0]} {seen[1]}")
+
+
+if __name__ == "__main__":
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_a_run_in_a_group_the_caller_started_takes_its_ranks_and_leaves_it_to_the_caller(workspace, tmp_path):
+    for name in ("model", "corpus.txt"):
+        (tmp_path / name).symlink_to(workspace / name)
+    driver = tmp_path / "spawn_driver.py"
+    driver.write_text(SPAWN_DRIVER)
+    done = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["0 2", "1 2"]
+
+
 # Each process: a step sampling its own thoughts (the projection replay) and the step given
 # those thoughts, through DDP or FSDP2; writes the replays counted and the gradients' error.
 REPLAY_DRIVER = """

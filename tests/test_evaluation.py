@@ -160,6 +160,7 @@ def test_perplexity_report_has_overall_and_ten_decile_rows(model_folder):
 
 def test_evaluation_leaves_the_model_as_it_was(model_folder):
     qs = thinking_model(model_folder, n_thoughts=2).train()
+    qs.model.eval()  # as load_quietstar leaves a loaded base model: modes differ between modules
     config = qs.config
     documents = [torch.randint(0, 60, (40,), generator=torch.Generator().manual_seed(3))]
     items = [AnswerItem("f:1", "Q: one and one?\nA:", " 2\n"), AnswerItem("f:2", "Q: two and two?\nA:", " 4\n")]
@@ -167,7 +168,7 @@ def test_evaluation_leaves_the_model_as_it_was(model_folder):
     assert first["thought_tokens"] == 1
     answer_scores(qs, "gsm8k", items, EvalOptions(thought_tokens=2), progress=False)
     reward_heatmap(qs, documents[0].tolist(), EvalOptions(seq_len=8, thought_tokens=1))
-    assert qs.config is config and qs.training  # its own config (2 thoughts of 3 tokens) and mode
+    assert qs.config is config and qs.training and not qs.model.training  # its own config (2 thoughts of 3 tokens) and modes
     # A later call without a thought length takes the model's own, not the last call's.
     assert perplexity(qs, documents, EvalOptions(seq_len=16), progress=False)["thought_tokens"] == 3
 

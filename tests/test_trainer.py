@@ -234,6 +234,11 @@ def test_training_a_checkpoint_keeps_the_thinking_options_the_run_does_not_set(w
     assert (run.clamp_negative_rewards, run.meta_token_scale, run.thought_tokens) == (False, 10.0, 3)
 
 
+def test_a_seed_past_64_bits_is_an_error_naming_it(workspace, tmp_path):
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*64"):
+        config(workspace, tmp_path / "run", seed=2**64)
+
+
 def test_large_seeds_derive_generator_seeds_in_range(workspace, tmp_path):
     # (seed * 1_000_003 + epoch) * 1_000_033 + window passed 64 bits from --seed 2e7 on.
     records = train(config(workspace, tmp_path / "run", max_steps=1, save_every=0, packing="crop", seed=20240101 * 10**6))
@@ -242,11 +247,15 @@ def test_large_seeds_derive_generator_seeds_in_range(workspace, tmp_path):
 
 @pytest.mark.parametrize(
     "options,message",
-    [(dict(eval_fraction=0.3), "eval_every is 0, so the held-out data"), (dict(eval_every=2), "eval_every=2 needs held-out data")],
+    [(dict(eval_data="corpus"), "eval_every=0: the held-out data (eval_data or eval_fraction) is never scored; set eval_every"),
+     (dict(eval_every=2), "eval_every=2 but no held-out data")],
 )
-def test_validation_options_that_would_never_validate_are_errors(workspace, tmp_path, options, message):
-    with pytest.raises(ValueError, match=message):
-        config(workspace, tmp_path / "run", **options)
+def test_validation_options_that_would_never_validate_are_logged(workspace, tmp_path, caplog, options, message):
+    if "eval_data" in options:
+        options = {**options, "eval_data": [str(workspace / "corpus.txt")]}
+    with caplog.at_level(logging.WARNING, logger="quietstar.train.trainer"):
+        Trainer(config(workspace, tmp_path / "run", **options)).close()
+    assert message in caplog.text
 
 
 def test_a_warm_up_longer_than_the_run_is_logged(workspace, tmp_path, caplog):

@@ -95,7 +95,7 @@ def load_quietstar(path: str | Path, config=None, dtype: torch.dtype | None = to
         model, tokenizer = load_gguf(path, dtype)
         return QuietStarModel(model, _with_pad_token(tokenizer), config)
     if is_quietstar_checkpoint(path):
-        qs = QuietStarModel.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        qs = QuietStarModel.from_pretrained(path, **_dtype_option(dtype))
         if config is not None and config != qs.config:
             if config.mix != qs.config.mix:
                 raise ValueError(f"{path}: its mixing head was trained with mix={qs.config.mix!r}, not {config.mix!r}")
@@ -109,13 +109,18 @@ def load_quietstar(path: str | Path, config=None, dtype: torch.dtype | None = to
             _with_pad_token(qs.tokenizer)
         return qs
     if path.is_dir() and (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_option(dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
         return QuietStarModel(model, _with_pad_token(tokenizer), config)
     raise ValueError(
         f"model {str(path)!r} is not a QuietStarModel checkpoint, a Hugging Face model folder (config.json) "
         "or a .gguf file"
     )
+
+
+def _dtype_option(dtype) -> dict:
+    """``from_pretrained``'s keyword for ``dtype`` (none: as stored)."""
+    return {} if dtype is None else {"dtype": dtype}
 
 
 def _with_pad_token(tokenizer):

@@ -119,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    qs = load_quietstar(args.model)
+    qs = load_quietstar(args.model, dtype=None)  # as stored: inference needs no float32 master weights
     if args.thought_tokens is not None:
         qs.config = dataclasses.replace(qs.config, thought_tokens=args.thought_tokens)
     if qs.tokenizer is None:
@@ -172,7 +172,7 @@ def run_eval(args: argparse.Namespace) -> int:
         page = Path(args.out or "heatmap.html")
         if page.suffix in (".json", ".png"):
             raise ValueError(f"--out: heatmap writes FILE.html with FILE.png and FILE.json beside it; got {str(page)!r}")
-    qs = load_quietstar(args.model)
+    qs = load_quietstar(args.model, dtype=None)  # as stored: inference needs no float32 master weights
     if qs.tokenizer is None:
         raise ValueError(f"--model {args.model}: it has no tokenizer to read the data")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")

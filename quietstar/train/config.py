@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from quietstar.model.config import MIX_MODES, QuietStarConfig
+from quietstar.train.data import GENERATOR_SEED_MODULUS
 
 DTYPES = ("float32", "bf16")
 PACKING = ("pack", "crop")
@@ -92,6 +93,8 @@ class TrainConfig:
         _check_int("seq_len", self.seq_len, minimum=2)  # one token predicting the next, at least
         for name in ("warmup_steps", "save_every", "eval_every", "seed", "tokenizer_workers"):
             _check_int(name, getattr(self, name), minimum=0)
+        if self.seed >= GENERATOR_SEED_MODULUS:  # torch's generators take 64 bits
+            raise ValueError(f"seed must be below 2**64, got {self.seed}")
         for name in ("lr", "max_grad_norm", "adam_eps"):
             _check_float(name, getattr(self, name), minimum=0.0, strict=True)
         _check_float("weight_decay", self.weight_decay, minimum=0.0)
@@ -109,12 +112,6 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.eval_data and self.eval_fraction:
             raise ValueError("give eval_data or eval_fraction, not both")
-        held_out = bool(self.eval_data or self.eval_fraction)
-        if held_out and not self.eval_every:
-            raise ValueError("eval_every is 0, so the held-out data (eval_data or eval_fraction) would never be "
-                             "used (and eval_fraction would only take documents from training): set eval_every")
-        if self.eval_every and not held_out:
-            raise ValueError(f"eval_every={self.eval_every} needs held-out data: give eval_data or eval_fraction")
         self.quietstar_config()  # its own checks (thought_tokens, talk_tokens, ...)
 
     def _check_types(self) -> None:

@@ -37,8 +37,9 @@ JSONL_SUFFIXES = (".jsonl",)
 PARALLEL_MIN_CHARS = 1_000_000
 CACHE_FORMAT = 2  # bump when the cached layout or what is cached changes
 # Seeds derived from --seed (per epoch, window, process) are reduced below this: a torch
-# generator takes 64 bits, and seed * 1_000_003 * 1_000_033 passes them from --seed 2e7 on.
-GENERATOR_SEED_MODULUS = 2**63
+# generator takes 64 bits, and seed * 1_000_003 * 1_000_033 passes them from --seed 2e7 on
+# (values below it, every seed that worked before, stay as they are).
+GENERATOR_SEED_MODULUS = 2**64
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ def find_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def reads_as_jsonl(path: Path) -> bool:
+    """Whether a file is read as JSONL (a document a line) rather than as one text."""
+    return path.suffix in JSONL_SUFFIXES
+
+
 def read_documents(path: Path, text_field: str) -> list[Document]:
     """The documents of one file.
 
@@ -80,7 +86,7 @@ def read_documents(path: Path, text_field: str) -> list[Document]:
             string ``text_field``, naming the file and line.
     """
     raw = path.read_bytes()
-    if path.suffix not in JSONL_SUFFIXES:
+    if not reads_as_jsonl(path):
         try:
             return [Document(str(path), raw.decode("utf-8"))]
         except UnicodeDecodeError as error:
@@ -165,7 +171,7 @@ def load_token_documents(
     for path in find_files(paths):
         # How the file is read is part of the key: the same bytes as JSONL and as text are
         # different documents.
-        how = f"jsonl\n{text_field}" if path.suffix in JSONL_SUFFIXES else "text"
+        how = f"jsonl\n{text_field}" if reads_as_jsonl(path) else "text"
         key = hashlib.sha256(f"{CACHE_FORMAT}\n{fingerprint}\n{how}\n".encode() + path.read_bytes()).hexdigest()
         cached = None if cache is None else cache / f"{key}.pt"
         if cached is not None and cached.is_file():

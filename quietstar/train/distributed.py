@@ -29,6 +29,9 @@ class ProcessGroup:
     rank: int
     world: int
     device: torch.device
+    # setup() started the group (under torchrun), so the run ends it; a group the caller
+    # started (torch.multiprocessing.spawn, say) stays the caller's to use and destroy.
+    started_here: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +57,8 @@ def setup(device: str) -> ProcessGroup:
         raise ValueError("device='cuda' but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if dist.is_initialized():  # a group the caller started (torch.multiprocessing.spawn, say)
+    callers = dist.is_initialized()
+    if callers:  # a group the caller started (torch.multiprocessing.spawn, say)
         if ("RANK" in os.environ or "WORLD_SIZE" in os.environ) and (rank, world) != (dist.get_rank(), dist.get_world_size()):
             raise ValueError(
                 f"RANK={rank} and WORLD_SIZE={world} of the environment disagree with the process group already "
@@ -72,10 +76,10 @@ def setup(device: str) -> ProcessGroup:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not callers:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         logger.info("process %d of %d on %s", rank, world, where)
-    return ProcessGroup(rank, world, where)
+    return ProcessGroup(rank, world, where, started_here=not callers)
 
 
 def teardown(group: ProcessGroup) -> None:

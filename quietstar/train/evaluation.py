@@ -74,19 +74,20 @@ class EvalOptions:
 def thinking(qs: QuietStarModel, options: EvalOptions) -> Iterator[QuietStarModel]:
     """``qs`` set, for the block, to think once per position with the evaluation's thought
     length and temperature, rewards unclamped (the raw gain of the thought), in eval mode; its
-    config and train/eval mode are restored on exit, so a later call (or training) sees the
-    model as it was."""
+    config and each module's train/eval mode are restored on exit, so a later call (or
+    training) sees the model as it was."""
     changes = dict(n_thoughts=1, sampling_temperature=options.temperature, clamp_negative_rewards=False)
     if options.thought_tokens is not None:
         changes["thought_tokens"] = options.thought_tokens
-    config, training = qs.config, qs.training
+    config, modes = qs.config, {module: module.training for module in qs.modules()}  # a loaded base model is in eval mode
     qs.config = dataclasses.replace(config, **changes)
     qs.eval()
     try:
         yield qs
     finally:
         qs.config = config
-        qs.train(training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def seeded_subset(count: int, limit: int | None, seed: int) -> list[int]:

@@ -88,7 +88,11 @@ class Trainer:
             raise ValueError("out: the run needs an output folder")
         self.config = config
         self.out = Path(config.out)
-        if not config.resume and checkpoints.list_checkpoints(self.out):
+        found = checkpoints.list_checkpoints(self.out)
+        if config.resume and found and found[-1][0] > config.max_steps:
+            raise ValueError(f"max_steps={config.max_steps}: the checkpoint in {str(self.out)!r} is at step {found[-1][0]} "
+                             "already; give a larger max_steps to continue it")
+        if not config.resume and found:
             # Before the model loads and anything is written there: a fresh run's checkpoints would
             # sit among the old run's, be pruned by step first, and a later --resume would continue
             # the old run.
@@ -100,6 +104,14 @@ class Trainer:
             # cuBLAS picks its reduction order per workspace; a fixed workspace fixes it.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         self.group = setup(config.device)
+        # Warnings, not errors: a resumed run may turn validation off (eval_every is free to
+        # change) while its held-out data, which must match the checkpoint's, stays given.
+        held_out = bool(config.eval_data or config.eval_fraction)
+        if held_out and not config.eval_every:
+            logger.warning("eval_every=0: the held-out data (eval_data or eval_fraction) is never scored%s; set "
+                           "eval_every to validate", ", and eval_fraction only takes documents from training" if config.eval_fraction else "")
+        if config.eval_every and not held_out:
+            logger.warning("eval_every=%d but no held-out data (eval_data or eval_fraction): nothing is validated", config.eval_every)
         if config.warmup_steps > config.max_steps:
             logger.warning("warmup_steps=%d is longer than max_steps=%d: the rate climbs to %.3g of lr and the %s "
                            "schedule never starts", config.warmup_steps, config.max_steps,
@@ -294,9 +306,6 @@ class Trainer:
             checkpoints.remove_partial(self.out)
         barrier(group)
         start = self._resume()
-        if start > cfg.max_steps:
-            raise ValueError(f"max_steps={cfg.max_steps}: the checkpoint in {str(self.out)!r} is at step {start} already; "
-                             "give a larger max_steps to continue it")
         if start == cfg.max_steps:
             logger.info("the checkpoint in %s is at max_steps=%d: nothing to train", self.out, start)
         log = MetricsLog(self.out, start if cfg.resume else None, enabled=group.is_main)
@@ -341,9 +350,11 @@ class Trainer:
         return records
 
     def close(self) -> None:
-        """Leave the run's process group; the trainer cannot step after this (``self.qs`` stays)."""
+        """Leave the run's process group (ended where the trainer started it; a group the caller
+        started stays theirs); the trainer cannot step after this (``self.qs`` stays)."""
         self.module = None  # a DDP wrapper holds the group: dropped, teardown can free it
-        teardown(self.group)
+        if self.group.started_here:
+            teardown(self.group)
 
 
 def train(config: TrainConfig, qs: QuietStarModel | None = None) -> list[dict]:
