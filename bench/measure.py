@@ -190,11 +190,15 @@ def matmul_tflops(
             if mkl_packing_available():
                 packed = pack_weight(weight, dtype, m)
                 products.append(lambda: packed_linear(a[0], packed))
-        first_runs = {}
-        for product in products:
-            product()  # warm-up
-            first_runs[product] = _timed_runs(product, device, 1)[0][0]
-        fastest = min(first_runs, key=first_runs.get)
+        fastest = products[0]
+        if len(products) > 1:  # one run of each, after its warm-up, picks the one to time
+            first_runs = {}
+            for product in products:
+                product()
+                first_runs[product] = _timed_runs(product, device, 1)[0][0]
+            fastest = min(first_runs, key=first_runs.get)
+        else:
+            fastest()  # warm-up
         best = statistics.median(_timed_runs(fastest, device, repeats)[0])
         flops += runs * 2.0 * batch * m * k * n
         seconds += runs * best

@@ -70,9 +70,9 @@ def useful_flops(size: dict, variant: str, device: torch.device) -> float:
     ``T + 2`` chain steps up to the end token, the lm_head for the ``T`` draws and the two NLLs.
     (The target's ``1 + C`` plain forwards is a time bound, not work the pass does: it stops
     at the end token, ``C - T - 1`` slots short of the tree.)"""
-    cfg = MODELS[size["model"]]
     if variant != "plain-forward":
         return sum(2.0 * batch * m * k * n * count for batch, m, k, n, count in matmul_shapes(size, device)[1])
+    cfg = MODELS[size["model"]]
     text = tokens(size)
     return 2.0 * decoder_params(size) * text + 2.0 * cfg["hidden_size"] * cfg["vocab_size"] * text
 

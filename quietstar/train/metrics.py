@@ -12,10 +12,10 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def _records(path: Path) -> list[str]:
-    """The record lines of a metrics file; a last line cut off mid-write (a run killed while it
-    appended, a full disk) is dropped with a warning, any other line that is not a JSON object
-    with a step is an error naming the file and line."""
+def _records(path: Path) -> list[tuple[int, str]]:
+    """``(step, line)`` of each record of a metrics file; a last line cut off mid-write (a run
+    killed while it appended, a full disk) is dropped with a warning, any other line that is not
+    a JSON object with a step is an error naming the file and line."""
     lines = [line for line in path.read_text().splitlines() if line]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -28,7 +28,7 @@ def _records(path: Path) -> list[str]:
             raise ValueError(f"{path}:{number}: not a JSON record; fix or remove the line to resume") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}:{number}: a record must be a JSON object with an integer step")
-        records.append(line)
+        records.append((record["step"], line))
     return records
 
 
@@ -51,7 +51,7 @@ class MetricsLog:
         if resumed_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [line for line in _records(self.path) if json.loads(line)["step"] <= resumed_step]
+            kept = [line for step, line in _records(self.path) if step <= resumed_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
