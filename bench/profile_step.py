@@ -49,9 +49,10 @@ from measure import matmul_tflops  # noqa: E402
 from quietstar.ops.cpu_caching_allocator import enable_cpu_caching_allocator  # noqa: E402
 
 # The operators that multiply matrices in a step (PyTorch's, oneDNN's linear, MKL's packed linear).
-PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
+MKL_PACKED_LINEAR = "quietstar::mkl_packed_linear_"
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise", MKL_PACKED_LINEAR)
 # The operators that pack a weight for those products.
-PACKING_OPS = ("mkldnn::_reorder_linear_weight", "mkl::_mkl_reorder_linear_weight")
+PACKING_OPS = ("mkldnn::_reorder_linear_weight", "quietstar::mkl_pack_weight")
 # Shapes listed under the products, those furthest from their rates (either way) first.
 PRODUCT_ROWS = 8
 # The profiler's names of the products' input dtypes.
@@ -66,19 +67,22 @@ def synchronize(device: torch.device) -> None:
 def product_call(name: str, shapes: list[list[int]], dtypes: list[str]) -> tuple[tuple[int, int, int, int], torch.dtype]:
     """``(batch, m, k, n)`` and the dtype of a call of the matrix-product operator ``name``
     (``PRODUCT_OPS``) from the profiler's input shapes and dtypes. oneDNN's linear takes
-    ``x [..., k]`` and ``weight [n, k]``; MKL's packed linear ``x [..., k]``, the packed copy
-    and the plain ``weight [n, k]``; ``addmm`` and ``addmm_`` multiply their second and third
+    ``x [..., k]`` and ``weight [n, k]``; MKL's packed linear ``x [..., k]``, the packed copy,
+    ``n`` and the result ``[..., n]``; ``addmm`` and ``addmm_`` multiply their second and third
     inputs.
 
     Raises:
         ValueError: a dtype the profiler names that ``PROFILER_DTYPES`` does not know.
     """
-    first = 0 if name in ("mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::mm", "aten::bmm") else 1
+    first = 0 if name in ("mkldnn::_linear_pointwise", MKL_PACKED_LINEAR, "aten::mm", "aten::bmm") else 1
     if dtypes[first] not in PROFILER_DTYPES:
         raise ValueError(f"{name}: the profiler's dtype {dtypes[first]!r} is not one of {sorted(PROFILER_DTYPES)}")
     dtype = PROFILER_DTYPES[dtypes[first]]
-    if name in ("mkldnn::_linear_pointwise", "mkl::_mkl_linear"):
-        x, weight = shapes[0], shapes[2 if name == "mkl::_mkl_linear" else 1]
+    if name == MKL_PACKED_LINEAR:
+        x, out = shapes[0], shapes[3]
+        return (1, math.prod(x[:-1]), x[-1], out[-1]), dtype
+    if name == "mkldnn::_linear_pointwise":
+        x, weight = shapes[0], shapes[1]
         return (1, math.prod(x[:-1]), x[-1], weight[0]), dtype
     a, b = shapes[first], shapes[first + 1]
     if name == "aten::bmm":

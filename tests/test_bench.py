@@ -408,7 +408,7 @@ def test_evaluation_matmul_shapes_are_the_passes_next_token_nll_runs():
         ("aten::bmm", lambda a, b: torch.bmm(a.expand(2, 3, 4), b.expand(2, 4, 5)), (2, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous(), None, "none", [], ""), (1, 3, 4, 5)),
         ("mkldnn::_linear_pointwise", lambda a, b: torch.ops.mkldnn._linear_pointwise(a.expand(2, 3, 4), b.t().contiguous(), None, "none", [], ""), (1, 6, 4, 5)),
-        ("mkl::_mkl_linear", lambda a, b: mkl_packed_linear(a.expand(2, 3, 4), b.t().contiguous()), (1, 6, 4, 5)),  # flattened first
+        ("quietstar::mkl_packed_linear_", lambda a, b: mkl_packed_linear(a.expand(2, 3, 4), b.t().contiguous()), (1, 6, 4, 5)),
     ],
     ids=["mm", "addmm", "addmm_", "bmm", "onednn-linear", "onednn-linear-3d", "mkl-packed-linear"],
 )
@@ -418,7 +418,7 @@ def test_profile_step_reads_each_products_shape_and_dtype_from_the_profiler(name
 
     if name.startswith("mkldnn") and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         pytest.skip("this torch has no oneDNN linear op")
-    if name.startswith("mkl::") and (dtype != torch.float32 or not mkl_packing_available()):
+    if name.startswith("quietstar::mkl") and (dtype != torch.float32 or not mkl_packing_available()):
         pytest.skip("MKL's packed linear multiplies float32, in a torch that has it")
     if name.startswith("mkldnn") and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU's oneDNN has no bfloat16 linear")

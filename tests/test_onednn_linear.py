@@ -169,12 +169,49 @@ def test_a_packed_weight_multiplies_as_torch_linear_in_either_layout(bias, layou
     x, weight = randn(2, 7, 40, seed=18), randn(24, 40, seed=19)
     b = randn(24, seed=20) if bias else None
     packed = packed_float32(weight, 14, layout)
-    assert packed.tensor.is_mkldnn and (packed.weight is not None) == (layout == "mkl")
+    assert packed.mkl == (layout == "mkl") and packed.tensor.is_mkldnn != packed.mkl
     for rows in (x, x[:1, :3], x[:, 0]):
         out = packed_linear(rows, packed, b)
         assert out.shape == (*rows.shape[:-1], 24) and out.dtype == torch.float32
         assert out._base is None  # holds its storage alone, as _onednn_product's result
         assert relative_error(out, F.linear(rows, weight, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["onednn", "mkl"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_product_is_written_into_the_rows_it_is_given(bias, layout):
+    """``out``: rows of a larger tensor (row stride past the output's width); nothing around them
+    changes, and ``out`` itself is returned."""
+    if not (mkl_packing_available() if layout == "mkl" else onednn_packing_available()):
+        pytest.skip(f"this torch cannot pack weights for {layout}")
+    x, weight = randn(2, 5, 40, seed=31), randn(24, 40, seed=32)
+    b = randn(24, seed=33) if bias else None
+    packed = packed_float32(weight, 5, layout)
+    larger = torch.zeros(2, 9, 30)
+    out = larger[:, 2:7, 3:27]
+    assert packed_linear(x, packed, b, out=out) is out
+    assert relative_error(out, F.linear(x, weight, b)) <= 1e-6
+    out.zero_()
+    assert torch.count_nonzero(larger) == 0  # nothing written outside out
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 23), torch.float32), ((2, 4, 24), torch.float32), ((2, 5, 24), torch.float64)])
+def test_packed_linear_refuses_an_out_of_another_shape_or_dtype(shape, dtype):
+    if not (mkl_packing_available() or onednn_packing_available()):
+        pytest.skip("this torch cannot pack weights")
+    packed = packed_float32(randn(24, 40, seed=34), 5, "mkl" if mkl_packing_available() else "onednn")
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 5, 24\) and dtype torch.float32"):
+        packed_linear(randn(2, 5, 40), packed, out=torch.zeros(shape, dtype=dtype))
+
+
+@requires_mkl_packing
+def test_the_native_mkl_product_refuses_a_packed_copy_of_another_weights_shape():
+    """MKL would read past a packed copy smaller than the weight it is told of."""
+    packed = pack_weight(randn(24, 40, seed=35), torch.float32, 5)
+    with pytest.raises(RuntimeError, match=r"packed must be mkl_pack_weight's copy of a \[96, 40\] weight"):
+        torch.ops.quietstar.mkl_packed_linear_(randn(5, 40), packed.tensor, 96, torch.empty(5, 96))
+    with pytest.raises(RuntimeError, match="out's rows must be contiguous"):
+        torch.ops.quietstar.mkl_packed_linear_(randn(5, 40), packed.tensor, 24, torch.empty(24, 5).t())
 
 
 @requires_mkl_packing
@@ -202,7 +239,7 @@ def test_mkl_packed_copies_are_not_held_by_the_cpu_caching_allocator():
         if not enabled:
             pytest.skip("the CPU caching allocator is not built")
         before = cpu_caching_allocator_stats()
-        unbypassed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 8)  # the same copy, unbypassed
+        unbypassed = torch.ops.quietstar.mkl_pack_weight(weight, 8)  # the same copy, unbypassed
         assert cpu_caching_allocator_stats().live_bytes > before.live_bytes  # the allocator serves it
         del unbypassed
         before = cpu_caching_allocator_stats()
@@ -256,7 +293,7 @@ def test_mkl_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog
     real = onednn_module.packed_linear
     # right at the row count packed for, wrong at any other: what mkl_packing_available checks
     monkeypatch.setattr(
-        onednn_module, "packed_linear", lambda x, packed, bias=None: real(x, packed, bias) * (1 if x.shape[0] == 32 else 0)
+        onednn_module, "packed_linear", lambda x, packed, bias=None, out=None: real(x, packed, bias, out=out).mul_(1 if x.shape[0] == 32 else 0)
     )
     monkeypatch.setattr(onednn_module, "intel_cpu", lambda: True)
     with caplog.at_level("INFO", logger="quietstar.ops.onednn_linear"):

@@ -81,6 +81,35 @@ def test_a_projection_not_called_while_recording_computes_as_usual():
         torch.testing.assert_close(first(x), nn.functional.linear(x, first.weight, first.bias))
 
 
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch cannot pack float32 weights for MKL")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_packed_products_are_written_straight_into_the_record_and_replayed_into_it(monkeypatch, batch):
+    """On an Intel CPU the sampling pass's products land in the record's rows with no copy (what
+    the projection returns is those rows), a call past the record's rows is computed and not
+    kept, and the tree pass's remaining rows are written after the recorded ones."""
+    monkeypatch.setattr(onednn_module, "intel_cpu", lambda: True)
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24)
+    x = torch.randn(batch, 9, 16)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    with torch.no_grad(), recording_projections(linear, total_rows=9) as record:
+        outs = [linear(x[:, :3]), linear(x[:, 3:6])]
+    buffer = record.buffers[linear]
+    for out, start in zip(outs, (0, 3)):
+        assert out.data_ptr() == buffer[:, start].data_ptr() and out.stride() == buffer[:, start : start + 3].stride()
+        torch.testing.assert_close(out, expected[:, start : start + 3])
+    assert record.rows() == 6
+    with replaying_projections(record):
+        out = linear(x)
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(out, expected)
+    with torch.no_grad(), recording_projections(linear, total_rows=4) as record:
+        linear(x[:, :3])
+        past = linear(x[:, 3:6])  # beyond the record's 4 rows: computed, not kept
+    torch.testing.assert_close(past, expected[:, 3:6])
+    assert record.rows() is None
+
+
 def test_a_record_with_more_rows_than_the_tree_is_not_replayable():
     linear = nn.Linear(4, 6)
     record = record_and_replay(linear, [torch.randn(1, 5, 4), torch.randn(1, 5, 4)], total_rows=9)
@@ -444,9 +473,9 @@ def count_packed_products(monkeypatch) -> list[tuple[int, torch.dtype]]:
     calls = []
     product = projection_replay.packed_linear
 
-    def counted(x, packed, bias=None):
+    def counted(x, packed, bias=None, *, out=None):
         calls.append((x.shape[-2], packed.dtype))
-        return product(x, packed, bias)
+        return product(x, packed, bias, out=out)
 
     monkeypatch.setattr(projection_replay, "packed_linear", counted)
     return calls

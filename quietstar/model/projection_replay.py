@@ -81,29 +81,38 @@ class ProjectionRecord:
             if isinstance(module, QuietStarAttention)
         }
 
-    def keep(self, module: nn.Linear, output: torch.Tensor) -> None:
-        """Write ``output [B, tokens, out]`` after the rows ``module`` has so far."""
-        start, rows = self.filled[module], output.shape[-2]
-        buffer = self.buffers.get(module)
-        if buffer is None:
-            buffer = output.new_empty(*output.shape[:-2], self.total_rows, output.shape[-1])
-            self.buffers[module] = buffer
-        if start + rows > self.total_rows or buffer.shape[:-2] != output.shape[:-2]:
-            self.overflow = True
-            return
-        buffer[..., start : start + rows, :] = output
-        self.filled[module] = start + rows
-
-    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``module``'s product on ``x [..., in]``: from its packed weight where packing applies
-        (``packed_product_dtype``; packed at its first call here), else ``onednn_linear``."""
-        dtype = packed_product_dtype(x, module.weight, module.bias)
+    def project(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``module``'s product on ``x [B, tokens, in]``, kept after the rows ``module`` has so
+        far: from its packed weight where packing applies (``packed_product_dtype``; packed at
+        its first call here), written straight into the record and returned as those rows;
+        else ``onednn_linear``'s product, copied into the record."""
+        weight, bias = module.weight, module.bias
+        dtype = packed_product_dtype(x, weight, bias)
         if dtype is None:
-            return onednn_linear(x, module.weight, module.bias)
+            out = onednn_linear(x, weight, bias)
+            rows = self._next_rows(module, out.shape[:-1], out.shape[-1], out.dtype)
+            if rows is not None:
+                rows.copy_(out.detach())
+            return out
         packed = self.packed.get(module)
         if packed is None or packed.dtype != dtype:
-            packed = self.packed[module] = pack_weight(module.weight, dtype, x.numel() // x.shape[-1])
-        return packed_linear(x, packed, module.bias)
+            packed = self.packed[module] = pack_weight(weight, dtype, x.numel() // x.shape[-1])
+        rows = self._next_rows(module, x.shape[:-1], packed.out_features, dtype)
+        return packed_linear(x, packed, bias, out=rows)
+
+    def _next_rows(self, module: nn.Linear, shape: torch.Size, features: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The record's next rows of ``module`` for an output ``[*shape, features]`` (``shape``:
+        ``[B, tokens]``), taken; None (and nothing is replayed) where they do not fit."""
+        start, rows = self.filled[module], shape[-1]
+        buffer = self.buffers.get(module)
+        if buffer is None:
+            buffer = torch.empty(*shape[:-1], self.total_rows, features, dtype=dtype, device=module.weight.device)
+            self.buffers[module] = buffer
+        if start + rows > self.total_rows or buffer.shape[:-2] != shape[:-1] or buffer.dtype != dtype:
+            self.overflow = True
+            return None
+        self.filled[module] = start + rows
+        return buffer[..., start : start + rows, :]
 
     def rows(self) -> int | None:
         """Rows recorded per module called (the same for each), or None if they were not all
@@ -177,17 +186,15 @@ def _attention_rows(rows: dict[QuietStarAttention, TreeAttentionRows]) -> Iterat
 
 
 class _RecordingForward:
-    """A projection's forward that computes ``linear(x)`` (``ProjectionRecord.linear``) and keeps
-    the result in the record."""
+    """A projection's forward that computes ``linear(x)`` and keeps the result in the record
+    (``ProjectionRecord.project``)."""
 
     def __init__(self, module: nn.Linear, record: ProjectionRecord) -> None:
         self.module = module
         self.record = record
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.record.linear(self.module, x)
-        self.record.keep(self.module, out.detach())
-        return out
+        return self.record.project(self.module, x)
 
 
 class _ReplayedForward:
@@ -231,7 +238,7 @@ class ReplayedLinear(torch.autograd.Function):
         buffer, rows, dtype, packed = recorded
         rest = x[..., rows:, :]
         if packed is not None and packed_product_dtype(rest, weight, bias) == packed.dtype:
-            buffer[..., rows:, :] = packed_linear(rest, packed, bias)
+            packed_linear(rest, packed, bias, out=buffer[..., rows:, :])
         else:
             buffer[..., rows:, :] = onednn_linear(rest, weight, bias)
         ctx.save_for_backward(x.to(dtype), weight)

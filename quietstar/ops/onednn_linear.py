@@ -26,14 +26,19 @@ peak memory 84 MiB lower (2-core AMD EPYC with AVX-512 BF16, docs/benchmarks.md)
 the packed copy is extra (424 MB at that size): on that AMD EPYC, packed for oneDNN, it raised
 the step's peak by 365 MiB (14%) for 1.3% of its time in the fifth session's measurement, and
 oneDNN's plain products ran within 3-4% of their rates there. On an Intel CPU (``intel_cpu``)
-float32 weights are packed with MKL's packed GEMM (``torch.ops.mkl._mkl_reorder_linear_weight``
-and ``_mkl_linear``): on a 2-core Intel Xeon (Cascade Lake), where each of the sampling pass's
-products reads its weight from memory, oneDNN's plain linear ran those 128-row products at
-128-174 GFLOP/s and MKL's packed one at 198-248 (the faster of two runs), the sampling pass's
-products ran 1.2-1.7x faster with the packing included, five pairs of training steps 1.01-1.12x,
-and the step's peak memory stayed at 2,780 MiB (docs/benchmarks.md). MKL asks for 4-21x a
-weight's size for its packed copy and writes only about the weight's share, so those copies are
-allocated past quietstar's CPU caching allocator (whose cache could hand such a block to a
+float32 weights are packed with MKL's packed GEMM, which quietstar's native extension calls
+directly (``torch.ops.quietstar.mkl_pack_weight`` and ``mkl_packed_linear_``, the MKL functions
+PyTorch's own ``mkl::_mkl_linear`` calls): on a 2-core Intel Xeon (Cascade Lake), where each of
+the sampling pass's products reads its weight from memory, oneDNN's plain linear ran those
+128-row products at 128-174 GFLOP/s and MKL's packed one at 198-248 (the faster of two runs),
+the sampling pass's products ran 1.2-1.7x faster with the packing included, five pairs of
+training steps 1.01-1.12x, and the step's peak memory stayed at 2,780 MiB (docs/benchmarks.md).
+``packed_linear`` writes such a product straight into rows the caller gives (``out``): the
+sampling's products go into the projection record without a copy: on that Xeon the recording
+sampling pass ran a median 1.04x faster (twelve pairs in one process) and a process of three
+steps peaked 23 MiB lower (docs/benchmarks.md). MKL asks for 4-21x a
+weight's size for its packed copy and writes only about the weight's share, so those copies
+are allocated past quietstar's CPU caching allocator (whose cache could hand such a block to a
 tensor that fills it).
 """
 
@@ -50,6 +55,7 @@ import torch.nn.functional as F
 
 from quietstar.ops.backends import fast_half_matmul, intel_cpu, records_gradient
 from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator_bypassed
+from quietstar.ops.native import native_unavailable
 
 NO_ONEDNN_ENV_VAR = "QUIETSTAR_NO_ONEDNN"
 
@@ -136,13 +142,13 @@ def onednn_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.
 
 class PackedWeight(NamedTuple):
     """A linear weight ``[out, in]`` packed for products in ``dtype`` (``pack_weight``): in
-    oneDNN's blocked layout (bfloat16), or MKL's packed layout with the plain ``weight`` it came
-    from, which MKL's op also takes (float32); only ``packed_linear`` reads it."""
+    oneDNN's blocked layout (bfloat16), or in MKL's packed layout (float32, ``mkl``); only
+    ``packed_linear`` reads it."""
 
     tensor: torch.Tensor
     dtype: torch.dtype
     out_features: int
-    weight: torch.Tensor | None = None  # the float32 weight MKL's packed copy came from
+    mkl: bool = False  # MKL's layout (quietstar's native op packed it), else oneDNN's
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,31 +174,37 @@ def onednn_packing_available() -> bool:
 
 def _mkl_packing_computes_right() -> bool:
     """A weight packed by MKL for one row count multiplies right at fewer and more rows, with and
-    without a bias, at sizes past MKL's small-matrix path. ``packed_linear`` relies on it: PyTorch's
-    op multiplies from the packed copy only at the row count it is told, and is told each call's
-    own (MKL's documentation neither promises nor rules out that a packed B serves any row count;
-    the packed copy's size does not depend on it)."""
+    without a bias, at sizes past MKL's small-matrix path, into a fresh result and into rows of a
+    larger tensor. ``packed_linear`` relies on it (MKL's documentation neither promises nor rules
+    out that a packed B serves any row count; the packed copy's size does not depend on it)."""
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(192, 160, generator=generator), torch.randn(192, generator=generator)
     packed = pack_weight(weight, torch.float32, 32)
     for rows in (1, 31, 200):
         x = torch.randn(rows, 160, generator=generator)
+        into = torch.zeros(rows + 2, 200)[1 : rows + 1, 4:196]
         for b in (None, bias):
-            if not torch.allclose(packed_linear(x, packed, b), F.linear(x, weight, b), rtol=1e-4, atol=1e-4):
+            expected = F.linear(x, weight, b)
+            if not torch.allclose(packed_linear(x, packed, b), expected, rtol=1e-4, atol=1e-4):
+                return False
+            if not torch.allclose(packed_linear(x, packed, b, out=into), expected, rtol=1e-4, atol=1e-4):
                 return False
     return True
 
 
 @functools.lru_cache(maxsize=None)
 def mkl_packing_available() -> bool:
-    """Whether float32 weights can be packed with MKL's packed GEMM: this torch has its two ops
-    (x86 builds with MKL), ``QUIETSTAR_NO_ONEDNN`` is not ``1`` (it keeps every product
-    PyTorch's own, unpacked), and a packed weight multiplies right at other row counts than it
-    was packed for (``_mkl_packing_computes_right``). The first call logs why not."""
+    """Whether float32 weights can be packed with MKL's packed GEMM: quietstar's native
+    extension is loaded and this torch exports MKL's packed GEMM (x86 builds with MKL),
+    ``QUIETSTAR_NO_ONEDNN`` is not ``1`` (it keeps every product PyTorch's own, unpacked), and a
+    packed weight multiplies right at other row counts than it was packed for
+    (``_mkl_packing_computes_right``). The first call logs why not."""
     if os.environ.get(NO_ONEDNN_ENV_VAR) == "1":
         reason = f"{NO_ONEDNN_ENV_VAR}=1"
-    elif not all(hasattr(torch.ops.mkl, op) for op in ("_mkl_reorder_linear_weight", "_mkl_linear")):
-        reason = "this torch has no MKL packed linear ops"
+    elif native_unavailable() is not None:
+        reason = f"quietstar's native kernels are unavailable ({native_unavailable()})"
+    elif not torch.ops.quietstar.mkl_packed_gemm_available():
+        reason = "this torch does not export MKL's packed GEMM"
     else:
         reason = _first_use_failure(lambda *_: _mkl_packing_computes_right(), "MKL packed products")
         if reason is None:
@@ -228,21 +240,35 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> PackedWe
         weight = weight.detach()
         if dtype == torch.float32:
             with cpu_caching_allocator_bypassed():
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-            return PackedWeight(packed, dtype, weight.shape[0], weight)
+                packed = torch.ops.quietstar.mkl_pack_weight(weight, max(rows, 1))
+            return PackedWeight(packed, dtype, weight.shape[0], mkl=True)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows)
     return PackedWeight(packed, dtype, weight.shape[0])
 
 
-def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` from the packed weight: ``x [..., in]`` (cast to the packed
-    dtype) -> ``[..., out]`` in that dtype. No autograd."""
+    dtype) -> ``[..., out]`` in that dtype, written into ``out`` when given (``x``'s leading
+    shape and ``out_features``, the packed dtype, contiguous rows: rows of a larger tensor, say;
+    MKL's products are written there directly) and then ``out`` itself. No autograd."""
     bias = None if bias is None else bias.detach().to(packed.dtype).contiguous()  # read as contiguous
-    flat = x.reshape(-1, x.shape[-1]).to(packed.dtype)
-    if packed.weight is not None:  # MKL's layout (float32); oneDNN's has no weight beside it
-        # This call's own row count: PyTorch's op multiplies from the packed copy only at the
-        # count it is told, and MKL's packed B serves any (mkl_packing_available checks).
-        out = torch.ops.mkl._mkl_linear(flat, packed.tensor, packed.weight, bias, flat.shape[0])
-    else:
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
-    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], packed.out_features))  # as _onednn_product
+    if out is not None and (out.shape != (*x.shape[:-1], packed.out_features) or out.dtype != packed.dtype):
+        raise ValueError(
+            f"out must have shape {(*x.shape[:-1], packed.out_features)} and dtype {packed.dtype}, "
+            f"got {tuple(out.shape)} {out.dtype}"
+        )
+    x = x.to(packed.dtype)
+    if packed.mkl:
+        result = x.new_empty(*x.shape[:-1], packed.out_features) if out is None else out
+        # The op takes 2-D or 3-D operands with contiguous rows; others are flattened to 2-D (a
+        # given out of other dimensions must then be contiguous).
+        rows = x if x.dim() in (2, 3) else x.reshape(-1, x.shape[-1])
+        into = result if x.dim() in (2, 3) else result.view(-1, packed.out_features)
+        torch.ops.quietstar.mkl_packed_linear_(rows, packed.tensor, packed.out_features, into)
+        return result.add_(bias) if bias is not None else result
+    flat = x.reshape(-1, x.shape[-1])
+    product = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
+    product = torch.ops.aten._unsafe_view(product, (*x.shape[:-1], packed.out_features))  # as _onednn_product
+    return product if out is None else out.copy_(product)
