@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "error_text.h"
 
@@ -46,6 +47,28 @@ int as_int(int64_t value, const char* what) {
 }
 
 // Bytes of W [n, k]'s packed copy (MKL's size does not depend on the row count).
+// A matrix [rows, cols] as MKL reads it: contiguous columns and rows at least `cols` apart
+// (rows that overlap, an expanded tensor's, are copied first).
+at::Tensor with_row_layout(const at::Tensor& t) {
+  const int64_t rows = t.size(-2), cols = t.size(-1);
+  const bool readable = (t.stride(-1) == 1 || cols <= 1) && (rows <= 1 || t.stride(-2) >= cols);
+  return readable ? t : t.contiguous();
+}
+
+// The leading dimension MKL is given for `t` (with_row_layout's): its row stride, or its width
+// for a single row (whose stride MKL never uses).
+int leading_dimension(const at::Tensor& t, const char* what) {
+  return as_int(t.size(-2) > 1 ? t.stride(-2) : std::max<int64_t>(t.size(-1), 1), what);
+}
+
+// The addresses [first, last] a non-empty float tensor's elements span.
+std::pair<const float*, const float*> span(const at::Tensor& t) {
+  const float* first = t.data_ptr<float>();
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {first, first + last};
+}
+
 int64_t packed_bytes(int64_t n, int64_t k) {
   if (n == 0 || k == 0) return 0;
   return static_cast<int64_t>(cblas_sgemm_pack_get_size(kBMatrix, 1, as_int(n, "out_features"), as_int(k, "in_features")));
@@ -65,7 +88,7 @@ at::Tensor mkl_pack_weight(const at::Tensor& weight, int64_t rows) {
               "weight must be a 2-D float32 CPU tensor, got ", weight.scalar_type(), " of shape ", shape_text(weight.sizes()),
               " on ", weight.device().str());
   TORCH_CHECK(rows > 0, "rows must be > 0, got ", number_text(rows));
-  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const at::Tensor w = with_row_layout(weight);
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t floats = kHeaderFloats + (packed_bytes(n, k) + 3) / 4;
   at::Tensor packed = at::empty({floats}, w.options());
@@ -73,15 +96,16 @@ at::Tensor mkl_pack_weight(const at::Tensor& weight, int64_t rows) {
   std::memcpy(packed.data_ptr<float>(), shape, sizeof(shape));
   if (n > 0 && k > 0) {
     cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, as_int(rows, "rows"), static_cast<int>(n), static_cast<int>(k), 1.0f,
-                     w.data_ptr<float>(), as_int(std::max<int64_t>(w.stride(0), 1), "weight's row stride"),
+                     w.data_ptr<float>(), leading_dimension(w, "weight's row stride"),
                      packed.data_ptr<float>() + kHeaderFloats);
   }
   return packed;
 }
 
 // out [..., m, n] = x [..., m, k] W^T from W's packed copy; x and out 2-D or 3-D (then one
-// product per leading index), any strides with contiguous rows (out a slice of a larger
-// buffer, say).
+// product per leading index). x of any strides (copied where MKL cannot read it as it is); out
+// with contiguous rows that do not overlap each other, nor span memory that x spans (rows of a
+// larger buffer, say).
 void mkl_packed_linear_(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, at::Tensor& out) {
   check_available();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.dim() == 2 || x.dim() == 3),
@@ -101,18 +125,25 @@ void mkl_packed_linear_(const at::Tensor& x, const at::Tensor& packed, int64_t o
   TORCH_CHECK(is_packed && shape[0] == out_features && shape[1] == k && packed.numel() * 4 >= 4 * kHeaderFloats + packed_bytes(out_features, k),
               "packed must be mkl_pack_weight's copy of a [", number_text(out_features), ", ", number_text(k),
               "] weight, got one of a [", number_text(shape[0]), ", ", number_text(shape[1]), "] weight");
-  TORCH_CHECK(out.stride(-1) == 1, "out's rows must be contiguous, got strides ", shape_text(out.strides()));
-  const at::Tensor a = x.stride(-1) == 1 ? x : x.contiguous();
-  const int64_t m = a.size(-2);
-  if (m == 0 || out_features == 0) return;
+  const int64_t m = x.size(-2);
+  const int64_t batch = x.dim() == 3 ? x.size(0) : 1;
+  if (m == 0 || out_features == 0 || batch == 0) return;
+  const bool contiguous_rows = out_features <= 1 || out.stride(-1) == 1;
+  const bool rows_apart = m <= 1 || out.stride(-2) >= out_features;
+  const bool batches_apart = batch <= 1 || out.stride(0) >= (m - 1) * out.stride(-2) + out_features;
+  TORCH_CHECK(contiguous_rows && rows_apart && batches_apart,
+              "out's rows must be contiguous and must not overlap each other, got strides ", shape_text(out.strides()),
+              " for shape ", shape_text(out.sizes()));
+  const auto [out_first, out_last] = span(out);
+  const auto [x_first, x_last] = span(x);
+  TORCH_CHECK(out_last < x_first || x_last < out_first, "out must not overlap x (the product would read what it wrote)");
   if (k == 0) {  // an empty sum
     out.zero_();
     return;
   }
-  const int64_t batch = a.dim() == 3 ? a.size(0) : 1;
+  const at::Tensor a = with_row_layout(x);
   const int64_t a_batch = a.dim() == 3 ? a.stride(0) : 0, c_batch = out.dim() == 3 ? out.stride(0) : 0;
-  const int lda = as_int(std::max<int64_t>(a.stride(-2), k), "x's row stride");
-  const int ldc = as_int(std::max<int64_t>(out.stride(-2), out_features), "out's row stride");
+  const int lda = leading_dimension(a, "x's row stride"), ldc = leading_dimension(out, "out's row stride");
   for (int64_t b = 0; b < batch; ++b) {
     cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, as_int(m, "rows"), static_cast<int>(out_features),
                         static_cast<int>(k), a.data_ptr<float>() + b * a_batch, lda, packed.data_ptr<float>() + kHeaderFloats,

@@ -25,7 +25,7 @@ from quietstar.ops.onednn_linear import (
 
 requires_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear op")
 requires_packing = pytest.mark.skipif(not onednn_packing_available(), reason="this torch cannot pack weights for oneDNN")
-requires_mkl_packing = pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packed linear ops")
+requires_mkl_packing = pytest.mark.skipif(not mkl_packing_available(), reason="the native MKL packed GEMM is unavailable here")
 _REAL_PRODUCT = onednn_module._onednn_product
 _REAL_PACKED_LINEAR = onednn_module.packed_linear
 
@@ -189,7 +189,9 @@ def test_a_packed_product_is_written_into_the_rows_it_is_given(bias, layout):
     packed = packed_float32(weight, 5, layout)
     larger = torch.zeros(2, 9, 30)
     out = larger[:, 2:7, 3:27]
+    version = out._version
     assert packed_linear(x, packed, b, out=out) is out
+    assert out._version > version  # autograd sees the write (a tensor saved before it is then refused)
     assert relative_error(out, F.linear(x, weight, b)) <= 1e-6
     out.zero_()
     assert torch.count_nonzero(larger) == 0  # nothing written outside out
@@ -212,6 +214,28 @@ def test_the_native_mkl_product_refuses_a_packed_copy_of_another_weights_shape()
         torch.ops.quietstar.mkl_packed_linear_(randn(5, 40), packed.tensor, 96, torch.empty(5, 96))
     with pytest.raises(RuntimeError, match="out's rows must be contiguous"):
         torch.ops.quietstar.mkl_packed_linear_(randn(5, 40), packed.tensor, 24, torch.empty(24, 5).t())
+
+
+@requires_mkl_packing
+def test_mkl_multiplies_inputs_and_weights_whose_rows_overlap_or_are_strided():
+    """Expanded (stride 0) or strided rows are copied where MKL could not read them as they are."""
+    weight = randn(1, 40, seed=36).expand(24, 40)
+    packed = pack_weight(weight, torch.float32, 8)
+    for x in (randn(1, 40, seed=37).expand(8, 40), randn(1, 1, 40, seed=38).expand(2, 8, 40), randn(40, 8, seed=39).t(),
+              randn(2, 8, 80, seed=40)[..., ::2]):
+        assert relative_error(packed_linear(x, packed), F.linear(x, weight)) <= 1e-6
+
+
+@requires_mkl_packing
+def test_mkl_refuses_an_out_whose_rows_overlap_or_that_overlaps_x():
+    packed = pack_weight(randn(24, 40, seed=41), torch.float32, 8)
+    storage = torch.zeros(2000)
+    for overlapping in (storage[:24].expand(8, 24), storage.as_strided((2, 8, 24), (24, 24, 1))):
+        with pytest.raises(RuntimeError, match="out's rows must be contiguous and must not overlap each other"):
+            packed_linear(randn(*overlapping.shape[:-1], 40), packed, out=overlapping)
+    rows = randn(2, 8, 64, seed=42)
+    with pytest.raises(RuntimeError, match="out must not overlap x"):
+        packed_linear(rows[..., :40], packed, out=rows[..., :24])
 
 
 @requires_mkl_packing
@@ -306,9 +330,9 @@ def test_mkl_packed_products_that_compute_wrong_are_not_used(monkeypatch, caplog
 @pytest.mark.parametrize("intel", [False, True])
 def test_float32_packs_for_mkl_on_an_intel_cpu_only(monkeypatch, intel):
     """Without autocast and without a gradient to record, a float32 product packs where the CPU is
-    Intel's (MKL's packed GEMM) and MKL's ops are there; nowhere else (the module docstring)."""
+    Intel's (MKL's packed GEMM) and the native MKL packed GEMM is there; nowhere else (the module docstring)."""
     if intel and not mkl_packing_available():
-        pytest.skip("this torch has no MKL packed linear ops")
+        pytest.skip("the native MKL packed GEMM is unavailable here")
     monkeypatch.setattr(onednn_module, "intel_cpu", lambda: intel)
     x, weight = randn(3, 8, seed=27), randn(4, 8, seed=28)
     expected = torch.float32 if intel else None

@@ -34,7 +34,9 @@ the sampling pass's products reads its weight from memory, oneDNN's plain linear
 the sampling pass's products ran 1.2-1.7x faster with the packing included, five pairs of
 training steps 1.01-1.12x, and the step's peak memory stayed at 2,780 MiB (docs/benchmarks.md).
 ``packed_linear`` writes such a product straight into rows the caller gives (``out``): the
-sampling's products go into the projection record without a copy: on that Xeon the recording
+sampling's products go into the projection record without a copy (at a batch of one; at larger
+batches the record's rows are strided, and the RoPE and SwiGLU kernels copy what they read of
+them): on that Xeon the recording
 sampling pass ran a median 1.04x faster (twelve pairs in one process) and a process of three
 steps peaked 23 MiB lower (docs/benchmarks.md). MKL asks for 4-21x a
 weight's size for its packed copy and writes only about the weight's share, so those copies
@@ -267,6 +269,7 @@ def packed_linear(
         rows = x if x.dim() in (2, 3) else x.reshape(-1, x.shape[-1])
         into = result if x.dim() in (2, 3) else result.view(-1, packed.out_features)
         torch.ops.quietstar.mkl_packed_linear_(rows, packed.tensor, packed.out_features, into)
+        torch.autograd.graph.increment_version(result)  # the native op's write, as autograd should see it
         return result.add_(bias) if bias is not None else result
     flat = x.reshape(-1, x.shape[-1])
     product = torch.ops.mkldnn._linear_pointwise(flat, packed.tensor, bias, "none", [], "")
