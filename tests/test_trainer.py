@@ -25,6 +25,7 @@ from quietstar.ops.cpu_caching_allocator import (
 from quietstar.train import TrainConfig, train
 from quietstar.train import checkpoints
 from quietstar.train.checkpoints import list_checkpoints
+from quietstar.train.data import generator_seed, stream_seed
 from quietstar.train.trainer import Trainer
 
 SMALL = dict(seq_len=16, batch_size=1, grad_accum=2, thought_tokens=2, talk_tokens=2, n_thoughts=2, warmup_steps=1,
@@ -243,6 +244,20 @@ def test_large_seeds_derive_generator_seeds_in_range(workspace, tmp_path):
     # (seed * 1_000_003 + epoch) * 1_000_033 + window passed 64 bits from --seed 2e7 on.
     records = train(config(workspace, tmp_path / "run", max_steps=1, save_every=0, packing="crop", seed=20240101 * 10**6))
     assert len(records) == 1 and math.isfinite(records[0]["loss"])
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_thought_sampling_never_draws_from_a_seed_of_the_data_order(workspace, tmp_path, seed):
+    """Rank r's thoughts once came from the seed of epoch r's window permutation (seed * 1_000_003
+    + r): the same random numbers that ordered that epoch's data."""
+    trainer = Trainer(config(workspace, tmp_path / "run", seed=seed))
+    try:
+        thoughts = trainer.generator.initial_seed()
+    finally:
+        trainer.close()
+    assert thoughts == stream_seed(seed, "thoughts", 0)
+    order_seeds = {generator_seed(seed * 1_000_003 + epoch) for epoch in range(1000)}
+    assert not {stream_seed(seed, "thoughts", rank) for rank in range(64)} & order_seeds
 
 
 @pytest.mark.parametrize(

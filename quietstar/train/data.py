@@ -208,6 +208,15 @@ def generator_seed(value: int) -> int:
     return value % GENERATOR_SEED_MODULUS
 
 
+def stream_seed(seed: int, stream: str, index: int = 0) -> int:
+    """The seed of one random stream of a run other than the data's (``stream`` names it, such as
+    ``"thoughts"``; ``index`` tells its copies apart, such as a process's rank): 64 bits of a hash
+    of the three, so that it meets none of the seeds the data order derives arithmetically from
+    ``--seed`` (the thoughts of rank ``r`` used to be drawn from the seed of epoch ``r``'s order)."""
+    digest = hashlib.sha256(f"quietstar/{stream}/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def split_documents(documents: list[torch.Tensor], fraction: float, seed: int) -> tuple[list, list]:
     """``(train, held_out)``: a seeded ``fraction`` of the documents held out, at least one and
     at most all but one (training keeps a document)."""

@@ -40,6 +40,7 @@ from quietstar.train.data import (
     load_token_documents,
     split_documents,
     step_positions,
+    stream_seed,
 )
 from quietstar.train.distributed import ProcessGroup, barrier, broadcast_flag, setup, sum_over_processes, teardown, wrap
 from quietstar.train.metrics import MetricsLog
@@ -133,7 +134,7 @@ class Trainer:
         self.module = wrap(self.qs, self.group, config.fsdp)
         self.optimizer = build_optimizer(self.qs, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(step, config))
-        self.generator = torch.Generator(self.group.device).manual_seed(generator_seed(config.seed * 1_000_003 + self.group.rank))
+        self.generator = torch.Generator(self.group.device).manual_seed(stream_seed(config.seed, "thoughts", self.group.rank))
         self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
         self._stop_requested = False
 
