@@ -4,6 +4,7 @@ SIGTERM, and QuietStarModel under transformers' Trainer."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +70,37 @@ def test_validation_records_base_and_thinking_nll(workspace, tmp_path):
     evals = [r for r in train(run) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [1, 2]
     assert all(r["tokens"] > 0 and 0 < r["nll_base"] < 20 and 0 < r["nll_thinking"] < 20 for r in evals)
+
+
+def test_a_validation_batch_is_scored_alike_whichever_process_and_however_many_score_it(workspace, tmp_path, monkeypatch):
+    """Each held-out batch draws its thoughts from its own seed (its place in the held-out order):
+    batch 1 is the second batch of one process and the first of rank 1 of two."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": CORPUS[i:] * 2}) + "\n" for i in range(0, 100, 10)))
+    run = config(workspace, tmp_path / "run", data=[str(tmp_path / "docs.jsonl")], eval_fraction=0.5, eval_every=1,
+                 eval_batches=2, save_every=0)
+    trainer = Trainer(run)
+    scored = []  # (seed of the thoughts, NLL of the mixed prediction) per batch
+    module = trainer.module
+
+    def spy(*args, generator, **kwargs):
+        out = module(*args, generator=generator, **kwargs)
+        scored.append((generator.initial_seed(), out.nll_talk.detach().clone()))
+        return out
+
+    try:
+        trainer.module = spy
+        trainer.evaluate(0)
+        alone = list(scored)
+        scored.clear()
+        monkeypatch.setattr("quietstar.train.trainer.sum_over_processes", lambda sums, group: sums)
+        trainer.group = dataclasses.replace(trainer.group, rank=1, world=2)
+        trainer.evaluate(0)
+    finally:
+        trainer.group = dataclasses.replace(trainer.group, rank=0, world=1)
+        trainer.close()
+    assert [seed for seed, _ in alone] == [stream_seed(run.seed, "validation", chunk) for chunk in (0, 1)]
+    assert [seed for seed, _ in scored] == [stream_seed(run.seed, "validation", chunk) for chunk in (1, 3)]
+    assert torch.equal(scored[0][1], alone[1][1])
 
 
 def test_two_steps_then_resume_equal_four_steps_bitwise(workspace, tmp_path):

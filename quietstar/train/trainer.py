@@ -36,7 +36,6 @@ from quietstar.train.data import (
     Batch,
     TokenWindows,
     find_files,
-    generator_seed,
     load_token_documents,
     split_documents,
     step_positions,
@@ -48,7 +47,6 @@ from quietstar.train.metrics import MetricsLog
 logger = logging.getLogger(__name__)
 
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"  # the setting PyTorch's reproducibility notes give
-EVAL_SEED_OFFSET = 7919  # thoughts of every validation are drawn from the same seed
 
 
 def build_optimizer(qs: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -251,13 +249,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         """Mean NLL of the next token on the held-out windows, without thinking (the base
-        prediction) and with it (the mixed prediction after a thought), same thoughts every time."""
+        prediction) and with it (the mixed prediction after a thought), same thoughts every time:
+        each batch of windows draws them from its own seed (``stream_seed(seed, "validation",
+        chunk)``, ``chunk`` the batch's place in the held-out order), so a batch is scored alike
+        whichever process, and however many, score it."""
         cfg, group = self.config, self.group
-        generator = torch.Generator(group.device).manual_seed(generator_seed(cfg.seed + EVAL_SEED_OFFSET + group.rank))
         batches = min(cfg.eval_batches, len(self.eval_windows) // (group.world * cfg.batch_size))
         sums = {"base": 0.0, "thinking": 0.0, "base_count": 0.0, "thinking_count": 0.0}
         for index in range(batches):
-            start = (index * group.world + group.rank) * cfg.batch_size
+            chunk = index * group.world + group.rank
+            start = chunk * cfg.batch_size
+            generator = torch.Generator(group.device).manual_seed(stream_seed(cfg.seed, "validation", chunk))
             batch = self.eval_windows.batch(list(range(start, start + cfg.batch_size))).to(group.device)
             with self._autocast():
                 out = self.module(batch.input_ids, batch.attention_mask, batch.labels, generator=generator)
