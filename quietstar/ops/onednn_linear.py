@@ -36,12 +36,11 @@ training steps 1.01-1.12x, and the step's peak memory stayed at 2,780 MiB (docs/
 ``packed_linear`` writes such a product straight into rows the caller gives (``out``): the
 sampling's products go into the projection record without a copy (at a batch of one; at larger
 batches the record's rows are strided, and the RoPE and SwiGLU kernels copy what they read of
-them): on that Xeon the recording
-sampling pass ran a median 1.04x faster (twelve pairs in one process) and a process of three
-steps peaked 23 MiB lower (docs/benchmarks.md). MKL asks for 4-21x a
-weight's size for its packed copy and writes only about the weight's share, so those copies
-are allocated past quietstar's CPU caching allocator (whose cache could hand such a block to a
-tensor that fills it).
+them). On that Xeon the recording sampling pass ran a median 1.04x faster (twelve pairs in one
+process) and a process of three steps peaked 23 MiB lower (docs/benchmarks.md). MKL asks for
+4-21x a weight's size for its packed copy and writes only about the weight's share, so those
+copies are allocated past quietstar's CPU caching allocator (whose cache could hand such a block
+to a tensor that fills it).
 """
 
 from __future__ import annotations
