@@ -46,7 +46,6 @@ int as_int(int64_t value, const char* what) {
   return static_cast<int>(value);
 }
 
-// Bytes of W [n, k]'s packed copy (MKL's size does not depend on the row count).
 // A matrix [rows, cols] as MKL reads it: contiguous columns and rows at least `cols` apart
 // (rows that overlap, an expanded tensor's, are copied first).
 at::Tensor with_row_layout(const at::Tensor& t) {
@@ -69,6 +68,7 @@ std::pair<const float*, const float*> span(const at::Tensor& t) {
   return {first, first + last};
 }
 
+// Bytes of W [n, k]'s packed copy (MKL's size does not depend on the row count).
 int64_t packed_bytes(int64_t n, int64_t k) {
   if (n == 0 || k == 0) return 0;
   return static_cast<int64_t>(cblas_sgemm_pack_get_size(kBMatrix, 1, as_int(n, "out_features"), as_int(k, "in_features")));
