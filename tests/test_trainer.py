@@ -18,6 +18,7 @@ import torch
 from helpers import CORPUS, DEVICE, requires_native, training_workspace
 from safetensors.torch import load_file
 
+from quietstar.model.loaders import load_quietstar
 from quietstar.ops.cpu_caching_allocator import (
     cpu_caching_allocator_stats,
     disable_cpu_caching_allocator,
@@ -328,3 +329,13 @@ def test_a_cut_off_last_metrics_line_is_dropped_on_resume_and_a_bad_one_named(tm
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
         MetricsLog(tmp_path, resumed_step=2, enabled=True)
+
+
+def test_a_given_model_must_hold_the_runs_thinking_options(workspace, tmp_path):
+    """The run's records state its thinking options: a model built with others is refused, not
+    trained with its own while config.yaml says otherwise."""
+    run = config(workspace, tmp_path / "run", max_steps=1, save_every=0)
+    qs = load_quietstar(run.model, run.quietstar_config())
+    Trainer(run, qs).close()
+    with pytest.raises(ValueError, match=r"qs: .*thought_tokens: the run's 3, the model's 2.*policy_weight: the run's 5"):
+        Trainer(dataclasses.replace(run, thought_tokens=3, policy_weight=5.0), qs)

@@ -79,12 +79,15 @@ class Trainer:
     Args:
         config: the run's options.
         qs: the model to train (default: loaded from ``config.model``); its tokenizer reads
-            the data.
+            the data. Its ``QuietStarConfig`` must hold the run's thinking options
+            (``config.quietstar_config``), which the run's records and checkpoints state.
     """
 
     def __init__(self, config: TrainConfig, qs: QuietStarModel | None = None) -> None:
         if not config.out:
             raise ValueError("out: the run needs an output folder")
+        if qs is not None:
+            self._check_thinking_options(config, qs)
         self.config = config
         self.out = Path(config.out)
         found = checkpoints.list_checkpoints(self.out)
@@ -135,6 +138,17 @@ class Trainer:
         self.generator = torch.Generator(self.group.device).manual_seed(stream_seed(config.seed, "thoughts", self.group.rank))
         self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
         self._stop_requested = False
+
+    @staticmethod
+    def _check_thinking_options(config: TrainConfig, qs: QuietStarModel) -> None:
+        """Refuse a given model whose thinking options are not the run's: it would train with its
+        own while ``config.yaml`` and the checkpoints' ``train_config.yaml`` record the run's."""
+        wanted = config.quietstar_config(qs.config)
+        differ = [f"{f.name}: the run's {getattr(wanted, f.name)!r}, the model's {getattr(qs.config, f.name)!r}"
+                  for f in dataclasses.fields(wanted) if getattr(wanted, f.name) != getattr(qs.config, f.name)]
+        if differ:
+            raise ValueError(f"qs: the model's thinking options differ from config's ({'; '.join(differ)}); build it "
+                             "with config.quietstar_config() or give config the model's options")
 
     @staticmethod
     def _thinking_options(config: TrainConfig) -> QuietStarConfig:
