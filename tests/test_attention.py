@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers
-from helpers import ARCHITECTURES, tiny_causal_lm
+from helpers import ARCHITECTURES, quietstar_model, tiny_causal_lm
 
 from quietstar import QuietStarAttention, patch
-from quietstar.model.attention import ATTENTION_NAME, SUPPORTED_MODEL_TYPES
+from quietstar.model.attention import ATTENTION_NAME, SUPPORTED_MODEL_TYPES, decoder_layers
 from quietstar.model.backbone import run_backbone
 from quietstar.ops.layout import TreeLayout, tree_position_ids
 
@@ -143,3 +145,17 @@ def test_tree_attention_under_cpu_bfloat16_autocast_gets_the_dtype_it_computes_i
             half = run_backbone(model, embeds, positions, tree_layout=TreeLayout(9))
     assert seen and all(dtypes == (expected,) * 3 for dtypes in seen)
     assert ((half.float() - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_attention_dropout_that_the_tree_passes_do_not_apply_is_logged(caplog):
+    """tree_attention has no dropout: a model trained with attention_dropout set says so rather
+    than training without it silently."""
+    qs = quietstar_model("llama", thought_tokens=2, talk_tokens=1, n_thoughts=1)
+    for layer in decoder_layers(qs.model):
+        layer.self_attn.attention_dropout = 0.375
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="quietstar.model.attention"):
+        qs.eval()(ids, generator=torch.Generator().manual_seed(1))
+        assert "attention dropout" not in caplog.text  # no dropout outside training
+        qs.train()(ids, generator=torch.Generator().manual_seed(1))
+    assert caplog.text.count("attention dropout 0.375 is not applied in the tree passes") == 1

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 
 import torch
 from torch import nn
@@ -27,8 +29,20 @@ from quietstar.ops.tree_attention import tree_attention
 from quietstar.ops.tree_attention_native import half_precision_pays
 from quietstar.ops.tree_attention_rows import TreeAttentionRows
 
+logger = logging.getLogger(__name__)
+
 ATTENTION_NAME = "quietstar"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_dropout_not_applied(dropout: float) -> None:
+    """Say once per dropout rate that the tree passes run without it."""
+    logger.warning(
+        "attention dropout %g is not applied in the tree passes (tree_attention has no dropout); "
+        "set the model config's attention_dropout to 0 to silence this",
+        dropout,
+    )
 
 
 def quietstar_attention_forward(
@@ -50,7 +64,8 @@ def quietstar_attention_forward(
         module: the attention layer (for ``is_causal`` and GQA bookkeeping on ordinary input).
         query: ``[B, Hq, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (the cache included).
         attention_mask: the model's mask for ordinary input; unused with ``tree_layout``.
-        tree_layout: the queries and keys hold the tree layout: run ``tree_attention``.
+        tree_layout: the queries and keys hold the tree layout: run ``tree_attention``, which
+            has no dropout (a warning says so once where ``dropout`` is set).
         known_rows: with ``tree_layout``, ``tree_attention``'s rows kept across calls.
 
     Returns:
@@ -61,6 +76,8 @@ def quietstar_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
             **kwargs,
         )
+    if dropout:
+        _log_dropout_not_applied(dropout)
     # Under autocast, RoPE (float32 cos/sin) leaves q and k in float32 while v is half; the op
     # takes one dtype. On CUDA the autocast one (the kernels multiply in it). On CPU the
     # autocast one only at long slots on a CPU that multiplies bfloat16 (``half_precision_pays``:
