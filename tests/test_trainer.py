@@ -300,7 +300,8 @@ def test_the_thought_sampling_never_draws_from_a_seed_of_the_data_order(workspac
 )
 def test_validation_options_that_would_never_validate_are_logged(workspace, tmp_path, caplog, options, message):
     if "eval_data" in options:
-        options = {**options, "eval_data": [str(workspace / "corpus.txt")]}
+        (tmp_path / "held_out.txt").write_text(CORPUS)
+        options = {**options, "eval_data": [str(tmp_path / "held_out.txt")]}
     with caplog.at_level(logging.WARNING, logger="quietstar.train.trainer"):
         Trainer(config(workspace, tmp_path / "run", **options)).close()
     assert message in caplog.text
@@ -339,3 +340,10 @@ def test_a_given_model_must_hold_the_runs_thinking_options(workspace, tmp_path):
     Trainer(run, qs).close()
     with pytest.raises(ValueError, match=r"qs: .*thought_tokens: the run's 3, the model's 2.*policy_weight: the run's 5"):
         Trainer(dataclasses.replace(run, thought_tokens=3, policy_weight=5.0), qs)
+
+
+@pytest.mark.parametrize("named", ["the file", "its folder"])
+def test_held_out_files_that_are_also_training_data_are_refused(workspace, tmp_path, named):
+    held_out = str(workspace / "corpus.txt") if named == "the file" else str(workspace)
+    with pytest.raises(ValueError, match=r"eval_data: 1 file\(s\) are also training data .*corpus.txt"):
+        Trainer(config(workspace, tmp_path / "run", eval_data=[held_out], eval_every=1))

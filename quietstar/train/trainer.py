@@ -121,7 +121,7 @@ class Trainer:
         if config.dtype == "bf16" and self.group.device.type == "cpu" and bf16_matmul_on_cpu() is False:
             logger.warning("dtype=bf16: this CPU has no bfloat16 matrix instructions (a bfloat16 GEMM runs ~100x "
                            "slower than float32 here); use --dtype float32")
-        find_files(config.data + config.eval_data)  # a bad path fails now, before the model loads
+        self._check_held_out_files(config)  # a bad path fails now, before the model loads
         torch.manual_seed(config.seed)  # the same initial weights in every process
         if qs is None:
             if not config.model:
@@ -138,6 +138,17 @@ class Trainer:
         self.generator = torch.Generator(self.group.device).manual_seed(stream_seed(config.seed, "thoughts", self.group.rank))
         self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
         self._stop_requested = False
+
+    @staticmethod
+    def _check_held_out_files(config: TrainConfig) -> None:
+        """Every data path exists, and no held-out file (``eval_data``) is also a training file
+        (``data``): its held-out NLL would be measured on text the model trained on."""
+        train_files = {path.resolve() for path in find_files(config.data)}
+        if config.eval_data:
+            shared = sorted(str(path) for path in train_files & {path.resolve() for path in find_files(config.eval_data)})
+            if shared:
+                raise ValueError(f"eval_data: {len(shared)} file(s) are also training data (data), e.g. {shared[0]!r}; "
+                                 "held-out files must not be trained on")
 
     @staticmethod
     def _check_thinking_options(config: TrainConfig, qs: QuietStarModel) -> None:
