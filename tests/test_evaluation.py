@@ -255,7 +255,10 @@ def test_heatmap_page_has_one_coloured_span_per_token(model_folder):
     parser.feed(heatmap_html(heatmap))
     assert len(parser.spans) == len(ids) == len(heatmap["rewards"])
     assert all("rgba(" in span["style"] for span in parser.spans)
-    assert heatmap["rewards"][-1] is None and all(isinstance(r, float) for r in heatmap["rewards"][:-1])
+    # Each coloured token's reward covers K tokens: the last K, which fewer follow, are not judged.
+    talk = heatmap["talk_tokens"]
+    assert talk > 1 and heatmap["rewards"][-talk:] == [None] * talk
+    assert all(isinstance(r, float) for r in heatmap["rewards"][:-talk])
     assert "thought:" in parser.spans[0]["title"]
 
 

@@ -4,7 +4,8 @@ Token ``x[i]`` is coloured by the reward of the thought inserted after it (which
 ``x[i+1] .. x[i+K]``): the training reward of SPEC section 3 with one thought, so no baseline
 and no clamping, i.e. how much the thought lowered the NLL of the next ``K`` tokens. Green
 where it helped, yellow where it hurt, opacity by magnitude (the largest one opaque); the
-thought shows on hover. The last token has no thought to judge and stays uncoloured.
+thought shows on hover. The last ``K`` tokens, which fewer than ``K`` tokens follow, have no
+thought judged on the same ``K`` tokens and stay uncoloured.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def reward_heatmap(qs: QuietStarModel, token_ids: list[int], options: EvalOption
     """Rewards and thoughts over the first ``options.seq_len`` of ``token_ids``.
 
     Returns:
-        ``tokens`` (their text), ``rewards`` (float per token, None for the last) and
-        ``thoughts`` (the text of the thought after each token).
+        ``tokens`` (their text), ``rewards`` (float per token, None for the last ``K``, which
+        fewer than ``K`` tokens follow) and ``thoughts`` (the text of the thought after each
+        token).
     """
     if qs.tokenizer is None:
         raise ValueError("model: it has no tokenizer to show the text")
@@ -41,6 +43,10 @@ def reward_heatmap(qs: QuietStarModel, token_ids: list[int], options: EvalOption
     if len(ids) < 2:
         raise ValueError(f"data: the text has {len(ids)} token(s); a heatmap needs at least two")
     with thinking(qs, options):
+        judged = len(ids) - qs.config.talk_tokens  # tokens followed by K tokens
+        if judged < 1:
+            raise ValueError(f"data: the text has {len(ids)} token(s); a heatmap needs more than talk_tokens="
+                             f"{qs.config.talk_tokens}")
         device = qs.meta_embeddings.device
         generator = torch.Generator(device).manual_seed(options.seed)
         out = qs.evaluate(torch.tensor([ids], device=device), generator=generator)
@@ -48,7 +54,7 @@ def reward_heatmap(qs: QuietStarModel, token_ids: list[int], options: EvalOption
         decode = qs.tokenizer.decode
         return {
             "tokens": [decode([t]) for t in ids],
-            "rewards": rewards[:-1] + [None],
+            "rewards": rewards[:judged] + [None] * (len(ids) - judged),
             "thoughts": [decode(t) for t in out.thoughts[0, 0].tolist()],
             "thought_tokens": qs.config.thought_tokens,
             "talk_tokens": qs.config.talk_tokens,
@@ -74,7 +80,7 @@ def heatmap_html(heatmap: dict, title: str = "Quiet-STaR thought rewards") -> st
     spans = []
     for token, reward, thought in zip(heatmap["tokens"], heatmap["rewards"], heatmap["thoughts"]):
         (r, g, b), alpha = _colour(reward, scale)
-        hover = "last token: no thought judged" if reward is None else f"reward {reward:+.4f}; thought: {thought}"
+        hover = "fewer than K tokens follow: no thought judged" if reward is None else f"reward {reward:+.4f}; thought: {thought}"
         text = html.escape(token).replace("\n", "&#8629;<br>")
         spans.append(f'<span class="token" style="background: rgba({r}, {g}, {b}, {alpha:.3f})" '
                      f'title="{html.escape(hover, quote=True)}">{text}</span>')
