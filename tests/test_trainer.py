@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -347,3 +348,24 @@ def test_held_out_files_that_are_also_training_data_are_refused(workspace, tmp_p
     held_out = str(workspace / "corpus.txt") if named == "the file" else str(workspace)
     with pytest.raises(ValueError, match=r"eval_data: 1 file\(s\) are also training data .*corpus.txt"):
         Trainer(config(workspace, tmp_path / "run", eval_data=[held_out], eval_every=1))
+
+
+def test_thought_gains_are_recorded_before_the_baseline_that_centres_the_rewards():
+    """With two thoughts the centred rewards are +r and -r whatever thinking does; the raw gain
+    (the NLL of the next K tokens without the thought minus with it) says whether it helps."""
+    talk_tokens = 1
+    labels = torch.tensor([[5, 6, 7, 8]])  # positions 0 and 1 act (i <= L - 2 - K)
+    nll_base = torch.tensor([[1.0, 2.0, 3.0, 0.0]])  # -log p_base(x[i + 1])
+    nll_talk = torch.tensor([[[0.5, 1.0, 2.0, 0.0], [0.9, 1.6, 2.5, 0.0]]])[..., None]  # [B, N, L, K], both help
+    gains = nll_base[:, None] - nll_talk[..., 0]  # [1, 2, 4]
+    out = SimpleNamespace(
+        rewards=gains - gains.mean(dim=1, keepdim=True),
+        nll_base=nll_base,
+        nll_talk=nll_talk,
+        mixing_weight=torch.full((1, 2, 4, talk_tokens), 0.5),
+    )
+    trainer = SimpleNamespace(qs=SimpleNamespace(config=SimpleNamespace(talk_tokens=talk_tokens)))
+    sums = Trainer._signal_sums(trainer, out, labels, None)
+    # The acting gains: thought 0 at positions 0, 1: 0.5, 1.0; thought 1: 0.1, 0.4.
+    assert sums["gain_sum"] == pytest.approx(2.0) and sums["gain_positive"] == 4 and sums["reward_count"] == 4
+    assert sums["reward_sum"] == pytest.approx(0.0) and sums["reward_positive"] == 2

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from quietstar.model.checkpoint import read_quietstar_config
 from quietstar.model.config import QuietStarConfig
 from quietstar.model.loaders import is_quietstar_checkpoint, load_quietstar
-from quietstar.model.quietstar_model import QuietStarModel, Targets
+from quietstar.model.quietstar_model import QuietStarModel, Targets, shift_positions
 from quietstar.ops.backends import bf16_matmul_on_cpu
 from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -225,14 +225,21 @@ class Trainer:
         return {name: getattr(out, name).detach().item() for name in ("loss", "nll_loss", "policy_loss")}
 
     def _signal_sums(self, out, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, float]:
-        """Sums and counts of the rewards (at reinforced positions) and mixing weights (at
-        scored talk targets)."""
-        targets = Targets.from_labels(labels, self.qs.config.talk_tokens, attention_mask)
-        rewards = out.rewards[targets.acting[:, None].expand_as(out.rewards)]
-        scored = (targets.talk != IGNORE_INDEX)[:, None].expand_as(out.mixing_weight)
-        weights = out.mixing_weight.detach()[scored]
+        """Sums and counts of the rewards and the thoughts' raw gains (at reinforced positions)
+        and of the mixing weights (at scored talk targets). A raw gain is the reward before the
+        baseline and clamping: how much a thought lowered the NLL of the next ``K`` tokens. With
+        ``N`` thoughts the rewards are centred over them, so they say how the thoughts differ
+        (with two, one is the other's negative), not whether thinking helps; the gains do."""
+        talk_tokens = self.qs.config.talk_tokens
+        targets = Targets.from_labels(labels, talk_tokens, attention_mask)
+        acting = targets.acting[:, None].expand_as(out.rewards)
+        rewards = out.rewards[acting]
+        scored = (targets.talk != IGNORE_INDEX)[:, None]
+        gains = ((shift_positions(out.nll_base, talk_tokens)[:, None] - out.nll_talk) * scored).sum(-1)[acting]
+        weights = out.mixing_weight.detach()[scored.expand_as(out.mixing_weight)]
         return {
             "reward_sum": float(rewards.sum()), "reward_positive": float((rewards > 0).sum()), "reward_count": float(rewards.numel()),
+            "gain_sum": float(gains.sum()), "gain_positive": float((gains > 0).sum()),
             "mixing_weight_sum": float(weights.float().sum()), "mixing_weight_count": float(weights.numel()),
         }
 
@@ -263,6 +270,8 @@ class Trainer:
             **{name: sums[name] / micro_batches for name in ("loss", "nll_loss", "policy_loss")},
             "reward_mean": sums["reward_sum"] / max(sums["reward_count"], 1.0),
             "reward_positive_fraction": sums["reward_positive"] / max(sums["reward_count"], 1.0),
+            "thought_gain_mean": sums["gain_sum"] / max(sums["reward_count"], 1.0),
+            "thought_gain_positive_fraction": sums["gain_positive"] / max(sums["reward_count"], 1.0),
             "mixing_weight_mean": sums["mixing_weight_sum"] / max(sums["mixing_weight_count"], 1.0),
             "grad_norm": grad_norm,
             "lr": lr,
