@@ -369,3 +369,25 @@ def test_thought_gains_are_recorded_before_the_baseline_that_centres_the_rewards
     # The acting gains: thought 0 at positions 0, 1: 0.5, 1.0; thought 1: 0.1, 0.4.
     assert sums["gain_sum"] == pytest.approx(2.0) and sums["gain_positive"] == 4 and sums["reward_count"] == 4
     assert sums["reward_sum"] == pytest.approx(0.0) and sums["reward_positive"] == 2
+
+
+def test_resuming_on_data_that_changed_since_the_checkpoint_is_refused(workspace, tmp_path, caplog):
+    """A file added to the data folder changes every permutation of the windows: the resumed run
+    would not continue the saved one's order, so it is refused; a checkpoint from before the
+    fingerprint resumes with a note that the data is not checked."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(CORPUS * 3)
+    run = dict(data=[str(data)], max_steps=1, save_every=1)
+    train(config(workspace, tmp_path / "run", **run))
+    (data / "b.txt").write_text(CORPUS[::-1] * 3)
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: the data files hold other text"):
+        train(config(workspace, tmp_path / "run", **{**run, "max_steps": 2, "resume": True}))
+    state_file = tmp_path / "run" / "checkpoint-1" / checkpoints.TRAINER_STATE
+    state = torch.load(state_file, weights_only=False)
+    del state["data"]
+    torch.save(state, state_file)
+    with caplog.at_level(logging.INFO, logger="quietstar.train.checkpoints"):
+        records = train(config(workspace, tmp_path / "run", **{**run, "max_steps": 2, "resume": True}))
+    assert [r["step"] for r in records if r["split"] == "train"] == [2]
+    assert "predates data fingerprints" in caplog.text

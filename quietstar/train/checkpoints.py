@@ -74,8 +74,9 @@ class CheckpointWriter:
     ``wait`` (the run's end) wait for it, and raise what it raised.
     """
 
-    def __init__(self, out: Path, config: TrainConfig, group: ProcessGroup) -> None:
+    def __init__(self, out: Path, config: TrainConfig, group: ProcessGroup, data: str) -> None:
         self.out, self.config, self.group = out, config, group
+        self.data = data  # the run's data_fingerprint, kept in trainer_state.pt
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -94,7 +95,8 @@ class CheckpointWriter:
         final = self.out / f"{PREFIX}{step}"
         if self.group.is_main:
             self.wait()
-            trainer_state = {"step": step, "optimizer": optimizer_state, "scheduler": copy.deepcopy(scheduler.state_dict())}
+            trainer_state = {"step": step, "optimizer": optimizer_state, "scheduler": copy.deepcopy(scheduler.state_dict()),
+                             "data": self.data}
             snapshot = (step, qs, model_state, trainer_state, rng_states)
             self._thread = threading.Thread(target=self._write, args=snapshot, name=f"checkpoint-{step}", daemon=False)
             self._thread.start()
@@ -137,13 +139,23 @@ def _copy(state: dict) -> dict:
 
 
 def load_checkpoint(
-    path: Path, qs, module, optimizer, scheduler, generator: torch.Generator, config: TrainConfig, group: ProcessGroup
+    path: Path,
+    qs,
+    module,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    config: TrainConfig,
+    group: ProcessGroup,
+    data: str,
 ) -> int:
-    """Restore a run from checkpoint ``path``; returns the step it was saved at.
+    """Restore a run from checkpoint ``path``; returns the step it was saved at. ``data`` is this
+    run's ``data_fingerprint``.
 
     Raises:
         ValueError: the checkpoint was made with other options (beyond those a resumed run
-            may change), or with another number of processes.
+            may change), with another number of processes, or on other data (its files now
+            hold other text: the window order would not continue the run's).
     """
     saved = TrainConfig.from_dict(TrainConfig.from_yaml(path / TRAIN_CONFIG), source=str(path / TRAIN_CONFIG))
     changed = [name for name, value in config.to_dict().items() if name not in RESUMABLE_CHANGES and saved.to_dict()[name] != value]
@@ -153,9 +165,14 @@ def load_checkpoint(
     saved_processes = len(list(path.glob(rng_file("*"))))
     if saved_processes != group.world:
         raise ValueError(f"cannot resume from {path}: it was saved by {saved_processes} processes, this run has {group.world}")
+    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    if "data" not in state:
+        logger.info("%s predates data fingerprints: the data it was trained on is not checked", path)
+    elif state["data"] != data:
+        raise ValueError(f"cannot resume from {path}: the data files hold other text than when it was saved (a file "
+                         "added to a data folder, or edited), so the window order would not continue the run's")
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(module, read_state_dict(path, qs), options=full)
-    state = torch.load(path / TRAINER_STATE, weights_only=False)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=full)
     scheduler.load_state_dict(state["scheduler"])
     _follow_schedule(optimizer, scheduler)

@@ -217,6 +217,20 @@ def stream_seed(seed: int, stream: str, index: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def data_fingerprint(train: list[torch.Tensor], held_out: list[torch.Tensor]) -> str:
+    """A hash of a run's training and held-out documents (their token ids, in order): what its
+    window order and validation depend on besides the options, so that a resumed run can tell
+    that its files still hold the text they held (a file added to a data folder, or edited,
+    changes every permutation)."""
+    digest = hashlib.sha256()
+    for part in (train, held_out):
+        digest.update(f"{len(part)} documents\n".encode())
+        for document in part:
+            digest.update(f"{len(document)}\n".encode())
+            digest.update(document.to(torch.int32).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def split_documents(documents: list[torch.Tensor], fraction: float, seed: int) -> tuple[list, list]:
     """``(train, held_out)``: a seeded ``fraction`` of the documents held out, at least one and
     at most all but one (training keeps a document)."""

@@ -35,6 +35,7 @@ from quietstar.train.config import TrainConfig
 from quietstar.train.data import (
     Batch,
     TokenWindows,
+    data_fingerprint,
     find_files,
     load_token_documents,
     split_documents,
@@ -136,7 +137,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.qs, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(step, config))
         self.generator = torch.Generator(self.group.device).manual_seed(stream_seed(config.seed, "thoughts", self.group.rank))
-        self.writer = checkpoints.CheckpointWriter(self.out, config, self.group)
+        self.writer = checkpoints.CheckpointWriter(self.out, config, self.group, self.data_fingerprint)
         self._stop_requested = False
 
     @staticmethod
@@ -192,6 +193,7 @@ class Trainer:
             barrier(self.group)
         documents, split = split_documents(documents, cfg.eval_fraction, cfg.seed)
         held_out = held_out or split
+        self.data_fingerprint = data_fingerprint(documents, held_out)
         options = dict(seq_len=cfg.seq_len, packing=cfg.packing, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.seed)
         train = TokenWindows(documents, **options)
@@ -327,7 +329,8 @@ class Trainer:
         if not found:
             return 0
         return checkpoints.load_checkpoint(
-            found[-1][1], self.qs, self.module, self.optimizer, self.scheduler, self.generator, self.config, self.group
+            found[-1][1], self.qs, self.module, self.optimizer, self.scheduler, self.generator, self.config, self.group,
+            self.data_fingerprint,
         )
 
     def _save(self, step: int, wait: bool) -> None:
