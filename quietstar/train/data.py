@@ -227,7 +227,7 @@ def data_fingerprint(train: list[torch.Tensor], held_out: list[torch.Tensor]) ->
         digest.update(f"{len(part)} documents\n".encode())
         for document in part:
             digest.update(f"{len(document)}\n".encode())
-            digest.update(document.to(torch.int32).numpy().tobytes())
+            digest.update(document.to(torch.int32).contiguous().numpy())  # read in place
     return digest.hexdigest()
 
 
