@@ -6,8 +6,9 @@ import re
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, quietstar_model
+from helpers import ARCHITECTURES, quietstar_model, tiny_causal_lm, tiny_tokenizer
 
+from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.model.sampling import head_logits
 
 
@@ -226,3 +227,21 @@ def test_an_attention_mask_of_other_values_than_0_and_1_is_refused():
     for call in (lambda m: qs.generate(ids, m, max_new_tokens=1), lambda m: qs(ids, m)):
         with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
             call(mask.float() * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_saturated_mixing_weight_never_emits_a_thought_marker(do_sample):
+    """mix="logprobs" with the markers inside the lm_head's rows (a padded vocabulary): at a
+    mixing weight of exactly 1 one term is 0 * -inf at their ids; they must stay -inf, not NaN
+    (which greedy argmax picked and sampling refused)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer) + 8)
+    qs = QuietStarModel(model, tokenizer, QuietStarConfig(mix="logprobs", n_thoughts=1, thought_tokens=2)).eval()
+    assert set(qs.meta_token_ids) <= set(qs.masked_vocab.tolist())
+    with torch.no_grad():
+        qs.mixing_head.mlp[-1].weight.fill_(1e4)  # a confident head: its sigmoid is exactly 1.0
+    ids = torch.tensor([tokenizer("The quick brown fox")["input_ids"]])
+    assert qs.next_token_states(ids)[2][0, 0, -1].item() == 1.0
+    out = qs.generate(ids, max_new_tokens=6, do_sample=do_sample, generator=torch.Generator().manual_seed(0))
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    assert not set(new) & set(qs.meta_token_ids)

@@ -27,7 +27,7 @@ from quietstar._checks import (
 from quietstar.model.attention import decoder_layers
 from quietstar.model.backbone import layer_window, run_backbone
 from quietstar.model.cache import KVCache
-from quietstar.model.sampling import head_logits, sample_tokens
+from quietstar.model.sampling import head_logits, mixed_log_probs, sample_tokens
 from quietstar.ops.layout import TreeLayout, base_positions
 
 
@@ -192,8 +192,9 @@ def generate(
                 greedy=not do_sample, generator=generator,
             )
         else:
-            logp = (1 - w[:, None]) * torch.log_softmax(head_logits(h_last, weight, bias, qs.masked_vocab), -1)
-            logp = logp + w[:, None] * torch.log_softmax(head_logits(h_talk, weight, bias, qs.masked_vocab), -1)
+            masked = qs.masked_vocab
+            base, talk = (head_logits(h, weight, bias, masked) for h in (h_last, h_talk))
+            logp = mixed_log_probs(base, talk, w, masked)
             token = _draw(logp / temperature, do_sample, generator)
         token = token.masked_fill(finished, pad_token_id)
         if eos_ids is not None:

@@ -58,6 +58,20 @@ def head_logits(
     return logits
 
 
+def mixed_log_probs(
+    base_logits: torch.Tensor, talk_logits: torch.Tensor, w: torch.Tensor, masked_vocab: torch.Tensor | None
+) -> torch.Tensor:
+    """The paper's mixed prediction (``mix="logprobs"``), ``(1 - w) log_softmax(base) + w
+    log_softmax(talk)``: ``[R, V]`` from logits ``[R, V]`` (masked ids -inf) and weights ``w
+    [R]``. Masked ids stay -inf: where ``w`` is exactly 0 or 1 (its sigmoid saturates, in
+    bfloat16 from a mixing logit of about 6) one term would be ``0 * -inf``, NaN, which
+    ``argmax`` picks, so greedy decoding would emit a thought marker."""
+    logp = (1 - w[:, None]) * torch.log_softmax(base_logits, -1) + w[:, None] * torch.log_softmax(talk_logits, -1)
+    if masked_vocab is not None and masked_vocab.numel():
+        logp.index_fill_(-1, masked_vocab, float("-inf"))
+    return logp
+
+
 def draw_by_inverse_cdf(
     logits: torch.Tensor, generator: torch.Generator | None = None, *, overwrite: bool = False
 ) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from quietstar._checks import check_int, check_positive_float
 from quietstar.model.quietstar_model import QuietStarModel
-from quietstar.model.sampling import head_logits
+from quietstar.model.sampling import head_logits, mixed_log_probs
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 from quietstar.ops.linear_cross_entropy_torch import reusing_scratch
 from quietstar.train.eval_data import AnswerItem
@@ -282,8 +282,7 @@ def _answer_logits(qs: QuietStarModel, h_base: torch.Tensor, h_talk: torch.Tenso
     base = head_logits(h_base, weight, bias, masked)
     if qs.config.mix == "hidden":
         return base, head_logits((1 - w[:, None]) * h_base + w[:, None] * h_talk, weight, bias, masked)
-    thinking = (1 - w[:, None]) * torch.log_softmax(base, -1)
-    return base, thinking + w[:, None] * torch.log_softmax(head_logits(h_talk, weight, bias, masked), -1)
+    return base, mixed_log_probs(base, head_logits(h_talk, weight, bias, masked), w, masked)
 
 
 @torch.no_grad()
