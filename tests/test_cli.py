@@ -10,7 +10,10 @@ import sys
 
 import pytest
 import yaml
-from helpers import training_workspace
+from helpers import tiny_model_folder, training_workspace
+from transformers import GenerationConfig
+
+import quietstar.model.quietstar_model as quietstar_model
 
 from quietstar.model.quietstar_model import END_THOUGHT, START_THOUGHT
 from quietstar.train import TrainConfig
@@ -121,3 +124,16 @@ def test_python_dash_m_quietstar_runs_the_command_line(workspace):
     done = subprocess.run([sys.executable, "-m", "quietstar", "generate", "--model", str(workspace / "missing"), "--prompt", "x"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "is not a QuietStarModel checkpoint" in done.stderr
+
+
+def test_generate_stops_at_every_end_id_the_generation_config_lists(tmp_path, monkeypatch):
+    """Instruction-tuned models list several end ids (end of turn, end of text); the command
+    passes them all, not only the tokenizer's EOS."""
+    folder = tmp_path / "model"
+    tiny_model_folder(folder)
+    GenerationConfig(eos_token_id=[0, 5], pad_token_id=1).save_pretrained(folder)
+    seen = {}
+    generate = quietstar_model.QuietStarModel.generate
+    monkeypatch.setattr(quietstar_model.QuietStarModel, "generate", lambda self, *a, **k: seen.update(k) or generate(self, *a, **k))
+    assert main(["generate", "--model", str(folder), "--prompt", "The quick", "--max-new-tokens", "2"]) == 0
+    assert seen["eos_token_id"] == [0, 5]

@@ -111,6 +111,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_ids(qs) -> int | list[int] | None:
+    """The ids that end a row: the model's generation config's (instruction-tuned models list
+    several, such as an end-of-turn token and the end of text), else the tokenizer's EOS."""
+    listed = getattr(getattr(qs.model, "generation_config", None), "eos_token_id", None)
+    return listed if listed is not None else qs.tokenizer.eos_token_id
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -133,7 +140,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = qs.generate(
             batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-            temperature=args.temperature, sample_thoughts=not args.greedy, eos_token_id=tokenizer.eos_token_id,
+            temperature=args.temperature, sample_thoughts=not args.greedy, eos_token_id=_stop_ids(qs),
             pad_token_id=tokenizer.pad_token_id, return_thoughts=True, generator=generator,
         )
     prompt_len = batch.input_ids.shape[1]
