@@ -51,6 +51,22 @@ def check_positive_float(name: str, value: object) -> float:
     return value
 
 
+# The smallest temperature taken: logits up to 1e32 in magnitude divided by it stay finite in
+# float32 (a temperature of 1e-45 made every NLL NaN), and a smaller one changes nothing useful,
+# the distribution being its argmax's for any logit gap of 1e-4 or more.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_temperature(name: str, value: object) -> float:
+    """Raise ``ValueError`` unless ``value`` is a finite number of at least ``MIN_TEMPERATURE``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not MIN_TEMPERATURE <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE:g}, got {value}")
+    return value
+
+
 def check_bool(name: str, value: object) -> bool:
     """Raise ``ValueError`` unless ``value`` is a bool (a string such as ``"no"`` would be true)."""
     if not isinstance(value, bool):

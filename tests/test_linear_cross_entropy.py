@@ -726,6 +726,7 @@ def replace_mix(kw, base=None, w=None):
         (lambda kw: {**kw, "temperature": 0.0}, "temperature"),
         (lambda kw: {**kw, "temperature": float("inf")}, "temperature"),
         (lambda kw: {**kw, "temperature": float("nan")}, "temperature"),
+        (lambda kw: {**kw, "temperature": 1e-45}, "temperature must be a finite number >= 1e-06"),  # made every NLL NaN
         (lambda kw: {**kw, "temperature": "3"}, "temperature"),
         (lambda kw: {**kw, "masked_vocab": [20]}, "masked_vocab"),
         (lambda kw: {**kw, "masked_vocab": [1.5]}, "masked_vocab"),

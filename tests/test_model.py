@@ -246,6 +246,7 @@ def test_training_step_lowers_the_loss_on_a_repeated_batch():
         (dict(n_thoughts=True), "n_thoughts"),
         (dict(policy_temperature=0), "policy_temperature"),
         (dict(sampling_temperature=float("inf")), "sampling_temperature"),
+        (dict(policy_temperature=1e-38), "policy_temperature must be a finite number >= 1e-06"),  # NaN losses
         (dict(policy_weight=-1), "policy_weight"),
         (dict(base_loss_weight=2), "base_loss_weight"),
         (dict(meta_token_scale=float("nan")), "meta_token_scale"),

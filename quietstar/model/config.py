@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from quietstar._checks import check_temperature
+
 MIX_MODES = ("hidden", "logprobs")
 
 
@@ -17,7 +19,8 @@ class QuietStarConfig:
             ``n_ahead = 12`` counting the base step, start and end).
         talk_tokens: ``n_talk``, true tokens each thought is judged on (extended teacher forcing).
         n_thoughts: independent thoughts per position (reward baseline over them).
-        sampling_temperature: Gumbel-softmax temperature of thought sampling.
+        sampling_temperature: Gumbel-softmax temperature of thought sampling (at least
+            ``MIN_TEMPERATURE``, 1e-6, as ``policy_temperature``).
         policy_temperature: ``tau`` of the REINFORCE log-probabilities.
         policy_weight: ``beta`` in ``L = L_nll + beta * L_policy`` (reference: 1e6 with lr 1e-6).
         base_loss_weight: weight of the no-thought loss; the talk loss gets ``1 - base_loss_weight``.
@@ -43,10 +46,10 @@ class QuietStarConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("sampling_temperature", "policy_temperature", "meta_token_scale"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("sampling_temperature", "policy_temperature"):
+            check_temperature(name, getattr(self, name))
+        if not _is_number(self.meta_token_scale) or not 0 < self.meta_token_scale < math.inf:
+            raise ValueError(f"meta_token_scale must be a finite number > 0, got {self.meta_token_scale!r}")
         if not _is_number(self.policy_weight) or not 0 <= self.policy_weight < math.inf:
             raise ValueError(f"policy_weight must be a finite number >= 0, got {self.policy_weight!r}")
         if not _is_number(self.base_loss_weight) or not 0 <= self.base_loss_weight <= 1:

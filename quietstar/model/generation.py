@@ -20,7 +20,7 @@ from quietstar._checks import (
     check_attention_mask,
     check_bool,
     check_int,
-    check_positive_float,
+    check_temperature,
     check_tensor,
     check_token_ids,
 )
@@ -136,7 +136,7 @@ def generate(
         check_bool(name, value)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    temperature = check_positive_float("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     batch, prompt_len = input_ids.shape
     if batch == 0 or prompt_len == 0:
         raise ValueError(f"input_ids must be [B, P] prompts with B, P >= 1, got {tuple(input_ids.shape)}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, INT_DTYPES, check_int, check_positive_float, check_tensor
+from quietstar._checks import FLOAT_DTYPES, HALF_DTYPES, INT_DTYPES, check_int, check_temperature, check_tensor
 from quietstar.ops.backends import resolve_backend
 from quietstar.ops.linear_cross_entropy_common import compute_dtype
 
@@ -49,7 +49,8 @@ def linear_cross_entropy(
         targets: ``[N]`` integer ids in ``[0, V)``, or ``ignore_index``.
         lm_bias: ``[V]``, dtype of ``lm_weight``.
         mix: ``(base_hidden [N, d] in the dtype of hidden, w [N] floating)``.
-        temperature: logits are divided by it before the softmax; finite and > 0.
+        temperature: logits are divided by it before the softmax; finite and at least
+            ``MIN_TEMPERATURE`` (1e-6: below it large logits overflow float32).
         masked_vocab: ids that get ``-inf`` logits: a sequence of ints or a 1-D integer tensor.
         ignore_index: target value of rows that contribute 0 (and no gradient).
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (see ``quietstar.ops.backends``).
@@ -133,7 +134,7 @@ def weighted_linear_cross_entropy(
     if scores is not None:
         _check_scores(scores, hidden, lm_weight, mix)
     if scores_temperature is not None:
-        check_positive_float("scores_temperature", scores_temperature)
+        check_temperature("scores_temperature", scores_temperature)
         if scores is None:
             raise ValueError("scores_temperature is the temperature of given scores: pass scores with it")
     backend = _resolve(backend, hidden.device, hidden.dtype)
@@ -193,7 +194,7 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
         if lm_bias.shape[0] != vocab:
             raise ValueError(f"lm_bias must be [V={vocab}], got {tuple(lm_bias.shape)}")
     base_hidden, mix_weight = _check_mix(mix, hidden)
-    temperature = check_positive_float("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     check_int("ignore_index", ignore_index)
     if not torch.iinfo(torch.int64).min <= ignore_index <= torch.iinfo(torch.int64).max:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")

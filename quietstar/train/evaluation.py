@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quietstar._checks import check_int, check_positive_float
+from quietstar._checks import check_int, check_temperature
 from quietstar.model.quietstar_model import QuietStarModel
 from quietstar.model.sampling import head_logits, mixed_log_probs
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -62,7 +62,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.thought_tokens is not None:
             check_int("thought_tokens", self.thought_tokens, minimum=1)
-        check_positive_float("temperature", self.temperature)
+        check_temperature("temperature", self.temperature)
         check_int("batch_size", self.batch_size, minimum=1)
         if self.limit is not None:
             check_int("limit", self.limit, minimum=1)
