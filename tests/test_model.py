@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm
+from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.model.reference import reference_forward
@@ -274,6 +274,8 @@ def test_config_defaults_follow_the_reference_code():
         (lambda qs, ids, mask: qs(ids + 1000), "input_ids"),
         (lambda qs, ids, mask: qs(ids, mask[:, :3]), "attention_mask"),
         (lambda qs, ids, mask: qs(ids, mask, labels=ids[:, :4]), "labels"),
+        (lambda qs, ids, mask: qs(ids, mask, labels=ids.index_fill(1, torch.tensor([3]), 1000)), "labels must be token ids"),
+        (lambda qs, ids, mask: qs(ids, mask, labels=ids.index_fill(1, torch.tensor([3]), -7)), "labels must be token ids"),
         (lambda qs, ids, mask: qs(ids, mask, thoughts=torch.zeros(2, 2, 10, 2, dtype=torch.long)), "thoughts"),
         (lambda qs, ids, mask: qs(ids, mask, thoughts=torch.full((2, 2, 10, 3), 500)), "thoughts"),
     ],
@@ -321,3 +323,18 @@ def test_meta_tokens_start_from_the_mean_embedding_without_a_tokenizer():
     embedding = qs.model.get_input_embeddings().weight
     torch.testing.assert_close(qs.meta_embedding(0), embedding.mean(0))
     torch.testing.assert_close(qs.meta_embeddings[1] * 100, embedding.mean(0))
+
+
+@pytest.mark.parametrize("where", ["input_ids", "labels"])
+def test_a_thought_marker_as_a_target_is_refused_naming_its_argument(where):
+    """The markers sit inside the lm_head's rows with a padded vocabulary: as a token to predict
+    they are refused before the forward runs, naming the argument that holds them."""
+    tokenizer = tiny_tokenizer()
+    qs = QuietStarModel(tiny_causal_lm("llama", vocab_size=len(tokenizer) + 8), tokenizer, QuietStarConfig(thought_tokens=2))
+    ids = torch.tensor([tokenizer("The quick brown fox jumps")["input_ids"]])
+    marked = ids.index_fill(1, torch.tensor([2]), qs.meta_token_ids[0])
+    call = dict(input_ids=marked) if where == "input_ids" else dict(input_ids=ids, labels=marked)
+    with pytest.raises(ValueError, match=f"{where} hold a thought marker"):
+        qs(**call)
+    ignored = marked.index_fill(1, torch.tensor([2]), -100)  # as context only: accepted
+    assert torch.isfinite(qs(marked, labels=ignored, generator=torch.Generator().manual_seed(0)).loss)

@@ -444,7 +444,7 @@ class QuietStarModel(nn.Module):
         ``h_talk`` the hidden state after the thought's end token and ``w`` the mixing head's
         weight. The thoughts are sampled through a KV cache that carries on to the end token
         (``T + 2`` chain steps; no talk inputs)."""
-        input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None)
+        input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None, targets=False)
         t_len = self.config.thought_tokens
         h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, t_len + 2)
         h_talk = h_chain[:, t_len + 1]  # [B, N, L, d]
@@ -713,7 +713,10 @@ class QuietStarModel(nn.Module):
 
     # --- argument checks ------------------------------------------------------------
 
-    def _check_inputs(self, input_ids, attention_mask, labels):
+    def _check_inputs(self, input_ids, attention_mask, labels, *, targets: bool = True):
+        """The inputs checked, and the labels (``input_ids`` where not given, padding ignored);
+        with ``targets``, the labels' scored ids also: the head's ids, no thought marker (the
+        losses would refuse them only after the whole forward, naming their own arguments)."""
         check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
         batch, length = input_ids.shape
         if batch == 0 or length == 0:
@@ -729,6 +732,7 @@ class QuietStarModel(nn.Module):
             check_attention_mask(attention_mask)
             if bool(attention_mask.all()):
                 attention_mask = None
+        given_labels = labels is not None
         if labels is None:
             labels = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
         else:
@@ -737,7 +741,22 @@ class QuietStarModel(nn.Module):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
                 )
+        if targets:
+            scored = labels[:, 1:]  # the first token is never predicted
+            self._check_targets(scored[scored != IGNORE_INDEX], "labels" if given_labels else "input_ids")
         return input_ids, attention_mask, labels.long()
+
+    def _check_targets(self, scored: torch.Tensor, name: str) -> None:
+        """Raise ``ValueError`` naming ``name`` unless the scored target ids are the head's and
+        none is a thought marker (``masked_vocab``)."""
+        vocab = self.lm_head[0].shape[0]
+        if bool(((scored < 0) | (scored >= vocab)).any()):
+            raise ValueError(f"{name} must be token ids in [0, {vocab}) or {IGNORE_INDEX} (not scored) as targets")
+        if self.masked_vocab.numel() and bool(torch.isin(scored, self.masked_vocab).any()):
+            raise ValueError(
+                f"{name} hold a thought marker (<|startthought|> or <|endthought|>) as a token to predict; the text may "
+                f"not contain them (labels of {IGNORE_INDEX} there keep them as context only)"
+            )
 
     def _check_thoughts(self, thoughts: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         """``thoughts`` checked, as int64 (the embedding takes int64 or int32 ids only)."""
