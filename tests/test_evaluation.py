@@ -309,3 +309,17 @@ def test_heatmap_makes_the_folder_of_its_page(model_folder, tmp_path):
     page = tmp_path / "new" / "folder" / "page.html"
     assert main(["eval", "heatmap", "--model", str(model_folder), "--data", str(text), "--seq-len", "6", "--out", str(page)]) == 0
     assert page.read_text().startswith("<") and page.with_suffix(".json").is_file()
+
+
+@pytest.mark.parametrize(
+    "document,message",
+    [
+        (torch.arange(10).view(1, 10), r"documents\[1\] must have 1 dimensions"),  # was dropped silently
+        (torch.arange(10).float() + 0.7, r"documents\[1\] must have dtype"),  # was truncated silently
+        ([1, 2, 3], r"documents\[1\] must be a torch.Tensor"),
+    ],
+)
+def test_perplexity_refuses_documents_that_are_not_token_id_vectors(model_folder, document, message):
+    qs = thinking_model(model_folder)
+    with pytest.raises(ValueError, match=message):
+        perplexity(qs, [torch.arange(12), document], EvalOptions(seq_len=8, thought_tokens=1), progress=False)

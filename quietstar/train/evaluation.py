@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quietstar._checks import check_int, check_temperature
+from quietstar._checks import INT_DTYPES, check_int, check_temperature, check_tensor
 from quietstar.model.quietstar_model import QuietStarModel
 from quietstar.model.sampling import head_logits, mixed_log_probs
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -118,10 +118,15 @@ def _device(qs: QuietStarModel) -> torch.device:
 
 
 def windows_of(documents: list[torch.Tensor], seq_len: int) -> list[list[int]]:
-    """Every document cut into consecutive windows of ``seq_len`` tokens (a last shorter one
-    kept if it has a next token to predict)."""
+    """Every document (token ids ``[n_i]``, an integer tensor) cut into consecutive windows of
+    ``seq_len`` tokens (a last shorter one kept if it has a next token to predict).
+
+    Raises:
+        ValueError: a document that is not a 1-D integer tensor, naming it (``documents[i]``).
+    """
     windows = []
-    for doc in documents:
+    for i, doc in enumerate(documents):
+        check_tensor(f"documents[{i}]", doc, ndim=1, dtypes=INT_DTYPES)
         ids = doc.tolist()
         windows.extend(ids[s : s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 2)
     return windows
