@@ -10,6 +10,7 @@ import transformers
 from helpers import ARCHITECTURES, quietstar_model, tiny_causal_lm
 
 from quietstar import QuietStarAttention, patch
+from quietstar.model import attention
 from quietstar.model.attention import ATTENTION_NAME, SUPPORTED_MODEL_TYPES, decoder_layers
 from quietstar.model.backbone import run_backbone
 from quietstar.ops.layout import TreeLayout, tree_position_ids
@@ -154,6 +155,7 @@ def test_attention_dropout_that_the_tree_passes_do_not_apply_is_logged(caplog):
     for layer in decoder_layers(qs.model):
         layer.self_attn.attention_dropout = 0.375
     ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    attention._log_dropout_not_applied.cache_clear()  # once per process: this test's own first
     with caplog.at_level(logging.WARNING, logger="quietstar.model.attention"):
         qs.eval()(ids, generator=torch.Generator().manual_seed(1))
         assert "attention dropout" not in caplog.text  # no dropout outside training

@@ -128,12 +128,12 @@ def test_python_dash_m_quietstar_runs_the_command_line(workspace):
 
 def test_generate_stops_at_every_end_id_the_generation_config_lists(tmp_path, monkeypatch):
     """Instruction-tuned models list several end ids (end of turn, end of text); the command
-    passes them all, not only the tokenizer's EOS."""
+    passes them all with the tokenizer's EOS (0 here), not only the latter."""
     folder = tmp_path / "model"
     tiny_model_folder(folder)
-    GenerationConfig(eos_token_id=[0, 5], pad_token_id=1).save_pretrained(folder)
+    GenerationConfig(eos_token_id=[5, 7], pad_token_id=1).save_pretrained(folder)
     seen = {}
     generate = quietstar_model.QuietStarModel.generate
     monkeypatch.setattr(quietstar_model.QuietStarModel, "generate", lambda self, *a, **k: seen.update(k) or generate(self, *a, **k))
     assert main(["generate", "--model", str(folder), "--prompt", "The quick", "--max-new-tokens", "2"]) == 0
-    assert seen["eos_token_id"] == [0, 5]
+    assert seen["eos_token_id"] == [0, 5, 7]

@@ -338,3 +338,16 @@ def test_a_thought_marker_as_a_target_is_refused_naming_its_argument(where):
         qs(**call)
     ignored = marked.index_fill(1, torch.tensor([2]), -100)  # as context only: accepted
     assert torch.isfinite(qs(marked, labels=ignored, generator=torch.Generator().manual_seed(0)).loss)
+
+
+def test_labels_under_padding_are_not_checked_as_they_are_never_targets():
+    """Padding is never a target whatever its labels hold, nor is a left-padded row's first real
+    token: junk there scores as the clean labels do."""
+    qs = make_model()
+    ids, mask = batch()
+    junk = ids.masked_fill(~mask.bool(), -1)
+    junk[0, 3] = 1000  # the first real token of the left-padded row: its own label, never predicted
+    generator = torch.Generator().manual_seed(0)
+    thoughts = qs.sample_thoughts(ids, mask, generator)
+    clean, dirty = (qs(ids, mask, labels=labels, thoughts=thoughts) for labels in (ids, junk))
+    assert torch.equal(clean.loss, dirty.loss)

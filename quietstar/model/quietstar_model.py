@@ -741,8 +741,8 @@ class QuietStarModel(nn.Module):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
                 )
-        if targets:
-            scored = labels[:, 1:]  # the first token is never predicted
+        if targets:  # as the losses score them: padding is never a target, nor a position's own label
+            scored = Targets.from_labels(labels, self.config.talk_tokens, attention_mask).talk
             self._check_targets(scored[scored != IGNORE_INDEX], "labels" if given_labels else "input_ids")
         return input_ids, attention_mask, labels.long()
 

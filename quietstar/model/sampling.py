@@ -59,7 +59,7 @@ def head_logits(
 
 
 def mixed_log_probs(
-    base_logits: torch.Tensor, talk_logits: torch.Tensor, w: torch.Tensor, masked_vocab: torch.Tensor | None
+    base_logits: torch.Tensor, talk_logits: torch.Tensor, w: torch.Tensor, masked_vocab: torch.Tensor
 ) -> torch.Tensor:
     """The paper's mixed prediction (``mix="logprobs"``), ``(1 - w) log_softmax(base) + w
     log_softmax(talk)``: ``[R, V]`` from logits ``[R, V]`` (masked ids -inf) and weights ``w
@@ -67,7 +67,7 @@ def mixed_log_probs(
     bfloat16 from a mixing logit of about 6) one term would be ``0 * -inf``, NaN, which
     ``argmax`` picks, so greedy decoding would emit a thought marker."""
     logp = (1 - w[:, None]) * torch.log_softmax(base_logits, -1) + w[:, None] * torch.log_softmax(talk_logits, -1)
-    if masked_vocab is not None and masked_vocab.numel():
+    if masked_vocab.numel():
         logp.index_fill_(-1, masked_vocab, float("-inf"))
     return logp
 

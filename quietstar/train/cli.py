@@ -111,11 +111,15 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_ids(qs) -> int | list[int] | None:
-    """The ids that end a row: the model's generation config's (instruction-tuned models list
-    several, such as an end-of-turn token and the end of text), else the tokenizer's EOS."""
+def _stop_ids(qs) -> list[int] | None:
+    """The ids that end a row: the tokenizer's EOS and every end id the model's generation
+    config lists (instruction-tuned models list several, such as an end of turn and the end of
+    text); None where there is none."""
     listed = getattr(getattr(qs.model, "generation_config", None), "eos_token_id", None)
-    return listed if listed is not None else qs.tokenizer.eos_token_id
+    ids = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    if qs.tokenizer.eos_token_id is not None:
+        ids.append(qs.tokenizer.eos_token_id)
+    return sorted(set(ids)) or None
 
 
 def run_generate(args: argparse.Namespace) -> int:

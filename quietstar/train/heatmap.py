@@ -40,8 +40,6 @@ def reward_heatmap(qs: QuietStarModel, token_ids: list[int], options: EvalOption
     if qs.tokenizer is None:
         raise ValueError("model: it has no tokenizer to show the text")
     ids = token_ids[: options.seq_len]
-    if len(ids) < 2:
-        raise ValueError(f"data: the text has {len(ids)} token(s); a heatmap needs at least two")
     with thinking(qs, options):
         judged = len(ids) - qs.config.talk_tokens  # tokens followed by K tokens
         if judged < 1:
@@ -80,7 +78,7 @@ def heatmap_html(heatmap: dict, title: str = "Quiet-STaR thought rewards") -> st
     spans = []
     for token, reward, thought in zip(heatmap["tokens"], heatmap["rewards"], heatmap["thoughts"]):
         (r, g, b), alpha = _colour(reward, scale)
-        hover = "fewer than K tokens follow: no thought judged" if reward is None else f"reward {reward:+.4f}; thought: {thought}"
+        hover = f"fewer than {heatmap['talk_tokens']} tokens follow: no thought judged" if reward is None else f"reward {reward:+.4f}; thought: {thought}"
         text = html.escape(token).replace("\n", "&#8629;<br>")
         spans.append(f'<span class="token" style="background: rgba({r}, {g}, {b}, {alpha:.3f})" '
                      f'title="{html.escape(hover, quote=True)}">{text}</span>')

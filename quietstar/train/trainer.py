@@ -132,7 +132,7 @@ class Trainer:
             raise ValueError("model: it has no tokenizer, which the trainer needs to read the data")
         qs.gradient_checkpointing = config.model_checkpointing()
         self.qs = qs.to(self.group.device).train()
-        self.train_windows, self.eval_windows = self._load_data()
+        self.train_windows, self.eval_windows, self.data_fingerprint = self._load_data()
         self.module = wrap(self.qs, self.group, config.fsdp)
         self.optimizer = build_optimizer(self.qs, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(step, config))
@@ -178,7 +178,8 @@ class Trainer:
 
     # --- data --------------------------------------------------------------------------
 
-    def _load_data(self) -> tuple[TokenWindows, TokenWindows | None]:
+    def _load_data(self) -> tuple[TokenWindows, TokenWindows | None, str]:
+        """The training and held-out windows, and the documents' ``data_fingerprint``."""
         cfg, tokenizer = self.config, self.qs.tokenizer
 
         def load(paths):
@@ -193,7 +194,6 @@ class Trainer:
             barrier(self.group)
         documents, split = split_documents(documents, cfg.eval_fraction, cfg.seed)
         held_out = held_out or split
-        self.data_fingerprint = data_fingerprint(documents, held_out)
         options = dict(seq_len=cfg.seq_len, packing=cfg.packing, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.seed)
         train = TokenWindows(documents, **options)
@@ -201,7 +201,7 @@ class Trainer:
         if evaluation is not None and len(evaluation) < self.group.world * cfg.batch_size:
             raise ValueError(f"the held-out data makes {len(evaluation)} windows, fewer than one batch of every process")
         logger.info("training windows: %d%s", len(train), f", held-out windows: {len(evaluation)}" if evaluation else "")
-        return train, evaluation
+        return train, evaluation, data_fingerprint(documents, held_out)
 
     def _batch(self, step: int, micro_step: int) -> Batch:
         cfg, group = self.config, self.group
