@@ -169,6 +169,15 @@ def shift_positions(values: torch.Tensor, talk_tokens: int) -> torch.Tensor:
     return torch.stack([padded[:, k : k + length] for k in range(talk_tokens)], dim=2)
 
 
+def thought_gains(nll_base: torch.Tensor, nll_talk: torch.Tensor, valid_talk: torch.Tensor) -> torch.Tensor:
+    """How much each thought lowered the NLL of the ``K`` tokens after its position (the reward
+    before the baseline over thoughts and the clamping, SPEC section 3): ``[B, N, L]`` from
+    ``nll_base [B, L]``, ``nll_talk [B, N, L, K]`` and the scored talk targets ``valid_talk
+    [B, L, K]``."""
+    shifted = shift_positions(nll_base, nll_talk.shape[-1])[:, None]
+    return ((shifted - nll_talk) * valid_talk[:, None]).sum(-1)
+
+
 class QuietStarModel(nn.Module):
     """A causal LM that thinks before each token.
 
@@ -662,8 +671,7 @@ class QuietStarModel(nn.Module):
 
         # Learn: REINFORCE with the extended-teacher-forcing reward.
         with torch.no_grad():
-            gain = (shift_positions(nll_base, k_len)[:, None] - nll_talk) * valid_talk[:, None]
-            rewards = gain.sum(-1)  # [B, N, L]
+            rewards = thought_gains(nll_base, nll_talk, valid_talk)  # [B, N, L]
             if n > 1:
                 rewards = rewards - rewards.mean(dim=1, keepdim=True)
             if cfg.clamp_negative_rewards:

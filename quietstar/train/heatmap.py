@@ -78,7 +78,10 @@ def heatmap_html(heatmap: dict, title: str = "Quiet-STaR thought rewards") -> st
     spans = []
     for token, reward, thought in zip(heatmap["tokens"], heatmap["rewards"], heatmap["thoughts"]):
         (r, g, b), alpha = _colour(reward, scale)
-        hover = f"fewer than {heatmap['talk_tokens']} tokens follow: no thought judged" if reward is None else f"reward {reward:+.4f}; thought: {thought}"
+        if reward is None:
+            hover = f"fewer than {heatmap['talk_tokens']} tokens follow: no thought judged"
+        else:
+            hover = f"reward {reward:+.4f}; thought: {thought}"
         text = html.escape(token).replace("\n", "&#8629;<br>")
         spans.append(f'<span class="token" style="background: rgba({r}, {g}, {b}, {alpha:.3f})" '
                      f'title="{html.escape(hover, quote=True)}">{text}</span>')

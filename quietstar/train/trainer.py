@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from quietstar.model.checkpoint import read_quietstar_config
 from quietstar.model.config import QuietStarConfig
 from quietstar.model.loaders import is_quietstar_checkpoint, load_quietstar
-from quietstar.model.quietstar_model import QuietStarModel, Targets, shift_positions
+from quietstar.model.quietstar_model import QuietStarModel, Targets, thought_gains
 from quietstar.ops.backends import bf16_matmul_on_cpu
 from quietstar.ops.cpu_caching_allocator import cpu_caching_allocator
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -232,13 +232,12 @@ class Trainer:
         baseline and clamping: how much a thought lowered the NLL of the next ``K`` tokens. With
         ``N`` thoughts the rewards are centred over them, so they say how the thoughts differ
         (with two, one is the other's negative), not whether thinking helps; the gains do."""
-        talk_tokens = self.qs.config.talk_tokens
-        targets = Targets.from_labels(labels, talk_tokens, attention_mask)
+        targets = Targets.from_labels(labels, self.qs.config.talk_tokens, attention_mask)
         acting = targets.acting[:, None].expand_as(out.rewards)
         rewards = out.rewards[acting]
-        scored = (targets.talk != IGNORE_INDEX)[:, None]
-        gains = ((shift_positions(out.nll_base, talk_tokens)[:, None] - out.nll_talk) * scored).sum(-1)[acting]
-        weights = out.mixing_weight.detach()[scored.expand_as(out.mixing_weight)]
+        scored = targets.talk != IGNORE_INDEX
+        gains = thought_gains(out.nll_base, out.nll_talk, scored)[acting]
+        weights = out.mixing_weight.detach()[scored[:, None].expand_as(out.mixing_weight)]
         return {
             "reward_sum": float(rewards.sum()), "reward_positive": float((rewards > 0).sum()), "reward_count": float(rewards.numel()),
             "gain_sum": float(gains.sum()), "gain_positive": float((gains > 0).sum()),
