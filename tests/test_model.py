@@ -7,6 +7,7 @@ import torch
 from helpers import ARCHITECTURES, quietstar_model, relative_error, tiny_causal_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
+from quietstar.model.quietstar_model import Targets
 from quietstar.model.reference import reference_forward
 
 LOSS_FIELDS = ["loss", "nll_loss", "policy_loss", "nll_base", "nll_talk", "mixing_weight"]
@@ -351,3 +352,26 @@ def test_labels_under_padding_are_not_checked_as_they_are_never_targets():
     thoughts = qs.sample_thoughts(ids, mask, generator)
     clean, dirty = (qs(ids, mask, labels=labels, thoughts=thoughts) for labels in (ids, junk))
     assert torch.equal(clean.loss, dirty.loss)
+
+
+@pytest.mark.parametrize("entry", ["forward", "evaluate"])
+def test_the_targets_are_built_once_per_call_and_are_the_ones_checked(entry, monkeypatch):
+    """The checks and the losses share one ``Targets``: no second copy of the shifted labels
+    (and its kernel launches) per step, and what the losses score is what was checked."""
+    qs = make_model()
+    ids, mask = batch()
+    built = []
+    from_labels = Targets.from_labels.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(from_labels(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(Targets, "from_labels", classmethod(counting))
+    seen = []
+    losses = QuietStarModel.losses
+    monkeypatch.setattr(QuietStarModel, "losses", lambda self, *a, **k: seen.append(a[2]) or losses(self, *a, **k))
+    generator = torch.Generator().manual_seed(0)
+    out = getattr(qs, entry)(ids, mask, generator=generator) if entry == "evaluate" else qs(ids, mask, generator=generator)
+    assert torch.isfinite(out.loss)
+    assert len(built) == 1 and seen == built

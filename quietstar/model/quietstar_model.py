@@ -453,7 +453,7 @@ class QuietStarModel(nn.Module):
         ``h_talk`` the hidden state after the thought's end token and ``w`` the mixing head's
         weight. The thoughts are sampled through a KV cache that carries on to the end token
         (``T + 2`` chain steps; no talk inputs)."""
-        input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None, targets=False)
+        input_ids, attention_mask, _, _ = self._check_inputs(input_ids, attention_mask, None, targets=False)
         t_len = self.config.thought_tokens
         h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, t_len + 2)
         h_talk = h_chain[:, t_len + 1]  # [B, N, L, d]
@@ -472,8 +472,7 @@ class QuietStarModel(nn.Module):
         KV cache that samples the thoughts carries on through the end token and the talk
         inputs, so no second (tree) pass runs. Arguments as ``forward``; losses, NLLs,
         rewards and mixing weights equal the forward's for the same thoughts."""
-        input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
-        targets = Targets.from_labels(labels, self.config.talk_tokens, attention_mask)
+        input_ids, attention_mask, _, targets = self._check_inputs(input_ids, attention_mask, labels)
         h_base, h_chain, thoughts = self._chain_through_cache(input_ids, attention_mask, generator, self.config.chain_steps)
         return self.losses(h_base, h_chain, targets, thoughts)
 
@@ -517,10 +516,9 @@ class QuietStarModel(nn.Module):
             thoughts: ``[B, N, L, T]`` thought tokens to use instead of sampling.
             generator: random generator for the thought sampling.
         """
-        input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
+        input_ids, attention_mask, _, targets = self._check_inputs(input_ids, attention_mask, labels)
         cfg = self.config
         batch, length = input_ids.shape
-        targets = Targets.from_labels(labels, cfg.talk_tokens, attention_mask)
         checkpoint = torch.is_grad_enabled() and self._needs_checkpointing(batch * length * cfg.tree_slots)
         record = thought_logits = None
         if thoughts is None:
@@ -721,10 +719,14 @@ class QuietStarModel(nn.Module):
 
     # --- argument checks ------------------------------------------------------------
 
-    def _check_inputs(self, input_ids, attention_mask, labels, *, targets: bool = True):
-        """The inputs checked, and the labels (``input_ids`` where not given, padding ignored);
-        with ``targets``, the labels' scored ids also: the head's ids, no thought marker (the
-        losses would refuse them only after the whole forward, naming their own arguments)."""
+    def _check_inputs(
+        self, input_ids, attention_mask, labels, *, targets: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Targets | None]:
+        """``(input_ids, attention_mask, labels, targets)`` checked: the mask None where every
+        token is real, the labels ``input_ids`` where not given (padding ignored); with
+        ``targets``, the ``Targets`` the losses score, whose ids are checked too: the head's ids,
+        no thought marker (the losses would refuse them only after the whole forward, naming
+        their own arguments); else None."""
         check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
         batch, length = input_ids.shape
         if batch == 0 or length == 0:
@@ -749,10 +751,13 @@ class QuietStarModel(nn.Module):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
                 )
-        if targets:  # as the losses score them: padding is never a target, nor a position's own label
-            scored = Targets.from_labels(labels, self.config.talk_tokens, attention_mask).talk
-            self._check_targets(scored[scored != IGNORE_INDEX], "labels" if given_labels else "input_ids")
-        return input_ids, attention_mask, labels.long()
+        labels = labels.long()
+        if not targets:
+            return input_ids, attention_mask, labels, None
+        # As the losses score them: padding is never a target, nor a position's own label.
+        scored = Targets.from_labels(labels, self.config.talk_tokens, attention_mask)
+        self._check_targets(scored.talk[scored.talk != IGNORE_INDEX], "labels" if given_labels else "input_ids")
+        return input_ids, attention_mask, labels, scored
 
     def _check_targets(self, scored: torch.Tensor, name: str) -> None:
         """Raise ``ValueError`` naming ``name`` unless the scored target ids are the head's and

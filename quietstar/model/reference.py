@@ -44,7 +44,7 @@ def reference_forward(
 
     Arguments and result as ``QuietStarModel.forward``; the parameters are ``qs``'s own.
     """
-    input_ids, attention_mask, labels = qs._check_inputs(input_ids, attention_mask, labels)
+    input_ids, attention_mask, labels, _ = qs._check_inputs(input_ids, attention_mask, labels)
     cfg = qs.config
     batch, length = input_ids.shape
     n, t_len, k_len = cfg.n_thoughts, cfg.thought_tokens, cfg.talk_tokens
