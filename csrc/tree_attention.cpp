@@ -307,8 +307,15 @@ Tree make_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "quietstar native tree_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S*L, D]");
   TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
-  TORCH_CHECK(v.sizes() == k.sizes() && v.strides() == k.strides(), "v must have the shape and strides of k");
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3),
+  // A dimension of size 1 is only ever indexed at 0, so its stride is not read (PyTorch leaves
+  // any stride there: a view of one token or one head, which is contiguous all the same).
+  const auto stride_matters = [&](int64_t dim, int64_t stride, int64_t expected) {
+    return k.size(dim) == 1 || stride == expected;
+  };
+  bool same_strides = v.sizes() == k.sizes();
+  for (int64_t dim = 0; same_strides && dim < 4; ++dim) same_strides = stride_matters(dim, v.stride(dim), k.stride(dim));
+  TORCH_CHECK(same_strides, "v must have the shape and strides of k");
+  TORCH_CHECK(stride_matters(3, k.stride(3), 1) && stride_matters(2, k.stride(2), k.size(3)),
               "k and v must have contiguous rows and positions (strides [*, *, D, 1])");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
   TORCH_CHECK(slot_len > 0 && q.size(2) % slot_len == 0 && k.size(2) % slot_len == 0, "slot_len must divide q and k");

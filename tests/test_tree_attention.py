@@ -360,6 +360,38 @@ def test_native_reads_a_caches_filled_part_in_place(padded, poisoned_allocations
     assert relative_error(out, expected) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("q_shape", "k_layout", "v_layout", "slot_len"),
+    [
+        # One token: v_proj(x).view(B, T, H, D).transpose(1, 2) leaves a stride of H * D on T = 1.
+        ((2, 4, 1, 8), ((2, 2, 1, 8), None), ((2, 1, 2, 8), (1, 2)), 1),
+        ((2, 4, 1, 8), ((2, 1, 2, 8), (1, 2)), ((2, 2, 1, 8), None), 1),
+        # Head size 1 from a transpose: the last dimension's stride is not 1.
+        ((1, 2, 6, 1), ((1, 2, 1, 6), (2, 3)), ((1, 2, 6, 1), None), 3),
+        # One batch row from a transpose: its stride is not that of a contiguous k.
+        ((1, 4, 8, 8), ((2, 1, 8, 8), (0, 1)), ((1, 2, 8, 8), None), 4),
+    ],
+    ids=["one-token-v", "one-token-k", "head-size-1", "one-batch-row"],
+)
+@requires_native
+def test_native_takes_contiguous_keys_whatever_the_strides_of_their_size_1_dimensions(
+    q_shape, k_layout, v_layout, slot_len
+):
+    """PyTorch calls a tensor contiguous whatever its size-1 dimensions' strides are (a view of
+    one token, one head or one batch row keeps its source's); the kernels never read those
+    strides, so such keys and values are taken as they are, and gradients match the reference."""
+    gen = torch.Generator().manual_seed(0)
+
+    def laid_out(shape, transpose):
+        t = torch.randn(*shape, generator=gen)
+        return (t if transpose is None else t.transpose(*transpose)).requires_grad_()
+
+    q = torch.randn(*q_shape, generator=gen).requires_grad_()
+    k, v = laid_out(*k_layout), laid_out(*v_layout)
+    assert k.is_contiguous() and v.is_contiguous() and (k.stride() != v.stride() or k.stride(-1) != 1)
+    assert_matches_reference("native", q, k, v, slot_len)
+
+
 def keep_rows_slot_by_slot(q, k, v, slot_len, first_slots, n_thoughts=1, **options):
     """``TreeAttentionRows`` kept by calls through a cache, as thought sampling makes them: the
     base slot with the first chain step, then one chain step (``n_thoughts`` slots) per call,
