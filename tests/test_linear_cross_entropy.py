@@ -365,6 +365,26 @@ def test_weighted_form_at_a_backward_scale_of_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_order_through_the_fused_backends_raises_instead_of_dropping_terms(backend):
+    """The fused backwards run kernels with no derivatives, and the weighted forms' gradients
+    are formed constants: differentiating a gradient again (``create_graph``) raises rather
+    than silently leaving the second-order terms out. The reference backend computes them."""
+    kwargs = make_inputs(12, 8, 30, torch.float32)
+    (grad_h,) = torch.autograd.grad(linear_cross_entropy(backend=backend, **kwargs).sum(), [kwargs["hidden"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy gives first derivatives only"):
+        grad_h.square().sum().backward()
+    weights = torch.rand(12, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend=backend, **kwargs)
+    (grad_h,) = torch.autograd.grad(loss, [kwargs["hidden"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="weighted_linear_cross_entropy gives first derivatives only"):
+        grad_h.square().sum().backward()
+    loss, _ = weighted_linear_cross_entropy(row_weights=weights, backend="reference", **kwargs)
+    (grad_h,) = torch.autograd.grad(loss, [kwargs["hidden"]], create_graph=True)
+    (second,) = torch.autograd.grad(grad_h.square().sum(), [kwargs["hidden"]])
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_form_computes_its_gradients_in_the_forward(backend):
     """The backward only scales: no matrix product runs in it."""
     kwargs = make_inputs(40, 8, 60, torch.float32, bias=True, masked=True)

@@ -205,6 +205,25 @@ def test_passes_gradcheck_in_float64(backend):
 
 
 @requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_order_through_the_fast_backends_raises_instead_of_dropping_terms(backend, dtype):
+    """The fast backwards run kernels with no derivatives: differentiating a gradient again
+    (``create_graph``, a gradient penalty say) raises rather than silently leaving the
+    attention's second-order terms out. The reference backend computes them."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend runs float16, bfloat16 and float32")
+    q, k, v, _ = make_inputs(1, 2, 1, 8, 2, 2, 16, dtype)
+    out = tree_attention(q, k, v, 8, backend=backend)
+    for loss in (out.square().sum(), out.sum()):  # the incoming gradient needing one, or a constant
+        (grad_q,) = torch.autograd.grad(loss, [q], create_graph=True, retain_graph=True)
+        with pytest.raises(RuntimeError, match="tree_attention gives first derivatives only"):
+            (out.sum() + grad_q.square().sum()).backward(retain_graph=True)
+    (grad_q,) = torch.autograd.grad(tree_attention(q, k, v, 8, backend="reference").square().sum(), [q], create_graph=True)
+    (second,) = torch.autograd.grad(grad_q.square().sum(), [q])
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
 @pytest.mark.parametrize("case", ["L100-window-padded-two-branches", "L64-Sq-lt-Sk-two-branches"])
 def test_native_backend_matches_reference_in_float64_across_flash_blocks(case, poisoned_allocations):
     """Float64 leaves only the kernels' own error, at L=130 (across the flash kernel's

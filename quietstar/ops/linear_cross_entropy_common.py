@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from quietstar.ops.first_order import refuse_second_order
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
@@ -141,4 +143,6 @@ def formed_gradients_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tenso
         _unweighted_needs(ctx.needs_input_grad), *scaled, hidden, lm_weight, lm_bias, base_hidden, w
     )[:6]
     grads = (d_hidden, d_weight, None, None, d_bias, d_base, d_w)
+    # Their link to grad_loss (mul_ above, under create_graph) stays; to the inputs, refused.
+    grads = refuse_second_order("weighted_linear_cross_entropy", grads, (hidden, lm_weight, lm_bias, base_hidden, w))
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))

@@ -33,6 +33,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul
+from quietstar.ops.first_order import first_order_only
 from quietstar.ops.head_softmax import column_logsumexp, softmax_gradient_
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
@@ -248,6 +249,7 @@ class LinearCrossEntropyTorch(torch.autograd.Function):
             return nll
 
     @staticmethod
+    @first_order_only("linear_cross_entropy")
     @autocast_off
     def backward(ctx, grad_nll):
         hidden, lm_weight, targets, lm_bias, base_hidden, w, masked_ids, lse = ctx.saved_tensors

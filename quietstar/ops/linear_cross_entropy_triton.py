@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quietstar.ops.backends import autocast_off, launch_device, triton_interpreter_enabled
+from quietstar.ops.first_order import first_order_only
 from quietstar.ops.linear_cross_entropy_common import (
     column_offset,
     formed_gradients_backward,
@@ -33,6 +34,7 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @first_order_only("linear_cross_entropy")
     @autocast_off
     def backward(ctx, grad_nll):
         from quietstar.kernels.linear_cross_entropy import linear_cross_entropy_backward

@@ -18,7 +18,6 @@ import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import (
@@ -29,6 +28,7 @@ from quietstar.ops.backends import (
     launch_device,
     records_gradient,
 )
+from quietstar.ops.first_order import first_order_only
 
 # The widest row the Triton kernels take: one program holds a row in registers (wider rows would
 # spill; Liger-Kernel's fused norms stop at the same 64K entries).
@@ -54,7 +54,7 @@ class RMSNormKernels(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("rms_norm")
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         grad = grad.to(ctx.out_dtype).contiguous()

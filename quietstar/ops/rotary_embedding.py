@@ -14,7 +14,6 @@ the projection's ``[B, T, H, D]`` to the attention's ``[B, H, T, D]``, one entry
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import (
@@ -25,6 +24,7 @@ from quietstar.ops.backends import (
     launch_device,
     records_gradient,
 )
+from quietstar.ops.first_order import first_order_only
 
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
@@ -65,7 +65,7 @@ class RotaryEmbeddingKernels(torch.autograd.Function):
             return ctx.kernels.forward(x, cos, sin)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("rotary_embedding")
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         grad = grad.float().contiguous() if ctx.backend == "native" else _last_axis_contiguous(grad)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from quietstar._checks import FLOAT_DTYPES, check_tensor
 from quietstar.ops.backends import (
@@ -27,6 +26,7 @@ from quietstar.ops.backends import (
     launch_device,
     records_gradient,
 )
+from quietstar.ops.first_order import first_order_only
 
 # What each backend's kernels take, for the error of a backend asked for inputs it does not take.
 KERNELS_TAKE = {
@@ -47,7 +47,7 @@ class SwiGLUKernels(torch.autograd.Function):
         return _kernels_forward(ctx.kernels, gate, up)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("swiglu")
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         with launch_device(gate):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from quietstar.ops.backends import autocast_off, fast_half_matmul, records_gradient
+from quietstar.ops.first_order import first_order_only
 from quietstar.ops.native import native_bf16_products
 from quietstar.ops.tree_attention_rows import TreeAttentionRows
 from quietstar.ops.tree_attention_torch import TreeViews, trunk_backward, trunk_forward
@@ -148,6 +149,7 @@ class TreeAttentionNative(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("tree_attention")
     @autocast_off
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors

@@ -27,6 +27,7 @@ import torch
 
 from quietstar._checks import HALF_DTYPES
 from quietstar.ops.backends import autocast_off
+from quietstar.ops.first_order import first_order_only
 from quietstar.ops.layout import base_visibility, chain_visibility
 
 # Bytes of float32 scores one chunk of the composed trunk may take (several buffers of this
@@ -258,6 +259,7 @@ class TreeAttentionTorch(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("tree_attention")
     @autocast_off
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors

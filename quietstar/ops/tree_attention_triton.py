@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quietstar.ops.backends import autocast_off, launch_device, triton_interpreter_enabled
+from quietstar.ops.first_order import first_order_only
 
 
 class TreeAttentionTriton(torch.autograd.Function):
@@ -22,6 +23,7 @@ class TreeAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("tree_attention")
     @autocast_off
     def backward(ctx, grad_out):
         from quietstar.kernels.tree_attention import tree_attention_backward
