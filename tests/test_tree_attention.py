@@ -518,6 +518,25 @@ def test_native_known_rows_that_a_call_does_not_continue_are_not_used(spoil, mon
 
 
 @requires_native
+def test_native_known_rows_kept_under_a_padding_mask_since_changed_in_place_are_not_used():
+    """The kept rows' mask is compared by value: the same mask tensor changed in place since
+    they were computed is another mask, and every row is computed again under it."""
+    from quietstar.ops import TreeAttentionRows
+
+    slot_len = 4
+    q, k, v, _ = make_inputs(1, 2, 1, slot_len, 3, 3, 16, torch.float32)
+    mask = torch.ones(1, slot_len, dtype=torch.bool)
+    rows = TreeAttentionRows(3 * slot_len)
+    with torch.no_grad():
+        part = slice(0, 2 * slot_len)
+        tree_attention(q[:, :, part], k[:, :, part], v[:, :, part], slot_len, key_padding_mask=mask, backend="native", known_rows=rows)
+        mask[0, :2] = False
+        out = tree_attention(q, k, v, slot_len, key_padding_mask=mask, backend="native", known_rows=rows)
+        expected = tree_attention(q, k, v, slot_len, key_padding_mask=mask, backend="reference")
+    assert relative_error(out, expected) < 1e-5
+
+
+@requires_native
 @pytest.mark.parametrize(("slot_len", "padded", "window"), [(300, False, 0), (300, True, 0), (270, True, 60), (7, False, 0)])
 def test_native_trunk_bfloat16_products_match_float32_products_at_bfloat16_precision(slot_len, padded, window):
     """The AVX-512 BF16 trunk on bfloat16 values: scores exact products summed in float32 (the

@@ -45,9 +45,8 @@ class TreeAttentionRows:
     def _fits(self, shape: torch.Size, options: CallOptions, mask: torch.Tensor | None) -> bool:
         """Whether a call of queries ``shape`` (``[B, Hq, rows, D]``), ``options`` and padding
         ``mask`` goes with the kept rows."""
-        same_mask = (mask is None) == (self._mask is None) and (
-            mask is None or mask is self._mask or torch.equal(mask, self._mask)
-        )
+        # By value against the first call's copy: a mask changed in place since is another mask.
+        same_mask = (mask is None) == (self._mask is None) and (mask is None or torch.equal(mask, self._mask))
         return (
             self.out is not None
             and shape[:2] == self.out.shape[:2]
@@ -69,7 +68,7 @@ class TreeAttentionRows:
         if self.out is None:
             self.out = out.new_empty(*out.shape[:2], self.total, out.shape[3])
             self.lse = lse.new_empty(*lse.shape[:2], self.total)
-            self._options, self._mask = options, mask
+            self._options, self._mask = options, None if mask is None else mask.clone()
         if self.filled + rows > self.total or not self._fits(out.shape, options, mask):
             self.drop()
             return
