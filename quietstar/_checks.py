@@ -9,6 +9,7 @@ import torch
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (*HALF_DTYPES, torch.float32, torch.float64)
 INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
 
 def check_tensor(
@@ -33,11 +34,26 @@ def check_tensor(
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    """Raise ``ValueError`` unless ``value`` is an int (not bool), at least ``minimum`` if given."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    """Raise ``ValueError`` unless ``value`` is an int (not bool), at least ``minimum`` if given,
+    that fits in int64 (what torch and the native ops take: a larger one would overflow there,
+    or compare as a different number in a tensor)."""
+    bound = "" if minimum is None else f" >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+# torch's random generators take seeds of 64 bits.
+GENERATOR_SEED_MODULUS = 2**64
+
+
+def check_seed(name: str, value: object) -> int:
+    """Raise ``ValueError`` unless ``value`` is an int (not bool) a torch generator takes as its
+    seed: ``0 <= value < 2**64``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < GENERATOR_SEED_MODULUS:
+        raise ValueError(f"{name} must be an int >= 0 and below 2**64 (a generator's seed), got {value!r}")
     return value
 
 

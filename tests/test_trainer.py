@@ -270,7 +270,7 @@ def test_training_a_checkpoint_keeps_the_thinking_options_the_run_does_not_set(w
 
 
 def test_a_seed_past_64_bits_is_an_error_naming_it(workspace, tmp_path):
-    with pytest.raises(ValueError, match=r"seed must be below 2\*\*64"):
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0 and below 2\*\*64"):
         config(workspace, tmp_path / "run", seed=2**64)
 
 

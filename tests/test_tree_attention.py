@@ -738,6 +738,9 @@ def good_inputs():
         (lambda q, k, v, kw: (q, k, v, {**kw, "key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}), "key_padding_mask"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "key_padding_mask": torch.ones(1, 4)}), "key_padding_mask"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "sliding_window": 0}), "sliding_window"),
+        # Past int64 a window would compare as another number in torch (hiding every key).
+        (lambda q, k, v, kw: (q, k, v, {**kw, "sliding_window": 2**63}), "sliding_window must fit in int64"),
+        (lambda q, k, v, kw: (q, k, v, {**kw, "n_thoughts": 2**63}), "n_thoughts must fit in int64"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "scale": -1.0}), "scale"),
         (lambda q, k, v, kw: (q, k, v, {**kw, "backend": "cuda"}), "backend"),
         (lambda q, k, v, kw: (q, k.to("meta"), v, kw), "k must be on"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from quietstar._checks import check_temperature
+from quietstar._checks import check_int, check_temperature
 
 MIX_MODES = ("hidden", "logprobs")
 
@@ -43,9 +43,7 @@ class QuietStarConfig:
 
     def __post_init__(self) -> None:
         for name in ("thought_tokens", "talk_tokens", "n_thoughts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("sampling_temperature", "policy_temperature"):
             check_temperature(name, getattr(self, name))
         if not _is_number(self.meta_token_scale) or not 0 < self.meta_token_scale < math.inf:

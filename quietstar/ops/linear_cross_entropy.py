@@ -196,8 +196,6 @@ def _checked_arguments(hidden, lm_weight, targets, lm_bias, mix, temperature, ma
     base_hidden, mix_weight = _check_mix(mix, hidden)
     temperature = check_temperature("temperature", temperature)
     check_int("ignore_index", ignore_index)
-    if not torch.iinfo(torch.int64).min <= ignore_index <= torch.iinfo(torch.int64).max:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     masked_ids = _masked_ids(masked_vocab, vocab, device)
     targets = targets.long()
     _check_target_values(targets, vocab, ignore_index, masked_ids)

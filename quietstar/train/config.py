@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from quietstar._checks import check_int, check_seed
 from quietstar.model.config import MIX_MODES, QuietStarConfig
-from quietstar.train.data import GENERATOR_SEED_MODULUS
 
 DTYPES = ("float32", "bf16")
 PACKING = ("pack", "crop")
@@ -89,12 +89,11 @@ class TrainConfig:
         self._check_types()
         positive = ("batch_size", "grad_accum", "max_steps", "keep", "eval_batches", "log_every")
         for name in positive:
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seq_len", self.seq_len, minimum=2)  # one token predicting the next, at least
-        for name in ("warmup_steps", "save_every", "eval_every", "seed", "tokenizer_workers"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if self.seed >= GENERATOR_SEED_MODULUS:  # torch's generators take 64 bits
-            raise ValueError(f"seed must be below 2**64, got {self.seed}")
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("seq_len", self.seq_len, minimum=2)  # one token predicting the next, at least
+        for name in ("warmup_steps", "save_every", "eval_every", "tokenizer_workers"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_seed("seed", self.seed)
         for name in ("lr", "max_grad_norm", "adam_eps"):
             _check_float(name, getattr(self, name), minimum=0.0, strict=True)
         _check_float("weight_decay", self.weight_decay, minimum=0.0)
@@ -186,11 +185,6 @@ class TrainConfig:
 
     def write_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_float(name: str, value: object, minimum: float, strict: bool = False) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from quietstar._checks import GENERATOR_SEED_MODULUS
 from quietstar.model.quietstar_model import END_THOUGHT, START_THOUGHT
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
 
@@ -36,10 +37,9 @@ JSONL_SUFFIXES = (".jsonl",)
 # Below this many characters a corpus is tokenized in-process (starting workers costs more).
 PARALLEL_MIN_CHARS = 1_000_000
 CACHE_FORMAT = 2  # bump when the cached layout or what is cached changes
-# Seeds derived from --seed (per epoch, window, process) are reduced below this: a torch
-# generator takes 64 bits, and seed * 1_000_003 * 1_000_033 passes them from --seed 2e7 on
-# (values below it, every seed that worked before, stay as they are).
-GENERATOR_SEED_MODULUS = 2**64
+# Seeds derived from --seed (per epoch, window, process) are reduced below
+# GENERATOR_SEED_MODULUS: a torch generator takes 64 bits, and seed * 1_000_003 * 1_000_033
+# passes them from --seed 2e7 on (values below it, every seed that worked before, stay as they are).
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quietstar._checks import INT_DTYPES, check_int, check_temperature, check_tensor
+from quietstar._checks import INT_DTYPES, check_int, check_seed, check_temperature, check_tensor
 from quietstar.model.quietstar_model import QuietStarModel
 from quietstar.model.sampling import head_logits, mixed_log_probs
 from quietstar.ops.linear_cross_entropy import IGNORE_INDEX
@@ -66,7 +66,7 @@ class EvalOptions:
         check_int("batch_size", self.batch_size, minimum=1)
         if self.limit is not None:
             check_int("limit", self.limit, minimum=1)
-        check_int("seed", self.seed, minimum=0)
+        check_seed("seed", self.seed)
         check_int("seq_len", self.seq_len, minimum=2)
 
 
