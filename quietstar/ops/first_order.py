@@ -49,6 +49,21 @@ def refuse_second_order(op: str, grads: tuple, tensors: Iterable[torch.Tensor | 
     return tuple(g + zero if isinstance(g, torch.Tensor) else g for g in grads)
 
 
+class _SavedOnce:
+    """An autograd context whose saved tensors are unpacked once, here, and handed out again:
+    under activation checkpointing a second unpack raises."""
+
+    def __init__(self, ctx) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", ctx.saved_tensors)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._ctx, name, value)
+
+
 def first_order_only(op: str) -> Callable:
     """Decorator for an autograd Function's ``backward(ctx, *grad_outputs)`` that returns a
     tuple: runs it without recording (its kernels have no derivatives), then
@@ -57,6 +72,7 @@ def first_order_only(op: str) -> Callable:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
+            ctx = _SavedOnce(ctx)
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
             return refuse_second_order(op, grads, (*ctx.saved_tensors, *grad_outputs))
