@@ -64,6 +64,20 @@ def assert_fast_step_equals_reference(qs, ids, mask, seed, dtype=torch.float64):
     assert torch.equal(sampled.thoughts, fast.thoughts)
 
 
+def test_reference_is_unchanged_by_transformers_gradient_checkpointing_in_train_mode():
+    """transformers' checkpointing drops a training layer's KV cache when gradients are on; the
+    reference's steps run through one, so it switches that off for its calls, and restores it."""
+    qs = make_model(thought_tokens=2, talk_tokens=2, n_thoughts=2).train()
+    ids, mask = batch()
+    thoughts = qs.sample_thoughts(ids, mask, torch.Generator().manual_seed(0))
+    plain = reference_forward(qs, ids, mask, thoughts=thoughts)
+    qs.model.gradient_checkpointing_enable()
+    checkpointed = reference_forward(qs, ids, mask, thoughts=thoughts)
+    for field in LOSS_FIELDS:
+        torch.testing.assert_close(getattr(checkpointed, field), getattr(plain, field))
+    assert all(layer.gradient_checkpointing for layer in qs.model.model.layers)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("n_thoughts", [1, 2])
 def test_fast_step_equals_step_by_step_reference(architecture, n_thoughts):

@@ -14,6 +14,9 @@ and the baseline of the end-to-end benchmark. Its memory grows as ``L^2 C^2``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +33,21 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     valid = targets != IGNORE_INDEX
     picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return -picked * valid
+
+
+@contextlib.contextmanager
+def _cache_kept(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' gradient checkpointing (``gradient_checkpointing_enable``) drops the KV
+    cache of a layer that trains with gradients on, so each step would see only its own tokens;
+    it is switched off inside the block (the same mathematics, without the memory saving)."""
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in checkpointed:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
 
 
 def reference_forward(
@@ -67,7 +85,8 @@ def reference_forward(
     cache = KVCache()
 
     def step(embeds, c):
-        return run_backbone(qs.model, embeds, positions + c, cache=cache, tree_layout=layout)
+        with _cache_kept(qs.model):
+            return run_backbone(qs.model, embeds, positions + c, cache=cache, tree_layout=layout)
 
     # Shifted targets: target[k][r, i] = lab[r, i + 1 + k].
     pad = torch.full((rows, k_len + 1), IGNORE_INDEX, dtype=torch.long, device=ids.device)
