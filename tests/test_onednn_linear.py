@@ -227,6 +227,23 @@ def test_mkl_multiplies_inputs_and_weights_whose_rows_overlap_or_are_strided():
 
 
 @requires_mkl_packing
+def test_mkl_multiplies_inputs_of_other_ranks_into_rows_of_a_larger_tensor_and_without_features():
+    """x of one or four dimensions is flattened for the op: its product still lands in out's
+    rows of a larger tensor, and a product over no input features (or into none) is F.linear's."""
+    weight = randn(8, 16, seed=43)
+    packed = pack_weight(weight, torch.float32, 6)
+    x = randn(2, 1, 3, 16, seed=44)
+    larger = torch.full((2, 1, 5, 8), float("nan"))
+    assert packed_linear(x, packed, out=larger[:, :, 1:4]).data_ptr() == larger[:, :, 1:4].data_ptr()
+    assert relative_error(larger[:, :, 1:4], F.linear(x, weight)) <= 1e-6
+    assert larger[:, :, [0, 4]].isnan().all()  # nothing written around the rows
+    for out_features, in_features, shape in ((5, 0, (0,)), (5, 0, (1, 2, 3, 0)), (0, 4, (4,)), (5, 4, (2, 0, 3, 4))):
+        weight = randn(out_features, in_features, seed=45)
+        x = randn(*shape, seed=46)
+        assert torch.equal(packed_linear(x, pack_weight(weight, torch.float32, 3)), F.linear(x, weight))
+
+
+@requires_mkl_packing
 def test_mkl_refuses_an_out_whose_rows_overlap_or_that_overlaps_x():
     packed = pack_weight(randn(24, 40, seed=41), torch.float32, 8)
     storage = torch.zeros(2000)
