@@ -134,13 +134,13 @@ void mkl_packed_linear_(const at::Tensor& x, const at::Tensor& packed, int64_t o
   TORCH_CHECK(contiguous_rows && rows_apart && batches_apart,
               "out's rows must be contiguous and must not overlap each other, got strides ", shape_text(out.strides()),
               " for shape ", shape_text(out.sizes()));
-  const auto [out_first, out_last] = span(out);
-  const auto [x_first, x_last] = span(x);
-  TORCH_CHECK(out_last < x_first || x_last < out_first, "out must not overlap x (the product would read what it wrote)");
-  if (k == 0) {  // an empty sum
+  if (k == 0) {  // an empty sum; x holds nothing that out could overlap
     out.zero_();
     return;
   }
+  const auto [out_first, out_last] = span(out);
+  const auto [x_first, x_last] = span(x);
+  TORCH_CHECK(out_last < x_first || x_last < out_first, "out must not overlap x (the product would read what it wrote)");
   const at::Tensor a = with_row_layout(x);
   const int64_t a_batch = a.dim() == 3 ? a.stride(0) : 0, c_batch = out.dim() == 3 ? out.stride(0) : 0;
   const int lda = leading_dimension(a, "x's row stride"), ldc = leading_dimension(out, "out's row stride");

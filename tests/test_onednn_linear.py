@@ -237,7 +237,7 @@ def test_mkl_multiplies_inputs_of_other_ranks_into_rows_of_a_larger_tensor_and_w
     assert packed_linear(x, packed, out=larger[:, :, 1:4]).data_ptr() == larger[:, :, 1:4].data_ptr()
     assert relative_error(larger[:, :, 1:4], F.linear(x, weight)) <= 1e-6
     assert larger[:, :, [0, 4]].isnan().all()  # nothing written around the rows
-    for out_features, in_features, shape in ((5, 0, (0,)), (5, 0, (1, 2, 3, 0)), (0, 4, (4,)), (5, 4, (2, 0, 3, 4))):
+    for out_features, in_features, shape in ((5, 0, (0,)), (5, 0, (3, 0)), (5, 0, (1, 2, 3, 0)), (0, 4, (4,)), (5, 4, (2, 0, 3, 4))):
         weight = randn(out_features, in_features, seed=45)
         x = randn(*shape, seed=46)
         assert torch.equal(packed_linear(x, pack_weight(weight, torch.float32, 3)), F.linear(x, weight))

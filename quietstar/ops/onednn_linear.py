@@ -264,19 +264,19 @@ def packed_linear(
     x = x.to(packed.dtype)
     if packed.mkl:
         result = x.new_empty(*x.shape[:-1], packed.out_features) if out is None else out
+        staged = None  # a contiguous buffer for a given out whose rows do not flatten to 2-D
         if x.dim() in (2, 3):  # what the op takes
             rows, into = x, result
-        else:  # flattened to 2-D (the row count given: -1 is ambiguous for 0 features), through a
-            # contiguous buffer where a given out's rows do not flatten
+        else:  # flattened to 2-D (the row count given: -1 is ambiguous for 0 features)
             count = math.prod(x.shape[:-1])
             rows = x.reshape(count, x.shape[-1])
-            into = result.view(count, packed.out_features) if result.is_contiguous() else x.new_empty(count, packed.out_features)
-        if rows.numel() and into.numel():
-            torch.ops.quietstar.mkl_packed_linear_(rows, packed.tensor, packed.out_features, into)
-        else:  # nothing to write, or an empty sum (no input features): zeros
-            into.zero_()
-        if into.data_ptr() != result.data_ptr() and result.numel():
-            result.copy_(into.view(result.shape))
+            if result.is_contiguous():
+                into = result.view(count, packed.out_features)
+            else:
+                into = staged = x.new_empty(count, packed.out_features)
+        torch.ops.quietstar.mkl_packed_linear_(rows, packed.tensor, packed.out_features, into)
+        if staged is not None:
+            result.copy_(staged.view(result.shape))
         torch.autograd.graph.increment_version(result)  # the native op's write, as autograd should see it
         return result.add_(bias) if bias is not None else result
     flat = x.reshape(-1, x.shape[-1])
