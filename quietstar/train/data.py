@@ -37,9 +37,6 @@ JSONL_SUFFIXES = (".jsonl",)
 # Below this many characters a corpus is tokenized in-process (starting workers costs more).
 PARALLEL_MIN_CHARS = 1_000_000
 CACHE_FORMAT = 2  # bump when the cached layout or what is cached changes
-# Seeds derived from --seed (per epoch, window, process) are reduced below
-# GENERATOR_SEED_MODULUS: a torch generator takes 64 bits, and seed * 1_000_003 * 1_000_033
-# passes them from --seed 2e7 on (values below it, every seed that worked before, stay as they are).
 
 
 @dataclass(frozen=True)
@@ -203,8 +200,9 @@ def load_token_documents(
 
 
 def generator_seed(value: int) -> int:
-    """A seed derived from a run's ``--seed`` as a torch generator takes it (mod
-    ``GENERATOR_SEED_MODULUS``; the seeds of smaller ``--seed`` values stay as they are)."""
+    """A seed derived from a run's ``--seed`` (per epoch, window, process) as a torch generator
+    takes it: mod ``GENERATOR_SEED_MODULUS`` (64 bits), which ``seed * 1_000_003 * 1_000_033``
+    passes from ``--seed`` 2e7 on; the seeds of smaller ``--seed`` values stay as they are."""
     return value % GENERATOR_SEED_MODULUS
 
 
