@@ -204,7 +204,6 @@ def test_passes_gradcheck_in_float64(backend):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-@requires_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_order_through_the_fast_backends_raises_instead_of_dropping_terms(backend, dtype):
@@ -224,6 +223,7 @@ def test_a_second_order_through_the_fast_backends_raises_instead_of_dropping_ter
     assert torch.isfinite(second).all() and second.abs().sum() > 0
 
 
+@requires_native
 @pytest.mark.parametrize("case", ["L100-window-padded-two-branches", "L64-Sq-lt-Sk-two-branches"])
 def test_native_backend_matches_reference_in_float64_across_flash_blocks(case, poisoned_allocations):
     """Float64 leaves only the kernels' own error, at L=130 (across the flash kernel's
